@@ -1,0 +1,21 @@
+# make test       create .venv if missing, install requirements, run the test suite
+# make train      train the default run (embedded mnist_5k) with gradient accounting
+# make bench      the benchmarks in bench/ (ratios against a baseline run side by side)
+PY := .venv/bin/python
+CONFIG ?=
+
+.PHONY: test train bench venv
+venv: .venv/installed
+.venv/installed: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+train: venv
+	$(PY) gradient_accounting.py $(CONFIG)
+
+bench: venv
+	for f in bench/bench_*.py; do $(PY) $$f || exit 1; done

@@ -1,0 +1,1 @@
+"""Shared mechanics of the five experiments: data, models, training, run directories, plots."""

@@ -1,0 +1,54 @@
+"""Accuracy split the way every experiment reports it: clean / noisy / test.
+
+- clean:      clean training examples (label = true label)
+- noisy:      mislabeled training examples w.r.t. their noisy label -- "still memorized?"
+- noisy_true: mislabeled training examples w.r.t. their true label -- "back to the right answer?"
+- test:       the (never corrupted) test set
+"""
+import contextlib
+
+import torch
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict(model, data, split="train", indices=None, batch_size=1024, amp=True):
+    """Predicted classes for examples of a split, in eval mode (training mode restored after).
+
+    Training examples are passed with their indices (example-tied dropout may use them)."""
+    was_training = model.training
+    model.eval()
+    n = data.n_train if split == "train" else len(data.x_test)
+    indices = torch.arange(n, device=data.device) if indices is None else indices.to(data.device)
+    out = []
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        with autocast(data.device, amp):
+            logits = model(data.batch(idx, split), index=idx if split == "train" else None)
+        out.append(logits.argmax(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=data.device)
+
+
+def _mean(correct):
+    return float(correct.float().mean()) if len(correct) else float("nan")
+
+
+def split_accuracy(train_pred, test_pred, data):
+    """{clean, noisy, noisy_true, train, test} accuracies from predictions on the full splits."""
+    hit = train_pred == data.y_train
+    return {"clean": _mean(hit[~data.noisy]), "noisy": _mean(hit[data.noisy]),
+            "noisy_true": _mean((train_pred == data.y_true)[data.noisy]),
+            "train": _mean(hit), "test": _mean(test_pred == data.y_test)}
+
+
+def accuracies(model, data, batch_size=1024, amp=True):
+    """Clean / noisy / noisy-true / train / test accuracy of `model` (fractions in [0, 1])."""
+    return split_accuracy(predict(model, data, "train", batch_size=batch_size, amp=amp),
+                          predict(model, data, "test", batch_size=batch_size, amp=amp), data)

@@ -1,0 +1,176 @@
+"""One training loop for every script: SGD, lr schedules, checkpoints every epoch, exact resume.
+
+Randomness is local and derived from cfg.model_seed and the epoch (batch order, augmentation,
+dropout), so resuming after the last complete epoch continues exactly as an uninterrupted run.
+
+Hook: `backward(losses, idx)` replaces `losses.mean().backward()`; it receives the per-example
+losses of the batch and their example indices and must leave in `.grad` the gradient of
+`losses.mean()` (gradient accounting splits it into clean and noisy parts).
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import config
+from .cli import UserError
+from .data import load_data
+from .evaluation import accuracies, autocast
+from .models import model_for
+from .rng import derive_seed, generator
+from .runs import Run
+
+SCHEDULES = ("cosine", "triangle", "constant")
+config.choice_check("schedule", SCHEDULES)
+config.range_check("lr", 0, None, lo_open=True)
+config.range_check("epochs", 1, None)
+config.range_check("batch_size", 1, None)
+config.range_check("warmup", 0, 1)
+config.range_check("momentum", 0, 1, hi_open=True)
+config.range_check("weight_decay", 0, None)
+config.register_check("device", lambda v, cfg: None if v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:")
+                      else f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N, mps")
+
+
+def pick_device(name="auto"):
+    """cuda > mps > cpu for 'auto'; a named device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available here; use --device=auto or --device=cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device 'mps' requested but not available here; use --device=auto or --device=cpu")
+    return dev
+
+
+def lr_factor(progress, schedule, warmup):
+    """Multiplier of the peak lr at `progress` in [0, 1] of training.
+
+    cosine: linear warm-up over `warmup`, then cosine to 0; triangle: linear up to the peak at
+    `warmup`, then linear down to 0 (one-cycle); constant: 1."""
+    if schedule == "constant":
+        return 1.0
+    if progress < warmup:
+        return progress / warmup
+    rest = (progress - warmup) / max(1e-12, 1 - warmup)
+    return 0.5 * (1 + math.cos(math.pi * rest)) if schedule == "cosine" else 1 - rest
+
+
+def make_optimizer(params, cfg):
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def batch_order(indices, batch_size, seed, epoch):
+    """This epoch's minibatches of `indices`: a seeded permutation, last partial batch kept (unless size 1)."""
+    perm = indices[torch.randperm(len(indices), generator=generator(seed, "batches", epoch)).to(indices.device)]
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on a single example
+        batches.pop()
+    return batches
+
+
+def train_epoch(model, data, indices, optimizer, cfg, epoch, step0=0, total_steps=None, backward=None,
+                seed=None, desc="train", on_batch=None):
+    """One epoch over `indices` (training examples) with the lr schedule; returns the mean loss.
+
+    `step0`/`total_steps` place the epoch in the schedule; `seed` (default cfg.model_seed) drives
+    batch order, augmentation and dropout; `on_batch(idx)` observes each batch's indices."""
+    seed = cfg.model_seed if seed is None else seed
+    batches = batch_order(indices, cfg.batch_size, seed, epoch)
+    total_steps = total_steps or len(batches)
+    aug_gen = generator(seed, "augment", epoch)
+    amp = getattr(cfg, "amp", True)
+    devices = [data.device.index or 0] if data.device.type == "cuda" else []
+    model.train()
+    loss_sum = torch.zeros((), device=data.device)
+    with torch.random.fork_rng(devices=devices):  # dropout randomness per (seed, epoch), caller's RNG untouched
+        torch.manual_seed(derive_seed(seed, "dropout", epoch))
+        for i, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None)):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor((step0 + i) / total_steps, cfg.schedule, cfg.warmup)
+            if on_batch:
+                on_batch(idx)
+            x, y = data.batch(idx, augment=getattr(cfg, "augment", False), gen=aug_gen), data.labels(idx)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(data.device, amp):
+                logits = model(x, index=idx)
+            losses = F.cross_entropy(logits.float(), y, reduction="none")
+            if backward is None:
+                losses.mean().backward()
+            else:
+                backward(losses, idx)
+            optimizer.step()
+            loss_sum += losses.detach().sum()
+    return float(loss_sum) / sum(len(b) for b in batches)
+
+
+def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, quiet=False):
+    """Train the configured run in its run directory, resuming after the last complete epoch.
+
+    Saves checkpoints at initialization and after every epoch and one metrics line per epoch.
+    `on_epoch(epoch)` may return a dict stored with that epoch's metrics (inside the checkpoint, so
+    a crash cannot separate them). `restart_from=k` recomputes epochs after k even if saved.
+    Returns (model, data, run) with the final weights loaded.
+    """
+    device = pick_device(cfg.device)
+    data = data or load_data(cfg, device)
+    run = Run(cfg).open(overwrite=getattr(cfg, "overwrite", False))
+    run.save_labels(data)
+    model = model_for(cfg, data)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    saved = run.saved_epochs()
+    if 0 not in saved:
+        run.save_checkpoint(0, model, optimizer, {"epoch": 0, **accuracies(model, data)})
+        saved = [0]
+    start = max(saved) if restart_from is None else restart_from
+    start = min(start, cfg.epochs)
+    ckpt = run.load_checkpoint(start)
+    run.load_model(model, start)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rows = [r for r in run.metrics() if r["epoch"] < start] + [ckpt["metrics"]]
+    steps_per_epoch = len(batch_order(torch.arange(data.n_train), cfg.batch_size, cfg.model_seed, 0))
+    if start < cfg.epochs and not quiet:
+        print(f"training {run.dir.name} on {device}: epochs {start + 1}..{cfg.epochs}")
+    for epoch in tqdm(range(start + 1, cfg.epochs + 1), desc="epochs", disable=None if not quiet else True):
+        t0 = time.time()
+        loss = train_epoch(model, data, torch.arange(data.n_train, device=data.device), optimizer, cfg, epoch,
+                           step0=(epoch - 1) * steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
+                           backward=backward, desc=f"epoch {epoch}")
+        metrics = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"], **accuracies(model, data),
+                   "seconds": round(time.time() - t0, 3)}
+        if on_epoch:
+            metrics.update(on_epoch(epoch) or {})
+        run.save_checkpoint(epoch, model, optimizer, metrics)
+        rows.append(metrics)
+        run.write_metrics(rows)
+        if not quiet:
+            tqdm.write(f"epoch {epoch:3d}  loss {loss:.3f}  clean {metrics['clean']:.3f}  "
+                       f"noisy {metrics['noisy']:.3f}  test {metrics['test']:.3f}")
+    run.write_metrics(rows)
+    if start == cfg.epochs:
+        run.load_model(model, cfg.epochs)
+    return model, data, run
+
+
+def trained_run(cfg, data=None, quiet=False):
+    """The configured run's final model (training it first if the run is not complete).
+
+    Returns (model, data, run); `data` defaults to the configured dataset (tests pass a subset)."""
+    run = Run(cfg)
+    if run.is_complete():
+        run.check_config()
+        data = data or load_data(cfg, pick_device(cfg.device))
+        run.save_labels(data)
+        model = model_for(cfg, data)
+        run.load_model(model, cfg.epochs)
+        return model, data, run
+    if not quiet:
+        print(f"{run.dir} has no finished run yet: training it first")
+    return train_run(cfg, data=data, quiet=quiet)

@@ -1,0 +1,13 @@
+"""Paper setting: svhn x resnet9 (Maini et al. 2023; README, "Paper settings").
+For a GPU: python <script>.py configs/svhn_resnet9.py"""
+dataset = "svhn"
+model = "resnet9"
+width = 1.0
+noise = 0.1
+epochs = 50
+batch_size = 512
+lr = 0.1
+schedule = "triangle"
+warmup = 0.25
+weight_decay = 5e-4
+augment = False
