@@ -29,3 +29,43 @@ def mnist_small():
     """512 training / 256 test examples of mnist_5k with 10% label noise (seed 0), on the CPU."""
     from common.data import load_data
     return load_data(SimpleNamespace(**TINY)).subset(512, 256)
+
+
+# ----------------------------------------------------------------------------- a tiny memorizing run
+# 512 training / 256 test digits of mnist_5k as an npz dataset: with 10% noise a width-0.5 CNN
+# memorizes all 51 mislabeled examples in 20 epochs (~6 s on 2 cores; measured noisy acc 1.0, test 0.89).
+TINY_RUN = dict(model="cnn", width=0.5, epochs=20, batch_size=64, lr=0.05, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory):
+    """Path of an .npz with 512 train / 256 test real digits (taken from mnist_5k, seeded)."""
+    import numpy as np
+    from common.data import load_arrays
+    x, y, xt, yt = load_arrays("mnist_5k", seed=0)
+    g = torch.Generator().manual_seed(0)
+    tr, te = torch.randperm(len(x), generator=g)[:512], torch.randperm(len(xt), generator=g)[:256]
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=x[tr, 0].numpy(), y_train=y[tr].numpy(), x_test=xt[te, 0].numpy(), y_test=yt[te].numpy())
+    return path
+
+
+@pytest.fixture
+def tiny_argv(tiny_npz, tmp_path):
+    """tiny_argv(runs_dir=None, **overrides) -> command-line arguments for a script on the tiny run."""
+    def make(runs_dir=None, **overrides):
+        keys = {**TINY_RUN, "dataset": f"npz:{tiny_npz}", "runs_dir": str(runs_dir or tmp_path / "runs"), **overrides}
+        return [f"--{k}={v}" for k, v in keys.items()]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_npz, tmp_path_factory):
+    """A finished tiny run (shared by the session: copy its directory before changing anything in it).
+
+    Returns (cfg, model, data, run)."""
+    from common.training import train_run
+    cfg = SimpleNamespace(**{**TINY, **TINY_RUN, "dataset": f"npz:{tiny_npz}",
+                             "runs_dir": str(tmp_path_factory.mktemp("tiny_runs"))})
+    model, data, run = train_run(cfg, quiet=True)
+    return cfg, model, data, run

@@ -244,3 +244,11 @@ def test_trained_run_reuses_and_checks_checkpoints(make_cfg, mnist_small):
     with pytest.raises(UserError, match="another configuration"):
         other.check_config()
 
+
+
+def test_tiny_run_memorizes(tiny_trained):
+    """The shared tiny run really memorizes its noisy examples (other tests rely on it)."""
+    cfg, model, data, run = tiny_trained
+    acc = accuracies(model, data)
+    assert acc["noisy"] >= 0.95 and acc["clean"] >= 0.99 and acc["test"] > 0.8, acc
+    assert int(data.noisy.sum()) == round(0.1 * 512)
