@@ -116,10 +116,12 @@ def runs_root(cfg):
 class Run:
     """A run directory: the identity check, labels, checkpoints and metrics of one trained model."""
 
-    def __init__(self, cfg, directory=None):
+    def __init__(self, cfg, directory=None, extra_keys=()):
+        """`directory` defaults to runs/<run_name>; `extra_keys` of cfg join the identity (e.g. a
+        variant's dropout settings) besides the training keys."""
         self.cfg = cfg
         self.dir = Path(directory) if directory else runs_root(cfg) / run_name(cfg)
-        self.config = train_config(cfg)
+        self.config = {**train_config(cfg), **{k: getattr(cfg, k) for k in extra_keys}}
 
     def path(self, name):
         return self.dir / name

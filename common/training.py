@@ -111,19 +111,20 @@ def train_epoch(model, data, indices, optimizer, cfg, epoch, step0=0, total_step
     return float(loss_sum) / sum(len(b) for b in batches)
 
 
-def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, quiet=False):
+def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, quiet=False, model=None, run=None):
     """Train the configured run in its run directory, resuming after the last complete epoch.
 
     Saves checkpoints at initialization and after every epoch and one metrics line per epoch.
     `on_epoch(epoch)` may return a dict stored with that epoch's metrics (inside the checkpoint, so
     a crash cannot separate them). `restart_from=k` recomputes epochs after k even if saved.
-    Returns (model, data, run) with the final weights loaded.
+    `model` (freshly initialized) and `run` replace the configured ones (e.g. a dropout variant in
+    its own directory). Returns (model, data, run) with the final weights loaded.
     """
     device = pick_device(cfg.device)
     data = data or load_data(cfg, device)
-    run = Run(cfg).open(overwrite=getattr(cfg, "overwrite", False))
+    run = (run or Run(cfg)).open(overwrite=getattr(cfg, "overwrite", False))
     run.save_labels(data)
-    model = model_for(cfg, data)
+    model = model or model_for(cfg, data)
     optimizer = make_optimizer(model.parameters(), cfg)
     saved = run.saved_epochs()
     if 0 not in saved:
