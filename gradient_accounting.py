@@ -1,0 +1,205 @@
+"""Gradient accounting: how much of each layer's gradient comes from the memorized examples?
+
+Trains the run (this script is its trainer: its checkpoints are the ones the other experiments
+reuse) and splits every minibatch gradient exactly into the part of its clean examples and the part
+of its mislabeled ("noisy", memorized) examples. Per layer group and epoch: the norms of the
+epoch's clean, noisy and total gradient sums, the same per example, and the clean/noisy cosine.
+Paper: the 10% noisy examples carry a gradient comparable to the 90% clean ones, in every layer, and
+point against them (negative cosine) while they are being memorized. (PROTOCOLS.md, section 1.)
+
+    python gradient_accounting.py [configs/preset.py] [--key=value ...]
+"""
+import math
+
+import numpy as np
+
+from common import cli, config
+from common.accounting import GradientAccountant, accounted_prefix, epoch_table, memorization_phase, summarize
+from common.cli import UserError
+from common.data import load_data
+from common.models import model_for
+from common.plots import COLORS, LABELS, accuracy_curves, figure, save
+from common.runs import Run, write_json
+from common.training import pick_device, train_run
+
+# ----------------------------------------------------------------------------- the run (shared keys)
+# The same names and defaults in all five scripts: together they identify the trained run.
+dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
+model = "resnet9"       # resnet9 | resnet50 | vit | cnn
+width = 0.25            # channel-width multiplier
+noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
+seed = 0                # data split and label noise
+model_seed = 0          # initialization, batch order, augmentation, dropout
+epochs = 20
+batch_size = 128
+lr = 0.05               # peak learning rate (SGD)
+schedule = "triangle"   # triangle (one-cycle) | cosine (linear warm-up, then cosine) | constant
+warmup = 0.25           # fraction of training spent warming up
+momentum = 0.9
+weight_decay = 5e-4
+augment = False         # random crop + flip (off in the paper's main runs)
+amp = True              # bf16 autocast on CUDA (ignored elsewhere)
+device = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+runs_dir = "runs"       # relative to the repository root
+download = True         # let torchvision download a missing dataset
+overwrite = False       # move aside a run directory trained with another configuration
+# ----------------------------------------------------------------------------- this experiment
+window = 5              # epochs per panel of the norm-per-layer figures (besides the all-epochs panel)
+memorized_at = 0.9      # noisy-train accuracy (noisy labels) that ends the memorization phase
+# -----------------------------------------------------------------------------
+KNOBS = config.knobs(globals())
+config.range_check("window", 1, None)
+config.range_check("memorized_at", 0, 1, lo_open=True)
+
+SERIES = ("total", "clean", "noisy")
+
+
+def restart_epoch(cfg):
+    """Where training must (re)start so that every epoch is accounted: after the last epoch of the
+    contiguous accounted prefix that has a checkpoint (0 if none). Epochs trained without
+    accounting (e.g. by another script) after it are re-trained: bit-identical checkpoints on a CPU."""
+    run = Run(cfg)
+    try:
+        run.check_config()
+    except UserError:
+        return 0  # another configuration: train_run refuses it, or (overwrite) moves it aside
+    saved = set(run.saved_epochs())
+    return max([e for e in range(accounted_prefix(run.metrics()) + 1) if e in saved], default=0)
+
+
+def main(argv=()):
+    cfg = config.parse(KNOBS, argv)
+    data = load_data(cfg, pick_device(cfg.device))
+    net = model_for(cfg, data)
+    accountant = GradientAccountant(net, data.noisy)
+    # The accounting of each epoch is returned by on_epoch and stored in that epoch's metrics row
+    # and checkpoint: a crash can never separate the numbers from the weights they describe.
+    net, data, run = train_run(cfg, data=data, model=net, backward=accountant.backward,
+                               on_epoch=accountant.end_epoch, restart_from=restart_epoch(cfg))
+    rows = run.metrics()
+    table = epoch_table(rows)
+    assert [t["epoch"] for t in table] == list(range(1, cfg.epochs + 1)), "every epoch is accounted"
+    phase = memorization_phase(rows, cfg.memorized_at)
+    summary = summarize(table, phase["epochs"])
+    results = {"run": run.dir.name, "config": {**run.config, "window": cfg.window, "memorized_at": cfg.memorized_at},
+               "groups": accountant.groups, "group_params": accountant.sizes,
+               "n_train": data.n_train, "n_noisy": int(data.noisy.sum()),
+               "definitions": {
+                   "norm_*": "L2 norm, per layer group, of the sum over the epoch's steps of that part of the "
+                             "minibatch gradient: clean part = grad of sum_{clean i} l_i / B, noisy part = "
+                             "grad of sum_{noisy i} l_i / B, total = their sum = the gradient plain SGD "
+                             "stepped on (loss gradient only, weight decay excluded)",
+                   "per_example_*": "norm_* divided by the number of examples of that kind seen in the epoch",
+                   "cosine": "cosine similarity of the epoch's clean and noisy sums (null if one is zero)",
+                   "memorization_phase": "epochs whose training took noisy-train accuracy from its last low "
+                                         f"to >= memorized_at ({cfg.memorized_at:g})"},
+               "epochs": table, "memorization_phase": phase, "summary": summary}
+    write_json(run.path("gradient_accounting.json"), results)
+
+    plot_norms(table, "norm_", "Gradient norm per layer: epoch sums of total, clean and noisy parts",
+               "norm of the epoch's gradient sum", cfg, run.path("gradient_accounting_norms.png"))
+    plot_norms(table, "per_example_", "Gradient norm per layer, per example (sum / number of examples)",
+               "norm of the sum / examples", cfg, run.path("gradient_accounting_per_example.png"))
+    plot_cosine(table, phase, cfg, run.path("gradient_accounting_cosine.png"))
+    fig, axes = figure("Accuracy during training: when are the noisy labels memorized?", cfg)
+    accuracy_curves(axes[0, 0], rows, keys=("clean", "noisy", "noisy_true", "test"))
+    shade_phase(axes[0, 0], phase)
+    save(fig, run.path("gradient_accounting_accuracy.png"))
+
+    print_summary(results)
+    return results
+
+
+# ----------------------------------------------------------------------------- figures and summary
+
+def shade_phase(ax, phase):
+    if phase["epochs"]:
+        ax.axvspan(phase["epochs"][0] - 0.5, phase["epochs"][-1] + 0.5, color="gold", alpha=0.25,
+                   label="memorization phase")
+        ax.legend(fontsize=8)
+
+
+def _nanmean(v):
+    """Column means over the finite entries (NaN where there is none, e.g. per-example noisy at noise 0)."""
+    ok = np.isfinite(v)
+    return np.where(ok.any(0), np.where(ok, v, 0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+
+
+def plot_norms(table, prefix, title, ylabel, cfg, path):
+    """(a)/(b): x = layer group (input to output), lines total / clean / noisy; one panel averaging
+    all epochs, then one per window of `cfg.window` epochs (means of the per-epoch norms)."""
+    groups = list(table[0]["groups"])
+    windows = [("all epochs", table)] + [(f"epochs {w[0]['epoch']}-{w[-1]['epoch']}" if len(w) > 1
+                                          else f"epoch {w[0]['epoch']}", w)
+                                         for w in (table[i:i + cfg.window] for i in range(0, len(table), cfg.window))]
+    ncols = min(3, len(windows))
+    fig, axes = figure(title, cfg, ncols=ncols, nrows=math.ceil(len(windows) / ncols), panel=(4.6, 3.4))
+    for ax, (name, rows) in zip(axes.flat, windows):
+        for s in SERIES:
+            v = np.array([[np.nan if r["groups"][g][prefix + s] is None else r["groups"][g][prefix + s]
+                           for g in groups] for r in rows], dtype=float)
+            ax.plot(range(len(groups)), _nanmean(v), marker="o",
+                    color=COLORS[s], label=LABELS[s] if s == "total" else f"{s} part")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(groups)), groups, rotation=60, fontsize=7)
+        ax.set_xlabel("layer group (input -> output)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(windows):]:
+        ax.axis("off")
+    save(fig, path)
+
+
+def plot_cosine(table, phase, cfg, path):
+    """(c): heatmap of cosine(clean sum, noisy sum), layer group x epoch; blue < 0 < red."""
+    groups = list(table[0]["groups"])
+    epochs_ = [r["epoch"] for r in table]
+    cos = np.array([[np.nan if r["groups"][g]["cosine"] is None else r["groups"][g]["cosine"] for r in table]
+                    for g in groups], dtype=float)
+    fig, axes = figure("Cosine similarity of the clean and noisy gradient sums per epoch", cfg,
+                       panel=(max(8.0, 0.35 * len(epochs_) + 2), 0.35 * len(groups) + 2.4))
+    ax = axes[0, 0]
+    im = ax.imshow(np.ma.masked_invalid(cos), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    fig.colorbar(im, ax=ax, label="cosine(clean, noisy)")
+    if len(epochs_) <= 40:
+        for i in range(len(groups)):
+            for j in range(len(epochs_)):
+                if np.isfinite(cos[i, j]):
+                    ax.text(j, i, f"{cos[i, j]:.1f}", ha="center", va="center", fontsize=6,
+                            color="white" if abs(cos[i, j]) > 0.6 else "black")
+    step = max(1, len(epochs_) // 20)
+    ax.set_xticks(range(0, len(epochs_), step), epochs_[::step])
+    ax.set_yticks(range(len(groups)), groups, fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("layer group (input at top)")
+    if phase["epochs"]:  # heatmap columns are 0-based epoch positions
+        ax.axvspan(epochs_.index(phase["epochs"][0]) - 0.5, epochs_.index(phase["epochs"][-1]) + 0.5,
+                   fill=False, edgecolor="gold", linewidth=2.5, label="memorization phase")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.1))
+    save(fig, path)
+
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_summary(results):
+    phase = results["memorization_phase"]
+    if not phase["epochs"]:
+        print("no memorization phase (no noisy examples, or no trained epoch)")
+        return
+    how = "reached" if phase["reached"] else "NOT reached (last epoch used)"
+    print(f"memorization phase: epochs {phase['epochs'][0]}-{phase['epochs'][-1]} (noisy-train accuracy "
+          f"{phase['noisy_low']:.1%} after epoch {phase['low']} -> {phase['noisy_end']:.1%} after epoch "
+          f"{phase['end']}; {results['config']['memorized_at']:.0%} {how})")
+    print(f"{'group':<10} {'noisy/clean norm':>16} {'per example':>12} {'mean cosine':>12}")
+    for g, s in results["summary"].items():
+        print(f"{g:<10} {_fmt(s['noisy_clean_ratio'], '16.3f')} {_fmt(s['noisy_clean_ratio_per_example'], '12.2f')} "
+              f"{_fmt(s['mean_cosine'], '12.3f')}")
+    print(f"written: {results['run']}/gradient_accounting.json and gradient_accounting_*.png")
+
+
+if __name__ == "__main__":
+    cli.run(main)
