@@ -9,6 +9,12 @@ each block and the head.
 
 `forward(x, index=None)`: `index` holds the batch's example indices; modules with `wants_index`
 (example-tied dropout) receive it, every other module ignores it.
+
+Dropout (optional, off by default): `build_model(..., dropout=factory)` puts `factory(layer_name,
+channels, channel_dim)` after each conv block of resnet9 and cnn (inside ConvBN, after the ReLU),
+after each stage of resnet50, and on the hidden units of every ViT MLP (between act and fc2).
+Dropout modules hold no parameters or buffers, so state_dict keys, layer groups and the
+initialization for a seed are the same with or without them.
 """
 from collections import OrderedDict
 
@@ -47,13 +53,16 @@ class Residual(nn.Sequential):
 
 
 class ConvBN(nn.Sequential):
-    """Conv (no bias) + BatchNorm + ReLU: one "layer" of the paper."""
+    """Conv (no bias) + BatchNorm + ReLU: one "layer" of the paper; optional dropout after the ReLU."""
 
-    def __init__(self, cin, cout, kernel_size=3, stride=1, padding=1):
-        super().__init__(OrderedDict(
+    def __init__(self, cin, cout, kernel_size=3, stride=1, padding=1, drop=None):
+        layers = OrderedDict(
             conv=nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False),
             bn=nn.BatchNorm2d(cout),
-            relu=nn.ReLU(inplace=True)))
+            relu=nn.ReLU(inplace=True))
+        if drop is not None:
+            layers["drop"] = drop
+        super().__init__(layers)
 
 
 class Scale(nn.Module):
@@ -69,18 +78,24 @@ def _ch(n, width):
     return max(1, int(round(n * width)))
 
 
-def resnet9(in_channels, num_classes, image_size, width=1.0):
+def _dropper(dropout):
+    """dropout(name, channels) for the builders: the factory's module, or None without dropout."""
+    return (lambda name, channels, channel_dim=1: None) if dropout is None else dropout
+
+
+def resnet9(in_channels, num_classes, image_size, width=1.0, dropout=None):
     """DAWNBench/FFCV ResNet-9: widths 64-128-128-128-256-256-256-128, 5x5 stride-2 second conv,
     two residual blocks, adaptive max-pool, bias-free linear head, logits scaled by 0.2."""
     c = [_ch(n, width) for n in (64, 128, 256)]
+    d = _dropper(dropout)
     return Net([
-        ("conv1", ConvBN(in_channels, c[0])),
-        ("conv2", ConvBN(c[0], c[1], kernel_size=5, stride=2, padding=2)),
-        ("res1", Residual(ConvBN(c[1], c[1]), ConvBN(c[1], c[1]))),
-        ("conv3", ConvBN(c[1], c[2])),
+        ("conv1", ConvBN(in_channels, c[0], drop=d("conv1", c[0]))),
+        ("conv2", ConvBN(c[0], c[1], kernel_size=5, stride=2, padding=2, drop=d("conv2", c[1]))),
+        ("res1", Residual(ConvBN(c[1], c[1], drop=d("res1.0", c[1])), ConvBN(c[1], c[1], drop=d("res1.1", c[1])))),
+        ("conv3", ConvBN(c[1], c[2], drop=d("conv3", c[2]))),
         ("pool", nn.MaxPool2d(2)),
-        ("res2", Residual(ConvBN(c[2], c[2]), ConvBN(c[2], c[2]))),
-        ("conv4", ConvBN(c[2], c[1], padding=0)),
+        ("res2", Residual(ConvBN(c[2], c[2], drop=d("res2.0", c[2])), ConvBN(c[2], c[2], drop=d("res2.1", c[2])))),
+        ("conv4", ConvBN(c[2], c[1], padding=0, drop=d("conv4", c[1]))),
         ("gpool", nn.AdaptiveMaxPool2d(1)),
         ("flatten", nn.Flatten()),
         ("head", nn.Linear(c[1], num_classes, bias=False)),
@@ -88,31 +103,40 @@ def resnet9(in_channels, num_classes, image_size, width=1.0):
     ])
 
 
-def cnn(in_channels, num_classes, image_size, width=1.0):
+def cnn(in_channels, num_classes, image_size, width=1.0, dropout=None):
     """A small CNN, fast on a CPU: three conv+BN blocks and a linear head."""
     c = [_ch(n, width) for n in (32, 64, 128)]
+    d = _dropper(dropout)
     return Net([
-        ("conv1", ConvBN(in_channels, c[0])),
+        ("conv1", ConvBN(in_channels, c[0], drop=d("conv1", c[0]))),
         ("pool1", nn.MaxPool2d(2)),
-        ("conv2", ConvBN(c[0], c[1])),
+        ("conv2", ConvBN(c[0], c[1], drop=d("conv2", c[1]))),
         ("pool2", nn.MaxPool2d(2)),
-        ("conv3", ConvBN(c[1], c[2])),
+        ("conv3", ConvBN(c[1], c[2], drop=d("conv3", c[2]))),
         ("gpool", nn.AdaptiveMaxPool2d(1)),
         ("flatten", nn.Flatten()),
         ("head", nn.Linear(c[2], num_classes)),
     ])
 
 
-def resnet50(in_channels, num_classes, image_size, width=1.0):
+def resnet50(in_channels, num_classes, image_size, width=1.0, dropout=None):
     """torchvision's ResNet-50 with a small-image stem (3x3 stride-1 conv, no max-pool);
-    `width` scales the bottleneck width (width_per_group = 64 * width)."""
+    `width` scales the bottleneck width (width_per_group = 64 * width).
+    Dropout goes after each stage as parameter-free entries `stage<k>_drop` (not layer groups)."""
     import torchvision
     tv = torchvision.models.resnet50(num_classes=num_classes, width_per_group=_ch(64, width))
     stem = nn.Sequential(OrderedDict(
         conv=nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), bn=nn.BatchNorm2d(64), relu=nn.ReLU(inplace=True)))
     nn.init.kaiming_normal_(stem.conv.weight, mode="fan_out", nonlinearity="relu")
-    return Net([("stem", stem), ("stage1", tv.layer1), ("stage2", tv.layer2), ("stage3", tv.layer3),
-                ("stage4", tv.layer4), ("gpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+    d = _dropper(dropout)
+    stages = []
+    for k in range(1, 5):
+        stage = getattr(tv, f"layer{k}")
+        stages.append((f"stage{k}", stage))
+        drop = d(f"stage{k}", stage[-1].conv3.out_channels)
+        if drop is not None:
+            stages.append((f"stage{k}_drop", drop))
+    return Net([("stem", stem), *stages, ("gpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
                 ("head", tv.fc)])
 
 
@@ -150,11 +174,15 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; `mlp` is Sequential(fc1, act, fc2) so dropout can go on its hidden units."""
 
-    def __init__(self, dim, heads, mlp_dim):
+    def __init__(self, dim, heads, mlp_dim, drop=None):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, mlp_dim), act=nn.GELU(), fc2=nn.Linear(mlp_dim, dim)))
+        mlp = OrderedDict(fc1=nn.Linear(dim, mlp_dim), act=nn.GELU())
+        if drop is not None:
+            mlp["drop"] = drop  # on the hidden units, each token of an example with the same mask
+        mlp["fc2"] = nn.Linear(mlp_dim, dim)
+        self.mlp = nn.Sequential(mlp)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -166,11 +194,13 @@ class ClassToken(nn.Module):
         return x[:, 0]
 
 
-def vit(in_channels, num_classes, image_size, width=1.0, depth=6, heads=8, patch=4):
+def vit(in_channels, num_classes, image_size, width=1.0, depth=6, heads=8, patch=4, dropout=None):
     """A small ViT for 28-32 px images: 4x4 patches, 6 blocks, 8 heads, dim 256*width."""
     dim = heads * max(1, int(round(32 * width)))
+    d = _dropper(dropout)
     return Net([("embed", PatchEmbed(in_channels, dim, image_size, patch))]
-               + [(f"block{i + 1}", Block(dim, heads, 2 * dim)) for i in range(depth)]
+               + [(f"block{i + 1}", Block(dim, heads, 2 * dim, drop=d(f"block{i + 1}.mlp", 2 * dim, -1)))
+                  for i in range(depth)]
                + [("head", nn.Sequential(OrderedDict(norm=nn.LayerNorm(dim), cls=ClassToken(),
                                                      fc=nn.Linear(dim, num_classes))))])
 
@@ -179,15 +209,20 @@ _BUILDERS = {"resnet9": resnet9, "resnet50": resnet50, "vit": vit, "cnn": cnn}
 
 
 def build_model(name, in_channels, num_classes, image_size, width=1.0, seed=0, **kwargs):
-    """A freshly initialized model; initialization depends only on (name, shapes, width, seed)."""
+    """A freshly initialized model; initialization depends only on (name, shapes, width, seed).
+
+    `dropout=factory` (see the module docstring) adds parameter-free dropout modules; the weights
+    are the same as without them."""
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(derive_seed(seed, "init"))
         return _BUILDERS[name](in_channels, num_classes, image_size, width, **kwargs)
 
 
-def model_for(cfg, data):
-    """The configured model for a dataset, initialized from cfg.model_seed, on the data's device."""
-    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size, cfg.width, cfg.model_seed)
+def model_for(cfg, data, dropout=None):
+    """The configured model for a dataset, initialized from cfg.model_seed, on the data's device
+    (`dropout`: an optional factory, see build_model)."""
+    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size, cfg.width, cfg.model_seed,
+                        dropout=dropout)
     return model.to(data.device, memory_format=torch.channels_last)  # ~1.4x faster convolutions on CPU
 
 

@@ -1,0 +1,211 @@
+"""Example-tied dropout (Maini et al. 2023, section 5 of PROTOCOLS) and a standard channel dropout.
+
+ExampleTiedDropout splits a layer's C channels into generalization channels (the first
+floor(p_gen * C), always on) and memorization channels. In training, example i keeps only its own
+subset of memorization channels, each kept with probability p_mem; the subset is a pure function of
+(seed, layer, i), whole channels shared over spatial positions (or tokens). Nothing is stored: the
+bits come from an integer hash of (layer salt, index, channel) computed on the fly for the batch,
+so there are no parameters, no buffers, no state_dict entries (checkpoints and layer groups are the
+same as without dropout) and zero mask memory, for any dataset size.
+
+Evaluation modes (`set_mode`, used when the model is in eval mode):
+  tied  the example's own training mask (needs its index): were the noisy examples memorized?
+  keep  all channels, memorization channels scaled by p_mem (their expected value in training)
+  drop  memorization channels zeroed; generalization channels x drop_scale (1 by default; the
+        authors' code multiplied them by (p_gen + p_mem) / p_gen, see `drop_rescale`)
+
+Models take these modules through `common.models.build_model(..., dropout=factory)`, where
+`factory(layer_name, channels, channel_dim)` returns the module for one layer.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+
+from .cli import UserError
+from .rng import derive_seed
+
+MODES = ("tied", "keep", "drop")
+_M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- integer hashing
+# All arithmetic stays below 2**63 in int64 (no overflow, so it is exact and the same on every
+# device): values are 32-bit, and a 32-bit product is split into two 16-bit halves.
+
+def _mul32(x, m):
+    """(x * m) mod 2**32 for int64 tensors x in [0, 2**32) and a 32-bit constant m."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def hash32(x):
+    """A 32-bit integer mixer (Wellons' lowbias32 family) on int64 tensors in [0, 2**32); a bijection."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+# ----------------------------------------------------------------------------- the modules
+
+def _view(m, x, channel_dim):
+    """Reshape a (B, C) or (1, C) mask to broadcast over x along `channel_dim` (1 for NCHW, -1 for tokens)."""
+    if channel_dim == 1:
+        return m.view(m.shape[0], m.shape[1], *([1] * (x.dim() - 2)))
+    return m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+
+
+class ExampleTiedDropout(nn.Module):
+    """Example-tied dropout over whole channels; no parameters, no buffers, masks hashed on the fly."""
+    wants_index = True  # Net.forward hands it the batch's example indices
+
+    def __init__(self, channels, p_gen, p_mem, seed, layer, channel_dim=1, drop_rescale=False):
+        super().__init__()
+        if not (0 < p_gen < 1 and 0 < p_mem < 1):
+            raise ValueError(f"p_gen={p_gen} and p_mem={p_mem} must both be in (0, 1)")
+        self.channels, self.p_gen, self.p_mem, self.layer = channels, p_gen, p_mem, layer
+        self.n_gen = int(math.floor(p_gen * channels + 1e-9))  # 0.29 * 100 is 28.99999...: still 29
+        self.channel_dim = channel_dim
+        # the authors' test-time factor; (p_gen + (1 - p_gen) * p_mem) / p_gen would be the exact expected mass
+        self.drop_scale = (p_gen + p_mem) / p_gen if drop_rescale else 1.0
+        self.mode = "keep"  # eval mode; "keep" works for any input, "tied" needs training indices
+        self.index = None
+        salt = derive_seed(seed, "example_tied_dropout", layer)
+        self.salt_example, self.salt_channel = salt & _M32, (salt >> 32) & _M32
+        self.threshold = int(round(p_mem * 2 ** 32))  # keep a channel when its hash < threshold
+
+    def extra_repr(self):
+        return (f"{self.layer!r}, channels={self.channels} (generalization {self.n_gen}), p_mem={self.p_mem}, "
+                f"mode={self.mode!r}")
+
+    def memorization_mask(self, index):
+        """(B, C - n_gen) bool: which memorization channels each example keeps; a function of (seed, layer, index)."""
+        index = torch.as_tensor(index).long()
+        key = hash32((index & _M32) ^ self.salt_example)  # one key per example (a bijection of its index)
+        ch = hash32(torch.arange(self.n_gen, self.channels, device=index.device) ^ self.salt_channel)
+        return hash32(key[:, None] ^ ch[None, :]) < self.threshold
+
+    def mask(self, index):
+        """(B, C) bool training mask: generalization channels on, then the example's memorization subset."""
+        mem = self.memorization_mask(index)
+        return torch.cat([mem.new_ones(len(mem), self.n_gen), mem], dim=1)
+
+    def mode_scale(self, mode, device, dtype):
+        """(1, C) multipliers of the index-free modes: keep (memorization x p_mem) and drop (memorization x 0)."""
+        gen, mem = (1.0, self.p_mem) if mode == "keep" else (self.drop_scale, 0.0)
+        s = torch.full((1, self.channels), mem, device=device, dtype=dtype)
+        s[:, :self.n_gen] = gen
+        return s
+
+    def forward(self, x):
+        mode = "tied" if self.training else self.mode
+        if mode == "tied":
+            index = self.index
+            if index is None:
+                raise UserError(f"example-tied dropout ({self.layer}) in {'training' if self.training else 'tied'} "
+                                f"mode needs the examples' training indices (model(x, index=idx)); evaluate "
+                                f"inputs without an index (e.g. the test set) in 'keep' or 'drop' mode")
+            if len(index) != x.shape[0]:
+                raise ValueError(f"{len(index)} indices for a batch of {x.shape[0]}")
+            m = self.mask(index.to(x.device)).to(x.dtype)
+        else:
+            m = self.mode_scale(mode, x.device, x.dtype)
+        return x * _view(m, x, self.channel_dim)
+
+
+class ChannelDropout(nn.Module):
+    """Standard (inverted) dropout of whole channels with probability p: the matched-rate baseline.
+
+    Fresh masks every step from the torch RNG, which the training loop seeds per (model_seed, epoch);
+    identity in eval mode. Takes no index."""
+
+    def __init__(self, p, channel_dim=1):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout rate {p} must be in [0, 1)")
+        self.p, self.channel_dim = p, channel_dim
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        c = x.shape[self.channel_dim]
+        keep = (torch.rand(x.shape[0], c, device=x.device) >= self.p).to(x.dtype) / (1 - self.p)
+        return x * _view(keep, x, self.channel_dim)
+
+
+# ----------------------------------------------------------------------------- factories and helpers
+
+def etd_factory(p_gen, p_mem, seed, drop_rescale=False):
+    """`dropout=` argument of build_model/model_for: one ExampleTiedDropout per wired layer."""
+    def make(layer, channels, channel_dim=1):
+        return ExampleTiedDropout(channels, p_gen, p_mem, seed, layer, channel_dim, drop_rescale)
+    return make
+
+
+def channel_dropout_factory(p):
+    """`dropout=` argument for the standard channel-dropout baseline."""
+    def make(layer, channels, channel_dim=1):
+        return ChannelDropout(p, channel_dim)
+    return make
+
+
+def matched_rate(p_gen, p_mem):
+    """The expected fraction of channels example-tied dropout drops in training."""
+    return (1 - p_gen) * (1 - p_mem)
+
+
+def etd_modules(model):
+    return [m for m in model.modules() if isinstance(m, ExampleTiedDropout)]
+
+
+def set_mode(model, mode):
+    """Set the evaluation mode of every ExampleTiedDropout in `model`; returns how many there are."""
+    if mode not in MODES:
+        raise ValueError(f"unknown example-tied dropout mode {mode!r}; valid: {', '.join(MODES)}")
+    mods = etd_modules(model)
+    for m in mods:
+        m.mode = mode
+    return len(mods)
+
+
+@contextlib.contextmanager
+def mode(model, mode_name):
+    """`with dropout.mode(model, "drop"): ...` -- the previous modes are restored afterwards."""
+    mods = etd_modules(model)
+    old = [m.mode for m in mods]
+    set_mode(model, mode_name)
+    try:
+        yield model
+    finally:
+        for m, o in zip(mods, old):
+            m.mode = o
+
+
+def mask_memory(model, example_shape, n_examples):
+    """Per dropout layer: channels, activation shape and the bytes a mask table would take for
+    `n_examples`: ours (0: hashed on the fly), one bit per (example, channel), and the authors' dense
+    float32 N x C x H x W table. Shapes come from one forward pass of a single zero input."""
+    shapes, hooks = {}, []
+    for m in etd_modules(model):
+        hooks.append(m.register_forward_hook(lambda mod, inp, out: shapes.__setitem__(mod.layer, tuple(out.shape[1:]))))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), mode(model, "keep"):
+            model(torch.zeros(1, *example_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    rows = []
+    for m in etd_modules(model):
+        shape = shapes[m.layer]
+        rows.append({"layer": m.layer, "channels": m.channels, "activation": list(shape),
+                     "stored_bytes": 0, "packed_bits_bytes": n_examples * math.ceil(m.channels / 8),
+                     "dense_float_bytes": 4 * n_examples * math.prod(shape)})
+    return rows
