@@ -1,0 +1,133 @@
+"""layer_retraining.py: real freezing, clean examples only, frozen BatchNorm fixed, outputs written."""
+import copy
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import layer_retraining as script
+from common.cli import UserError
+from common.models import group_keys, layer_groups
+from common.retraining import freeze_except, reset_group
+from common.training import make_optimizer, train_epoch
+from conftest import REPO
+
+
+def retrain_cfg(cfg, **overrides):
+    """The tiny run's configuration plus the script's experiment knobs."""
+    return SimpleNamespace(**{**script.KNOBS, **vars(cfg), "retrain_epochs": 2, **overrides})
+
+
+def bn_buffers(model, skip=None):
+    """{key: tensor} of every BatchNorm buffer outside group `skip`."""
+    keys = set(group_keys(model)[skip]) if skip else set()
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k not in keys and k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_retrain_group_freezes_for_real_and_shows_clean_only(tiny_trained):
+    cfg, trained, data, run = tiny_trained
+    model = copy.deepcopy(trained)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    init = run.load_checkpoint(0)["model"]
+    rcfg = retrain_cfg(cfg)
+    for name, _ in layer_groups(model):
+        model.load_state_dict(final)
+        bn_before = bn_buffers(model, skip=name)
+        assert bn_before  # the cnn has BatchNorm in conv1..conv3: every group leaves some outside
+        seen = []
+        rows = script.retrain_group(model, data, name, init, rcfg, seen)
+        state = model.state_dict()
+        inside = set(group_keys(model)[name])
+        for k, v in state.items():  # every tensor outside the group, parameters and buffers, bit-identical
+            if k not in inside:
+                assert torch.equal(v, final[k]), f"retraining {name} changed {k}"
+        for k, v in bn_before.items():  # frozen BatchNorm statistics did not move
+            assert torch.equal(state[k], v), f"retraining {name} moved {k}"
+        # the group itself was reset and then trained: it differs from both the final and the initial weights
+        weights = [k for k in inside if k.endswith("weight")]
+        assert any(not torch.equal(state[k], final[k]) for k in weights)
+        assert any(not torch.equal(state[k], init[k].to(state[k].device)) for k in weights)
+        shown = torch.cat(seen)
+        assert len(shown) > 0 and not bool(data.noisy.cpu()[shown].any()), f"{name}: a noisy example was shown"
+        per_epoch = len(shown) // (len(rows) - 1)
+        assert set(shown.tolist()) == set(data.clean_idx.tolist()) and per_epoch >= len(data.clean_idx) - 1
+        assert [r["epoch"] for r in rows][0] == 0 and {"clean", "noisy", "noisy_true", "test"} <= set(rows[-1])
+        assert all(p.requires_grad for p in model.parameters())  # unfrozen for the next user
+
+
+def test_without_holding_eval_batchnorm_statistics_would_move(tiny_trained):
+    """Negative control: frozen parameters alone do not keep BatchNorm statistics fixed, so the check above can fail."""
+    cfg, trained, data, run = tiny_trained
+    model = copy.deepcopy(trained)
+    reset_group(model, "head", run.load_checkpoint(0)["model"])
+    before = bn_buffers(model, skip="head")
+    params, frozen_norms = freeze_except(model, "head")
+    assert frozen_norms and all(not p.requires_grad for n, p in model.named_parameters() if "head" not in n)
+    rcfg = script.retrain_config(retrain_cfg(cfg), "head")
+    train_epoch(model, data, data.clean_idx, make_optimizer(params, rcfg), rcfg, 1)  # no hold_eval
+    after = model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def checkpoint_digests(run_dir):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run_dir / "checkpoints").iterdir())}
+
+
+@pytest.fixture
+def run_copy(tiny_trained, tmp_path):
+    """A copy of the shared tiny run (the script writes its outputs into the run directory)."""
+    _, _, _, run = tiny_trained
+    runs = tmp_path / "runs"
+    shutil.copytree(run.dir, runs / run.dir.name)
+    return runs, runs / run.dir.name
+
+
+def test_main_writes_json_and_plots(tiny_argv, run_copy):
+    runs, run_dir = run_copy
+    digests = checkpoint_digests(run_dir)
+    results = script.main(tiny_argv(runs_dir=runs, retrain_epochs=4, stop_after=1))
+    assert checkpoint_digests(run_dir) == digests  # the trained run is read, never rewritten
+    saved = json.loads((run_dir / "layer_retraining.json").read_text())
+    assert list(saved["groups"]) == ["conv1", "conv2", "conv3", "head"] == list(results["groups"])
+    assert saved["n_noisy"] == 51 and saved["final_model"]["noisy"] >= 0.95
+    for name, g in saved["groups"].items():
+        assert g["noisy_examples_shown"] == 0 and g["frozen_state_unchanged"] is True
+        assert g["examples_shown"] >= g["epochs_trained"] * (saved["n_clean"] - 1)
+        curve = g["curve"]
+        assert [r["epoch"] for r in curve] == list(range(g["epochs_trained"] + 1))
+        # early stop (stop_after=1): it stops at the first epoch with 100% clean accuracy, never before
+        assert all(r["clean"] < 1.0 for r in curve[1:-1])
+        assert g["stopped_early"] == (curve[-1]["clean"] == 1.0 and g["epochs_trained"] < 4)
+    for png in ("layer_retraining_curves.png", "layer_retraining_noisy.png"):
+        assert (run_dir / png).stat().st_size > 10_000
+
+
+def test_deterministic_per_group(tiny_argv, run_copy):
+    runs, _ = run_copy
+    argv = tiny_argv(runs_dir=runs, retrain_epochs=1)
+    one = script.main(argv + ["--retrain_groups=['conv2','head']"])
+    two = script.main(argv + ["--retrain_groups=['head']"])  # a group's result does not depend on the others run
+    assert one["groups"]["head"]["curve"] == two["groups"]["head"]["curve"]
+
+
+def test_unknown_group_is_refused_before_anything_is_written(tiny_argv, run_copy):
+    runs, run_dir = run_copy
+    with pytest.raises(UserError) as e:
+        script.main(tiny_argv(runs_dir=runs) + ["--retrain_groups=['conv9']"])
+    assert "unknown layer group 'conv9'" in str(e.value) and "conv1, conv2, conv3, head" in str(e.value)
+    assert not (run_dir / "layer_retraining.json").exists()
+
+
+def test_bad_knob_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "layer_retraining.py"), "--retrain_lr=0",
+                           f"--runs_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "retrain_lr=0.0 is outside (0, inf)" in lines[0]
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
