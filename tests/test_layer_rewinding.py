@@ -1,0 +1,153 @@
+"""layer_rewinding.py: one group swapped in place and restored, exact baseline, outputs, bad inputs."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import layer_rewinding
+from common.cli import UserError
+from common.evaluation import accuracies, predict
+from common.models import group_keys
+from common.rewinding import (Rewinder, auto_rewind_epochs, load_rewind_states, resolve_rewind_epochs, rewind_keys,
+                              rewind_sweep)
+from conftest import REPO
+
+
+@pytest.fixture
+def tiny_copy(tiny_trained, tmp_path):
+    """A private copy of the finished tiny run's runs_dir (tests may delete checkpoints in it)."""
+    cfg, model, data, run = tiny_trained
+    runs = tmp_path / "runs"
+    shutil.copytree(run.dir.parent, runs)
+    return runs, run.dir.name
+
+
+def test_auto_rewind_epochs_adapt_to_length():
+    assert auto_rewind_epochs(20) == [0, 2, 5, 10, 15, 19]
+    assert auto_rewind_epochs(50) == [0, 5, 13, 25, 38, 49]
+    assert auto_rewind_epochs(100) == [0, 10, 25, 50, 75, 99]
+    assert auto_rewind_epochs(1) == [0] and auto_rewind_epochs(2) == [0, 1]
+    assert resolve_rewind_epochs([5, 0, 5], 20) == [0, 5]
+
+
+def test_only_the_group_changes_and_is_restored(tiny_trained):
+    cfg, model, data, run = tiny_trained
+    keys = rewind_keys(model, bn_stats=True)
+    assert keys == group_keys(model)  # BatchNorm buffers (incl. num_batches_tracked) rewound with the weights
+    states = load_rewind_states(run, [0, 5], keys, model, data.device)
+    rewinder = Rewinder(model, states, keys)
+    final = {k: t.clone() for k, t in model.state_dict().items()}
+    for group in keys:
+        with rewinder.rewound(group, 0):
+            now = model.state_dict()
+            for k, t in now.items():
+                if k in keys[group]:
+                    assert torch.equal(t, states[0][k]), k
+                else:
+                    assert torch.equal(t, final[k]), f"{k} changed while rewinding {group}"
+            assert any(not torch.equal(now[k], final[k]) for k in keys[group])  # the rewind did something
+    assert rewinder.changed_keys() == []
+    assert all(torch.equal(t, final[k]) for k, t in model.state_dict().items())
+
+
+def test_parameters_only_keeps_final_bn_statistics(tiny_trained):
+    cfg, model, data, run = tiny_trained
+    keys = rewind_keys(model, bn_stats=False)
+    params = {n for n, _ in model.named_parameters()}
+    assert all(k in params for ks in keys.values() for k in ks)
+    buffers = [k for k in group_keys(model)["conv1"] if k not in params]
+    assert {k.rsplit(".", 1)[1] for k in buffers} == {"running_mean", "running_var", "num_batches_tracked"}
+    rewinder = Rewinder(model, load_rewind_states(run, [0], keys, model, data.device), keys)
+    final = {k: t.clone() for k, t in model.state_dict().items()}
+    with rewinder.rewound("conv1", 0):
+        assert all(torch.equal(model.state_dict()[k], final[k]) for k in buffers)
+        assert not torch.equal(model.state_dict()["layers.conv1.conv.weight"], final["layers.conv1.conv.weight"])
+
+
+def test_rewinding_to_the_final_epoch_reproduces_the_final_model_exactly(tiny_trained):
+    cfg, model, data, run = tiny_trained
+    keys = rewind_keys(model)
+    rewinder = Rewinder(model, load_rewind_states(run, [cfg.epochs], keys, model, data.device), keys)
+    final, final_pred = accuracies(model, data), predict(model, data, "train")
+    acc = rewind_sweep(model, data, rewinder, [cfg.epochs])
+    assert set(acc) == set(keys)
+    for group in keys:
+        assert acc[group][cfg.epochs] == final, group
+        with rewinder.rewound(group, cfg.epochs):
+            assert torch.equal(predict(model, data, "train"), final_pred)
+
+
+def test_sweep_matches_a_full_forward_per_rewind(tiny_trained):
+    """Reusing the layers before the group gives the same predictions as model(x) with the group rewound."""
+    cfg, model, data, run = tiny_trained
+    keys = rewind_keys(model)
+    epochs = [0, 3]
+    rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
+    acc = rewind_sweep(model, data, rewinder, epochs)
+    for group in keys:
+        for e in epochs:
+            with rewinder.rewound(group, e):
+                assert acc[group][e] == accuracies(model, data), (group, e)
+    assert acc["conv1"][0]["train"] < 0.5  # the first layer at initialization breaks the network: not a no-op
+
+
+def test_main_writes_json_plots_and_table(tiny_copy, tiny_argv, capsys):
+    runs, name = tiny_copy
+    out = layer_rewinding.main(tiny_argv(runs_dir=runs))
+    run_dir = runs / name
+    saved = json.loads((run_dir / "layer_rewinding.json").read_text())
+    assert saved["rewind_epochs"] == [0, 2, 5, 10, 15, 19] == out["rewind_epochs"]
+    assert saved["groups"] == ["conv1", "conv2", "conv3", "head"]
+    assert saved["final"]["noisy"] == 1.0 and saved["rewind_bn_stats"] is True
+    for g in saved["groups"]:
+        for e in saved["rewind_epochs"]:
+            assert set(saved["accuracy"][g][str(e)]) >= {"clean", "noisy", "noisy_true", "test"}
+    crit = saved["critical"]
+    assert crit["epoch"] == 0 and crit["threshold"] == 0.5
+    assert crit["groups"] == [g for g in saved["groups"] if saved["accuracy"][g]["0"]["noisy"] < 0.5]
+    for png in ("layer_rewinding_depth.png", "layer_rewinding_heatmap.png"):
+        assert (run_dir / png).stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert "critical (noisy accuracy < 50% after rewinding to epoch 0)" in table
+    assert all(f"\n{g:<10}" in table for g in saved["groups"])
+
+
+def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tiny_copy, tiny_argv):
+    runs, name = tiny_copy
+    (runs / name / "checkpoints" / "epoch_005.pt").unlink()
+    with pytest.raises(UserError) as e:
+        layer_rewinding.main(tiny_argv(runs_dir=runs, rewind_epochs=[0, 5]))
+    assert "no checkpoint for epoch 5" in str(e.value) and "\n" not in str(e.value)
+    assert not (runs / name / "layer_rewinding.json").exists()
+
+
+def test_missing_run_is_trained_first(tiny_argv, tmp_path):
+    out = layer_rewinding.main(tiny_argv(runs_dir=tmp_path / "fresh", epochs=2))
+    assert out["rewind_epochs"] == [0, 1]
+    assert (tmp_path / "fresh" / out["run"] / "checkpoints" / "epoch_002.pt").is_file()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[]", "must be a non-empty list"),
+    ("[0,20]", "has 20, not an epoch in 0..19"),
+    ("[-1]", "has -1, not an epoch in 0..19"),
+    ("[0,2.5]", "has 2.5"),
+    ("5", "must be a non-empty list"),
+])
+def test_bad_rewind_epochs(tiny_argv, value, message):
+    with pytest.raises(UserError) as e:
+        layer_rewinding.main(tiny_argv(rewind_epochs=value))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "layer_rewinding.py"), "--rewind_epochs=[0,25]",
+                           f"--runs_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: rewind_epochs has 25, not an epoch in 0..19 (0 = initialization, 19 = last-but-one of epochs=20); "
+        "e.g. --rewind_epochs=[0,2,5,10,15,19]"]
+    assert not any(tmp_path.iterdir())
