@@ -1,0 +1,231 @@
+"""Neuron flipping: how few units must be zeroed to flip a memorized prediction? (PROTOCOLS section 4)
+
+For `n_examples` noisy (mislabeled, memorized) and `n_examples` clean training examples, greedily zero
+the unit -- a conv filter, or one BatchNorm / linear parameter -- that most raises the example's loss
+while keeping a reference batch of other examples fit (first-order score w * dL/dw), until the
+prediction leaves the training label. Then measure what the edit costs the other examples.
+Paper: memorized examples flip after a handful of units, clean ones need many more; the units are
+spread over the layers; the edit hurts the rest of the data little.
+
+    python neuron_flipping.py [configs/preset.py] [--key=value ...]
+"""
+import time
+
+import torch
+from matplotlib.patches import Patch
+from tqdm.auto import tqdm
+
+from common import cli, config, plots
+from common.evaluation import predict
+from common.flipping import (UNITS, Flipper, Units, collateral, collateral_sets, flip_sequential, pick_targets,
+                             reference_batch, summarize, zeroed_copy)
+from common.models import layer_groups
+from common.rng import generator
+from common.runs import read_json, write_json
+from common.training import trained_run
+
+# ----------------------------------------------------------------------------- the run (shared keys)
+# The same names and defaults in all five scripts: together they identify the trained run.
+dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
+model = "resnet9"       # resnet9 | resnet50 | vit | cnn
+width = 0.25            # channel-width multiplier
+noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
+seed = 0                # data split and label noise
+model_seed = 0          # initialization, batch order, augmentation, dropout
+epochs = 20
+batch_size = 128
+lr = 0.05               # peak learning rate (SGD)
+schedule = "triangle"   # triangle (one-cycle) | cosine (linear warm-up, then cosine) | constant
+warmup = 0.25           # fraction of training spent warming up
+momentum = 0.9
+weight_decay = 5e-4
+augment = False         # random crop + flip (off in the paper's main runs)
+amp = True              # bf16 autocast on CUDA (ignored elsewhere)
+device = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+runs_dir = "runs"       # relative to the repository root
+download = True         # let torchvision download a missing dataset
+overwrite = False       # move aside a run directory trained with another configuration
+# ----------------------------------------------------------------------------- this experiment
+n_examples = 20         # target examples of each kind (noisy, clean): distinct, seeded, fitted by the model
+ref_batch = 31          # other training examples in each target's batch (fixed per target, seeded)
+unit = "channel"        # channel: a conv filter is one unit, other parameters per element | weight: every element
+max_units = 100         # give up after zeroing this many units (the example counts as not flipped)
+n_eot = 0               # robust gradient: average the logits over n_eot Gaussian-noised copies (0: off)
+eot_noise = 0.01        # that noise's norm as a fraction of each input's norm (the authors: 1%)
+collateral_n = 300      # collateral damage measured on this many clean, noisy and test examples (not targets)
+fast = True             # the fast exact path; False: the authors' plain loop (same answers, about 2x slower)
+n_show = 4              # examples of each kind shown in the examples figure
+# -----------------------------------------------------------------------------
+KNOBS = config.knobs(globals())
+config.range_check("n_examples", 1, None)
+config.range_check("ref_batch", 0, None)
+config.choice_check("unit", UNITS)
+config.range_check("max_units", 1, None)
+config.range_check("n_eot", 0, None)
+config.range_check("eot_noise", 0, None)
+config.range_check("collateral_n", 1, None)
+config.range_check("n_show", 0, None)
+# Results computed under the same settings are reused by an interrupted or extended run.
+SETTINGS = ("unit", "ref_batch", "max_units", "n_eot", "eot_noise", "collateral_n")
+
+
+def main(argv=()):
+    cfg = config.parse(KNOBS, argv)
+    model, data, run = trained_run(cfg)
+    model.eval()
+    units = Units(model, cfg.unit)
+    if cfg.max_units > len(units):
+        raise cli.UserError(f"max_units={cfg.max_units}, but the model has only {len(units)} units; "
+                            f"pass --max_units={len(units)} or less")
+
+    # Targets: distinct noisy and clean training examples whose training label the model predicts.
+    fits = predict(model, data, "train", amp=cfg.amp) == data.y_train
+    targets = pick_targets(data, fits, cfg.n_examples, cfg.seed)
+    sets = collateral_sets(data, targets, cfg.collateral_n, cfg.seed)
+    baseline = collateral(model, data, sets, cfg.amp)
+    print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean "
+          f"targets, batch of 1 + {cfg.ref_batch}; before any edit: clean {baseline['clean']:.3f}  "
+          f"noisy {baseline['noisy']:.3f}  test {baseline['test']:.3f}")
+
+    # Resume: records of an interrupted (or smaller) run with the same settings are kept.
+    settings = {k: getattr(cfg, k) for k in SETTINGS}
+    partial_path, final_path = run.path("neuron_flipping.partial.json"), run.path("neuron_flipping.json")
+    records = {}
+    for path in (final_path, partial_path):
+        if path.is_file():
+            saved = read_json(path)
+            if saved.get("settings") == settings:
+                records.update({r["index"]: r for r in saved.get("records", [])})
+    todo = [(i, kind) for i, kind in targets if i not in records]
+    if len(todo) < len(targets):
+        print(f"resuming: {len(targets) - len(todo)} examples already done")
+
+    # The greedy search, one target at a time; every finished example is saved at once.
+    flipper = Flipper(model, units) if cfg.fast else None
+    t_start = time.time()
+    for index, kind in tqdm(todo, desc="examples", disable=None):
+        t0 = time.time()
+        idx = torch.cat([torch.tensor([index]), reference_batch(data.n_train, index, cfg.ref_batch, cfg.seed)])
+        x, y = data.batch(idx), data.labels(idx)
+        gen = generator(cfg.seed, "neuron_flipping", "eot", index)
+        args = (x, y, cfg.max_units, cfg.n_eot, cfg.eot_noise, gen)
+        result = flipper.flip(*args) if cfg.fast else flip_sequential(model, units, *args)
+        records[index] = {
+            "index": index, "kind": kind, "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
+            "n_units": len(result.units), "flipped": result.flipped, "prediction": result.prediction,
+            "units": [units.describe(u) for u in result.units],
+            "collateral": collateral(zeroed_copy(model, units, result.units), data, sets, cfg.amp),
+            "seconds": round(time.time() - t0, 3)}
+        write_json(partial_path, {"settings": settings, "records": list(records.values())})
+
+    results = {"config": vars(cfg), "settings": settings, "n_units_total": len(units),
+               "groups": [g for g, _ in layer_groups(model)], "baseline": baseline,
+               "eval_sizes": {k: len(v) for k, v in sets.items()},
+               "summary": summarize([records[i] for i, _ in targets], baseline, cfg.max_units),
+               "seconds": round(time.time() - t_start, 2),
+               "exact_steps": [flipper.exact_steps, flipper.steps] if flipper else None,
+               "records": [records[i] for i, _ in targets]}
+    write_json(final_path, results)
+    if partial_path.is_file():
+        partial_path.unlink()
+
+    print_summary(results)
+    plot_summary(results, cfg, run.path("neuron_flipping.png"))
+    plot_examples(results, data, cfg, run.path("neuron_flipping_examples.png"))
+    print(f"wrote {final_path} and neuron_flipping{{,_examples}}.png ({results['seconds']:.0f} s)")
+    return results
+
+
+def print_summary(results):
+    s = results["summary"]
+    print(f"\n{'':<6} {'flipped':>8} {'units: median':>14} {'mean':>6} {'q1-q3':>8} {'layers/ex':>10} "
+          f"{'-> true label':>14}   accuracy drop: clean / noisy / test")
+    for kind in ("noisy", "clean"):
+        k = s[kind]
+        true = "" if k["to_true_label"] is None else f"{k['to_true_label']:.0%}"
+        drop = k["accuracy_drop"]
+        print(f"{kind:<6} {k['flipped']:>8.0%} {k['units_median']:>14g} {k['units_mean']:>6.1f} "
+              f"{k['units_q1']:>3g}-{k['units_q3']:<4g} {k['groups_per_example']:>10.1f} {true:>14}   "
+              f"{drop['clean']:+.3f} / {drop['noisy']:+.3f} / {drop['test']:+.3f}")
+
+
+def plot_summary(results, cfg, path):
+    """Units needed (CDF), where the zeroed units are (layer groups), and the collateral accuracy drop."""
+    records, s, groups = results["records"], results["summary"], results["groups"]
+    color = {"noisy": plots.COLORS["noisy"], "clean": plots.COLORS["clean"]}
+    fig, axes = plots.figure(f"Neuron flipping: units zeroed to flip a training prediction ({cfg.unit} units)",
+                             cfg, ncols=3, panel=(5.0, 3.9))
+    ax = axes[0, 0]
+    for kind in ("noisy", "clean"):
+        counts = sorted(r["n_units"] for r in records if r["kind"] == kind and r["flipped"])
+        n = sum(r["kind"] == kind for r in records)
+        cum = [100 * (i + 1) / n for i in range(len(counts))]
+        ax.step([0] + counts + [cfg.max_units], [0] + cum + [cum[-1] if cum else 0], where="post", color=color[kind],
+                label=f"{kind} (median {s[kind]['units_median']:g})")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel(f"units zeroed (cap {cfg.max_units})")
+    ax.set_ylabel("examples flipped (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("units needed to flip (CDF)", fontsize=10)
+
+    ax = axes[0, 1]
+    xs = list(range(len(groups)))
+    for j, kind in enumerate(("noisy", "clean")):
+        frac = s[kind]["group_fraction"]
+        ax.bar([x + (j - 0.5) * 0.4 for x in xs], [100 * frac.get(g, 0) for g in groups], 0.4, color=color[kind],
+               label=f"{kind} ({s[kind]['groups_per_example']:.1f} groups per example)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(groups, rotation=45, fontsize=8)
+    ax.set_xlabel("layer group (input -> output)")
+    ax.set_ylabel("zeroed units in this group (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title("where the zeroed units are", fontsize=10)
+
+    ax = axes[0, 2]
+    splits = ("clean", "noisy", "test")
+    for j, kind in enumerate(("noisy", "clean")):
+        drops = [[100 * (results["baseline"][k] - r["collateral"][k]) for r in records if r["kind"] == kind]
+                 for k in splits]
+        means = [sum(d) / len(d) for d in drops]
+        sd = [(sum((v - m) ** 2 for v in d) / max(1, len(d) - 1)) ** 0.5 for d, m in zip(drops, means)]
+        ax.bar([x + (j - 0.5) * 0.4 for x in range(3)], means, 0.4, yerr=sd, capsize=3, color=color[kind],
+               label=f"after flipping a {kind} example")
+    ax.set_xticks(range(3))
+    ax.set_xticklabels([plots.LABELS[k].replace(" (noisy label = memorized)", "\n(noisy label)") for k in splits],
+                       fontsize=8)
+    ax.set_xlabel("evaluated on (other examples)")
+    ax.set_ylabel("accuracy drop (percentage points, mean +- sd)")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title("collateral damage of the edit", fontsize=10)
+    return plots.save(fig, path)
+
+
+def plot_examples(results, data, cfg, path):
+    """A few targets of each kind: image, training label, true label, prediction after the edit."""
+    shown = [r for kind in ("noisy", "clean") for r in [r for r in results["records"] if r["kind"] == kind][:cfg.n_show]]
+    fig, axes = plots.figure("Neuron flipping: examples (train = training label, true = original label)", cfg,
+                             ncols=max(1, len(shown)), panel=(1.9, 2.3))
+    for ax, r in zip(axes.flat, shown):
+        img = data.x_train[r["index"]].cpu()
+        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray")
+        status = f"{r['n_units']} units" if r["flipped"] else f"not flipped\n({r['n_units']} units)"
+        ax.set_title(f"{r['kind']} #{r['index']}\ntrain {r['label']}, true {r['true_label']}\n"
+                     f"now {r['prediction']} ({status})", fontsize=8, color=plots.COLORS[r["kind"]])
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    axes[0, 0].set_xlabel("28 x 28 input" if data.image_size == 28 else "input image", fontsize=8)
+    axes[0, 0].set_ylabel("target example", fontsize=8)
+    fig.legend(handles=[Patch(color=plots.COLORS[k], label=f"{k} target") for k in ("noisy", "clean")],
+               loc="lower center", ncol=2, fontsize=8)
+    return plots.save(fig, path)
+
+
+if __name__ == "__main__":
+    cli.run(main)
