@@ -124,6 +124,10 @@ def _per_example(norm, count):
     return norm / count if count else None
 
 
+def _finite(v):
+    return None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN (e.g. noisy acc at noise 0)
+
+
 def epoch_table(rows):
     """One entry per accounted epoch: accuracies, example counts and, per group, the norms of the
     total / clean / noisy sums, the same per example (divided by the number of examples of that
@@ -140,7 +144,7 @@ def epoch_table(rows):
                          "per_example_clean": _per_example(a["norm_clean"][i], n_clean),
                          "per_example_noisy": _per_example(a["norm_noisy"][i], n_noisy),
                          "cosine": a["cosine"][i]}
-        table.append({"epoch": r["epoch"], **{k: r.get(k) for k in ("clean", "noisy", "noisy_true", "test", "loss")},
+        table.append({"epoch": r["epoch"], **{k: _finite(r.get(k)) for k in ("clean", "noisy", "noisy_true", "test", "loss")},
                       "n_clean": n_clean, "n_noisy": n_noisy, "groups": groups})
     return table
 

@@ -1,0 +1,181 @@
+"""gradient_accounting.py: the exact clean/noisy split, the unchanged optimizer trajectory, the outputs."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradient_accounting
+from common.accounting import KEY, GradientAccountant, accounted_prefix, memorization_phase
+from common.models import model_for
+from common.runs import Run, load_tensors, read_jsonl, write_jsonl
+from common.training import train_run
+from conftest import REPO
+
+
+def _losses(model, data, idx):
+    model.zero_grad(set_to_none=True)
+    return F.cross_entropy(model(data.batch(idx), index=idx), data.labels(idx), reduction="none")
+
+
+def _part_grads(model, data, idx, weights):
+    """An independent reference: the gradient of sum(weights * losses) / B by its own backward."""
+    losses = _losses(model, data, idx)
+    return torch.autograd.grad((losses * weights).sum() / len(idx), list(model.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("skip_pure", [True, False])
+def test_split_is_exact_and_grad_is_plain(make_cfg, mnist_small, skip_pure):
+    cfg = make_cfg()
+    model = model_for(cfg, mnist_small)
+    noisy = mnist_small.noisy
+    mixed = torch.arange(64)
+    assert 0 < int(noisy[mixed].sum()) < 64
+    # plain training's gradient, bit for bit
+    _losses(model, mnist_small, mixed).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    acct = GradientAccountant(model, noisy, skip_pure=skip_pure)
+    assert acct.params == list(model.parameters())  # every parameter is in some layer group
+    acct.backward(_losses(model, mnist_small, mixed), mixed)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
+    clean_ref = _part_grads(model, mnist_small, mixed, (~noisy[mixed]).float())
+    noisy_ref = _part_grads(model, mnist_small, mixed, noisy[mixed].float())
+    for t, c, g, cr, nr in zip(acct.total, acct.clean, plain, clean_ref, noisy_ref):
+        assert torch.equal(t, g)
+        assert torch.equal(c, cr)                       # the same computation: bitwise
+        assert torch.allclose(t - c, nr, rtol=1e-3, atol=1e-3 * g.abs().max())
+        assert torch.allclose(cr + nr, g, rtol=1e-3, atol=1e-3 * g.abs().max())  # the split is exact
+        assert not torch.equal(c, torch.zeros_like(c)) and not torch.equal(t - c, torch.zeros_like(c))
+    # the epoch's numbers are the norms and cosine of those sums, per layer group
+    out = acct.end_epoch(1)[KEY]
+    assert out["n_noisy"] == int(noisy[mixed].sum()) and out["n_clean"] + out["n_noisy"] == 64
+    params = list(model.parameters())
+    for gi, group in enumerate(acct.groups):
+        ids = acct.slices[gi]
+        c = torch.cat([clean_ref[i].flatten() for i in ids]).double()
+        n = torch.cat([noisy_ref[i].flatten() for i in ids]).double()
+        assert math.isclose(out["norm_clean"][gi], float(c.norm()), rel_tol=1e-6)
+        assert math.isclose(out["norm_noisy"][gi], float(n.norm()), rel_tol=1e-3)
+        assert math.isclose(out["norm_total"][gi], float(torch.cat([plain[i].flatten() for i in ids]).double().norm()),
+                            rel_tol=1e-9)
+        assert math.isclose(out["cosine"][gi], float(c @ n / (c.norm() * n.norm())), abs_tol=1e-3)
+    assert sum(acct.sizes) == sum(p.numel() for p in params)
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in acct.total + acct.clean)  # reset for the next epoch
+
+
+@pytest.mark.parametrize("skip_pure", [True, False])
+def test_batches_without_noisy_or_clean_examples(make_cfg, mnist_small, skip_pure):
+    model = model_for(make_cfg(), mnist_small)
+    noisy = mnist_small.noisy
+    acct = GradientAccountant(model, noisy, skip_pure=skip_pure)
+    for idx in (mnist_small.clean_idx[:32], mnist_small.noisy_idx[:32]):
+        acct.backward(_losses(model, mnist_small, idx), idx)
+        out = acct.end_epoch()[KEY]
+        assert all(math.isfinite(v) for k in ("norm_total", "norm_clean", "norm_noisy") for v in out[k])
+        all_noisy = bool(noisy[idx].all())
+        assert (out["n_clean"], out["n_noisy"]) == ((0, 32) if all_noisy else (32, 0))
+        pure, zero = ("norm_noisy", "norm_clean") if all_noisy else ("norm_clean", "norm_noisy")
+        for t, p, z in zip(out["norm_total"], out[pure], out[zero]):
+            assert t > 0 and math.isclose(p, t, rel_tol=1e-5) and z <= 1e-5 * t
+            if skip_pure:
+                assert z == 0 and p == t
+        if skip_pure:
+            assert out["cosine"] == [None] * len(acct.groups)
+
+
+def test_memorization_phase():
+    rows = [{"epoch": e, "noisy": v} for e, v in enumerate([0.1, 0.02, 0.0, 0.0, 0.3, 0.95, 1.0])]
+    assert memorization_phase(rows, 0.9) == {"epochs": [4, 5], "low": 3, "end": 5, "reached": True,
+                                             "noisy_low": 0.0, "noisy_end": 0.95}
+    phase = memorization_phase(rows[:5], 0.9)
+    assert phase["epochs"] == [4] and not phase["reached"]
+    assert memorization_phase([{"epoch": 0, "noisy": float("nan")}, {"epoch": 1, "noisy": float("nan")}])["epochs"] == []
+    assert accounted_prefix([{"epoch": 0}, {"epoch": 1, KEY: {}}, {"epoch": 2, KEY: {}}, {"epoch": 3},
+                             {"epoch": 4, KEY: {}}]) == 2
+
+
+def _states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ckpt_equal(x, y):
+    a, b = load_tensors(x), load_tensors(y)
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    return _states_equal(a["model"], b["model"]) and opt_a.keys() == opt_b.keys() and \
+        all(_states_equal(opt_a[k], opt_b[k]) for k in opt_a)
+
+
+def test_accounts_a_plain_run_bit_identically(tiny_trained, tiny_argv, tmp_path):
+    """A finished run trained without accounting is re-trained with it: every checkpoint is bitwise
+    the plain one (same optimizer trajectory), then the outputs are complete."""
+    cfg, _, data, plain = tiny_trained
+    runs = tmp_path / "copy"
+    shutil.copytree(plain.dir, runs / plain.dir.name)
+    results = gradient_accounting.main(tiny_argv(runs_dir=runs))
+    run = Run(cfg, directory=runs / plain.dir.name)
+    for e in range(cfg.epochs + 1):
+        assert _ckpt_equal(run.ckpt_path(e), plain.ckpt_path(e)), f"epoch {e} differs from plain training"
+    saved = json.loads(run.path("gradient_accounting.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    groups = results["groups"]
+    assert groups == ["conv1", "conv2", "conv3", "head"]
+    assert [t["epoch"] for t in results["epochs"]] == list(range(1, cfg.epochs + 1))
+    metrics = {r["epoch"]: r for r in read_jsonl(run.path("metrics.jsonl"))}
+    for t in results["epochs"]:
+        assert set(t["groups"]) == set(groups)
+        assert (t["n_clean"], t["n_noisy"]) == (512 - 51, 51)
+        assert t["noisy"] == metrics[t["epoch"]]["noisy"] and t["test"] == metrics[t["epoch"]]["test"]
+        for g in t["groups"].values():
+            assert -1 <= g["cosine"] <= 1 and g["norm_total"] > 0
+            assert math.isclose(g["per_example_noisy"], g["norm_noisy"] / 51)
+            # triangle inequality: the parts add up to the total
+            assert g["norm_total"] <= (g["norm_clean"] + g["norm_noisy"]) * (1 + 1e-6)
+    phase = results["memorization_phase"]
+    assert phase["reached"] and phase["epochs"] and set(results["summary"]) == set(groups)
+    for name in ("norms", "per_example", "cosine", "accuracy"):
+        assert run.path(f"gradient_accounting_{name}.png").stat().st_size > 10_000
+
+    # complete accounting: nothing is trained again, the outputs are rebuilt identically
+    mtime = run.ckpt_path(cfg.epochs).stat().st_mtime_ns
+    assert gradient_accounting.main(tiny_argv(runs_dir=runs)) == results
+    assert run.ckpt_path(cfg.epochs).stat().st_mtime_ns == mtime
+
+    # epochs 16.. trained later without accounting (e.g. by another script): only those are re-trained
+    rows = read_jsonl(run.path("metrics.jsonl"))
+    write_jsonl(run.path("metrics.jsonl"), [{k: v for k, v in r.items() if k != KEY or r["epoch"] <= 15} for r in rows])
+    before = {e: run.ckpt_path(e).stat().st_mtime_ns for e in (15, 16)}
+    again = gradient_accounting.main(tiny_argv(runs_dir=runs))
+    assert run.ckpt_path(15).stat().st_mtime_ns == before[15] and run.ckpt_path(16).stat().st_mtime_ns != before[16]
+    assert again == results  # bit-identical re-training gives the same numbers
+    assert _ckpt_equal(run.ckpt_path(cfg.epochs), plain.ckpt_path(cfg.epochs))
+
+
+def test_fresh_run_without_noise_matches_plain_training(tiny_argv, tiny_npz, tmp_path):
+    """Trains from scratch with accounting; noise=0 means every batch is clean: no NaN anywhere."""
+    argv = tiny_argv(runs_dir=tmp_path / "ours", noise=0.0, epochs=2)
+    results = gradient_accounting.main(argv)
+    cfg = gradient_accounting.config.parse(gradient_accounting.KNOBS, tiny_argv(runs_dir=tmp_path / "plain",
+                                                                                 noise=0.0, epochs=2))
+    _, _, plain = train_run(cfg, quiet=True)
+    ours = Run(cfg, directory=tmp_path / "ours" / plain.dir.name)
+    assert _ckpt_equal(ours.ckpt_path(2), plain.ckpt_path(2))
+    text = ours.path("gradient_accounting.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    for t in results["epochs"]:
+        assert t["n_noisy"] == 0
+        for g in t["groups"].values():
+            assert g["norm_noisy"] == 0 and g["cosine"] is None and g["per_example_noisy"] is None
+            assert g["norm_clean"] == g["norm_total"] > 0
+    assert results["memorization_phase"]["epochs"] == [] and results["summary"] == {}
+
+
+def test_bad_knob_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "gradient_accounting.py"), "--window=0",
+                           f"--runs_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "window=0 is outside [1, inf)" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
