@@ -1,10 +1,12 @@
 # make test       create .venv if missing, install requirements, run the test suite
+# make reproduce  all five experiments x 3 seeds on the embedded default, then reports/<name>/REPORT.md
+#                 (CONFIG=configs/<preset>.py for a paper setting; ARGS='--seeds=[0]' for more options)
 # make train      train the default run (embedded mnist_5k) with gradient accounting
 # make bench      the benchmarks in bench/ (ratios against a baseline run side by side)
 PY := .venv/bin/python
 CONFIG ?=
 
-.PHONY: test train bench venv
+.PHONY: test train bench venv reproduce
 venv: .venv/installed
 .venv/installed: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -13,6 +15,9 @@ venv: .venv/installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+reproduce: venv
+	$(PY) reproduce.py $(CONFIG) $(ARGS)
 
 train: venv
 	$(PY) gradient_accounting.py $(CONFIG)
