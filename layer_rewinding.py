@@ -13,7 +13,7 @@ import time
 from common import cli, config, plots
 from common.evaluation import accuracies
 from common.models import group_params
-from common.rewinding import (Rewinder, check_rewind_epochs, load_rewind_states, resolve_rewind_epochs, rewind_keys,
+from common.rewinding import (BN_MODES, Rewinder, check_rewind_epochs, load_rewind_states, resolve_rewind_epochs, rewind_keys,
                               rewind_sweep)
 from common.runs import write_json
 from common.training import trained_run
@@ -41,22 +41,27 @@ download = True         # let torchvision download a missing dataset
 overwrite = False       # move aside a run directory trained with another configuration
 # ----------------------------------------------------------------------------- this experiment
 rewind_epochs = None        # checkpoints to rewind to (0 = initialization); None = auto: 0, 10/25/50/75% of epochs, epochs-1
-rewind_bn_stats = True      # a rewound group also gets the checkpoint's BatchNorm running mean/var (+ num_batches_tracked);
-                            # False = parameters only, as the authors did (old weights normalized with final statistics)
+rewind_bn_stats = "recompute"  # BatchNorm statistics of the rewound group: recompute (re-estimated on the training
+                            # images for the network it now sits in) | checkpoint (the checkpoint's, with its weights) |
+                            # final (parameters only, as the authors did: old weights normalized with final statistics)
 critical_threshold = 0.5    # critical group: rewinding it alone to the earliest rewind epoch leaves noisy acc. (noisy label) below this
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())   # the constants above; overridden by config files and --key=value
 config.register_check("rewind_epochs", lambda v, cfg: check_rewind_epochs(v, cfg["epochs"]))
+config.choice_check("rewind_bn_stats", BN_MODES)
 config.range_check("critical_threshold", 0, 1)
 
 SUBSETS = ("clean", "noisy", "noisy_true", "test")
+BN_TEXT = {"recompute": "weights; BatchNorm statistics re-estimated on the training images",
+           "checkpoint": "weights and the checkpoint's BatchNorm statistics",
+           "final": "parameters only; the final model's BatchNorm statistics (the authors' way)"}
 
 
 def main(argv=()):
     cfg = config.parse(KNOBS, argv)
     model, data, run = trained_run(cfg)                       # the final model (trained first if missing)
     epochs = resolve_rewind_epochs(cfg.rewind_epochs, cfg.epochs)
-    keys = rewind_keys(model, cfg.rewind_bn_stats)            # per group: parameters (+ BatchNorm buffers)
+    keys = rewind_keys(model, cfg.rewind_bn_stats)            # per group: parameters (+ BatchNorm buffers unless "final")
     groups = list(keys)
     states = load_rewind_states(run, epochs, keys, model, data.device)   # each checkpoint read once
     rewinder = Rewinder(model, states, keys)
@@ -64,9 +69,9 @@ def main(argv=()):
 
     # The sweep: one model, one group's tensors swapped in and back per (group, epoch); the layers
     # before the group run once per batch, not once per rewind epoch.
-    t0 = time.time()
-    acc = rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp)
-    seconds = time.time() - t0
+    t0, cpu0 = time.time(), time.process_time()
+    acc = rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp, recompute_bn=cfg.rewind_bn_stats == "recompute")
+    seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     if rewinder.changed_keys():  # cheap insurance: every number below is about the final model plus one group
         raise RuntimeError(f"the final model was not restored after rewinding: {rewinder.changed_keys()[:3]}")
 
@@ -78,14 +83,15 @@ def main(argv=()):
 
     results = {
         "experiment": "layer_rewinding", "run": run.dir.name, "config": vars(cfg),
-        "rewind_bn_stats": cfg.rewind_bn_stats, "rewound_keys": keys,
+        "rewind_bn_stats": cfg.rewind_bn_stats, "bn_stats": BN_TEXT[cfg.rewind_bn_stats], "rewound_keys": keys,
         "groups": groups, "group_params": {g: sum(p.numel() for p in ps) for g, ps in group_params(model).items()},
         "rewind_epochs": epochs, "subsets": list(SUBSETS), "final": final,
         "accuracy": {g: {str(e): acc[g][e] for e in epochs} for g in groups},
         "critical": {"rule": f"noisy-example accuracy w.r.t. the noisy label after rewinding the group alone to "
                              f"epoch {first} < critical_threshold", "epoch": first,
                      "threshold": cfg.critical_threshold, "groups": critical},
-        "sweep_seconds": round(seconds, 2), "evaluations": len(groups) * len(epochs),
+        "sweep_seconds": round(seconds, 2), "sweep_cpu_seconds": round(cpu_seconds, 2),
+        "evaluations": len(groups) * len(epochs),
     }
     write_json(run.path("layer_rewinding.json"), results)
     plot_by_depth(cfg, groups, epochs, acc, final, run.path("layer_rewinding_depth.png"))
@@ -96,7 +102,7 @@ def main(argv=()):
 
 def print_table(run, cfg, groups, epochs, acc, final, critical, seconds):
     first = epochs[0]
-    bn = "weights + BatchNorm statistics" if cfg.rewind_bn_stats else "parameters only (final BatchNorm statistics)"
+    bn = BN_TEXT[cfg.rewind_bn_stats]
     print(f"\nlayer rewinding of {run.dir.name}: {len(groups)} groups x {len(epochs)} rewind epochs in {seconds:.1f} s; "
           f"rewound: {bn}")
     print(f"accuracy (%) with one group rewound to epoch {first}" + (" (initialization)" if first == 0 else "")
@@ -118,7 +124,8 @@ def epoch_label(e):
 
 def plot_by_depth(cfg, groups, epochs, acc, final, path):
     """The paper's view: x = layer depth, one line per rewind epoch, one panel per subset."""
-    fig, axes = plots.figure("Layer rewinding: accuracy with one layer group rewound to an earlier checkpoint", cfg,
+    fig, axes = plots.figure(f"Layer rewinding: accuracy with one layer group rewound to an earlier checkpoint "
+                             f"(BatchNorm statistics: {cfg.rewind_bn_stats})", cfg,
                              ncols=len(SUBSETS), panel=(4.6, 4.0))
     cmap = plots.plt.get_cmap("viridis")
     x = range(1, len(groups) + 1)
@@ -135,15 +142,16 @@ def plot_by_depth(cfg, groups, epochs, acc, final, path):
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    axes[0][1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][1].get_legend_handles_labels()  # the noisy panel has every line
+    axes[0][-1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
     return plots.save(fig, path)
 
 
 def plot_heatmap(cfg, groups, epochs, acc, final, critical, first, path):
     """Noisy-example accuracy (noisy label) per group x rewind epoch; critical groups boxed in red."""
     from matplotlib.patches import Patch, Rectangle
-    fig, axes = plots.figure("Layer rewinding: is memorization still there? (noisy train accuracy, noisy label)", cfg,
+    fig, axes = plots.figure(f"Layer rewinding: is memorization still there? (noisy train accuracy, noisy label; "
+                             f"BatchNorm statistics: {cfg.rewind_bn_stats})", cfg,
                              panel=(1.1 * len(epochs) + 3.5, 0.45 * len(groups) + 1.6))
     ax = axes[0][0]
     grid = [[100 * acc[g][e]["noisy"] for e in epochs] for g in groups]
@@ -162,7 +170,7 @@ def plot_heatmap(cfg, groups, epochs, acc, final, critical, first, path):
     fig.colorbar(im, ax=ax, label=f"noisy train accuracy (%); final model {100 * final['noisy']:.0f}%")
     ax.legend(handles=[Patch(fill=False, ec="tab:red", lw=2.5,
                              label=f"critical: < {cfg.critical_threshold:.0%} after rewinding to epoch {first}")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, frameon=False)
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
     return plots.save(fig, path)
 
 

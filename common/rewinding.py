@@ -12,16 +12,23 @@ computed once with the final weights, and only the rest of the network runs per 
 same modules on the same tensors as `model(x)`, hence the same predictions as
 common.evaluation.predict, with about 1.6x fewer FLOPs on ResNet-9 (bench/bench_layer_rewinding.py).
 
+BatchNorm statistics of the rewound group (BN_MODES): `recompute` re-estimates them on the training
+images for the network the rewound group now sits in (final layers before it); `checkpoint` takes the
+checkpoint's, with its weights; `final` keeps the final model's (parameters only, as the authors did).
+
 Epoch 0 is the checkpoint saved at initialization; epoch e the one saved after e epochs.
 """
 import contextlib
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .cli import UserError
 from .evaluation import autocast, split_accuracy
-from .models import group_keys
+from .models import group_keys, layer_groups
+
+BN_MODES = ("recompute", "checkpoint", "final")
 
 # Fractions of training at which the automatic rewind points sit (besides 0 and the last-but-one).
 AUTO_FRACTIONS = (0.1, 0.25, 0.5, 0.75)
@@ -57,11 +64,11 @@ def resolve_rewind_epochs(value, epochs):
     return auto_rewind_epochs(epochs) if value is None else sorted(set(value))
 
 
-def rewind_keys(model, bn_stats=True):
-    """Ordered {group: [state_dict keys a rewind replaces]}: the group's parameters and, when
-    `bn_stats`, its buffers too (BatchNorm running_mean, running_var, num_batches_tracked)."""
+def rewind_keys(model, bn_stats="recompute"):
+    """Ordered {group: [state_dict keys a rewind replaces]}: the group's parameters and, unless
+    bn_stats == "final", its buffers too (BatchNorm running_mean, running_var, num_batches_tracked)."""
     params = {name for name, _ in model.named_parameters()}
-    return {g: [k for k in keys if bn_stats or k in params] for g, keys in group_keys(model).items()}
+    return {g: [k for k in keys if bn_stats != "final" or k in params] for g, keys in group_keys(model).items()}
 
 
 def _epoch_list(epochs):
@@ -106,14 +113,21 @@ class Rewinder:
         self.final = {k: t.detach().clone() for k, t in self.live.items()}
 
     @contextlib.contextmanager
-    def rewound(self, group, epoch):
-        """Within the block, `group` holds checkpoint `epoch`'s tensors; the final ones are restored on exit."""
+    def rewound(self, group, epoch, keep=False):
+        """Within the block, `group` holds checkpoint `epoch`'s tensors; the final ones are restored on exit.
+
+        `keep`: first copy the group's tensors back into the stored state of `epoch` (statistics
+        accumulated inside the block persist to the next rewind)."""
         keys = self.keys[group]
         try:
             with torch.no_grad():
                 for k in keys:
                     self.live[k].copy_(self.states[epoch][k])
             yield self.model
+            if keep:
+                with torch.no_grad():
+                    for k in keys:
+                        self.states[epoch][k].copy_(self.live[k])
         finally:
             with torch.no_grad():
                 for k in keys:
@@ -131,22 +145,72 @@ def _set_index(model, index):
             m.index = index
 
 
+def _batches(data, split, batch_size):
+    n = data.n_train if split == "train" else len(data.x_test)
+    return torch.arange(n, device=data.device).split(batch_size)
+
+
 @torch.no_grad()
-def rewind_sweep(model, data, rewinder, epochs, groups=None, amp=True, batch_size=1024):
+def recompute_bn_stats(model, data, rewinder, group, epochs, amp=True, batch_size=1024):
+    """Re-estimate the BatchNorm statistics of `group` rewound to each epoch, in place of the
+    checkpoint's (stored into rewinder.states, which must hold the group's buffers).
+
+    The statistics are those of the training images as they reach the rewound group through the
+    final layers before it: PyTorch's cumulative average over batches (momentum=None, as
+    torch.optim.swa_utils.update_bn), the group's BatchNorm layers in train mode, everything else in
+    eval mode. Label-free. Per batch the layers before the group's top-level block run once for all
+    epochs. Returns the number of BatchNorm layers updated (0: nothing to do, e.g. a linear head)."""
+    bns = [m for m in dict(layer_groups(model))[group].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    k = list(model.layers._modules).index(group.split(".")[0])  # group names are paths under model.layers
+    prefix, block = model.layers[:k], model.layers[k]
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    try:
+        for m in bns:
+            m.momentum = None  # cumulative average over all batches, not an exponential one
+        for e in epochs:  # fresh accumulators in each epoch's stored state
+            with rewinder.rewound(group, e, keep=True):
+                for m in bns:
+                    m.reset_running_stats()
+        for idx in _batches(data, "train", batch_size):
+            _set_index(model, idx)
+            with autocast(data.device, amp):
+                h = prefix(data.batch(idx))
+                for e in epochs:
+                    with rewinder.rewound(group, e, keep=True):
+                        for m in bns:
+                            m.train()
+                        block(h.clone())  # only the statistics matter; the layers after the block are not needed
+                        for m in bns:
+                            m.eval()
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+            m.eval()
+    return len(bns)
+
+
+@torch.no_grad()
+def rewind_sweep(model, data, rewinder, epochs, groups=None, amp=True, batch_size=1024, recompute_bn=False):
     """{group: {epoch: split_accuracy}} with each group rewound alone to each epoch (eval mode).
 
     Per group and batch, the layers before the group's top-level block run once (final weights);
-    the block and everything after it run once per rewind epoch. The model is left final."""
+    the block and everything after it run once per rewind epoch. `recompute_bn`: first
+    re-estimate the group's BatchNorm statistics (recompute_bn_stats). The model is left final."""
     names = list(model.layers._modules)
     was_training = model.training
-    model.eval()
     out = {}
     for group in tqdm(list(groups or rewinder.keys), desc="rewind groups", disable=None):
-        k = names.index(group.split(".")[0])  # group names are paths under model.layers
+        if recompute_bn:
+            recompute_bn_stats(model, data, rewinder, group, epochs, amp, batch_size)
+        model.eval()
+        k = names.index(group.split(".")[0])
         prefix, suffix = model.layers[:k], model.layers[k:]
         preds = {(split, e): [] for split in ("train", "test") for e in epochs}
-        for split, n in (("train", data.n_train), ("test", len(data.x_test))):
-            for idx in torch.arange(n, device=data.device).split(batch_size):
+        for split in ("train", "test"):
+            for idx in _batches(data, split, batch_size):
                 _set_index(model, idx if split == "train" else None)
                 with autocast(data.device, amp):
                     h = prefix(data.batch(idx, split))

@@ -10,7 +10,7 @@ import torch
 import layer_rewinding
 from common.cli import UserError
 from common.evaluation import accuracies, predict
-from common.models import group_keys
+from common.models import group_keys, layer_groups
 from common.rewinding import (Rewinder, auto_rewind_epochs, load_rewind_states, resolve_rewind_epochs, rewind_keys,
                               rewind_sweep)
 from conftest import REPO
@@ -35,7 +35,7 @@ def test_auto_rewind_epochs_adapt_to_length():
 
 def test_only_the_group_changes_and_is_restored(tiny_trained):
     cfg, model, data, run = tiny_trained
-    keys = rewind_keys(model, bn_stats=True)
+    keys = rewind_keys(model, bn_stats="checkpoint")
     assert keys == group_keys(model)  # BatchNorm buffers (incl. num_batches_tracked) rewound with the weights
     states = load_rewind_states(run, [0, 5], keys, model, data.device)
     rewinder = Rewinder(model, states, keys)
@@ -55,7 +55,7 @@ def test_only_the_group_changes_and_is_restored(tiny_trained):
 
 def test_parameters_only_keeps_final_bn_statistics(tiny_trained):
     cfg, model, data, run = tiny_trained
-    keys = rewind_keys(model, bn_stats=False)
+    keys = rewind_keys(model, bn_stats="final")
     params = {n for n, _ in model.named_parameters()}
     assert all(k in params for ks in keys.values() for k in ks)
     buffers = [k for k in group_keys(model)["conv1"] if k not in params]
@@ -69,7 +69,7 @@ def test_parameters_only_keeps_final_bn_statistics(tiny_trained):
 
 def test_rewinding_to_the_final_epoch_reproduces_the_final_model_exactly(tiny_trained):
     cfg, model, data, run = tiny_trained
-    keys = rewind_keys(model)
+    keys = rewind_keys(model, "checkpoint")
     rewinder = Rewinder(model, load_rewind_states(run, [cfg.epochs], keys, model, data.device), keys)
     final, final_pred = accuracies(model, data), predict(model, data, "train")
     acc = rewind_sweep(model, data, rewinder, [cfg.epochs])
@@ -83,7 +83,7 @@ def test_rewinding_to_the_final_epoch_reproduces_the_final_model_exactly(tiny_tr
 def test_sweep_matches_a_full_forward_per_rewind(tiny_trained):
     """Reusing the layers before the group gives the same predictions as model(x) with the group rewound."""
     cfg, model, data, run = tiny_trained
-    keys = rewind_keys(model)
+    keys = rewind_keys(model, "checkpoint")
     epochs = [0, 3]
     rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
     acc = rewind_sweep(model, data, rewinder, epochs)
@@ -101,7 +101,7 @@ def test_main_writes_json_plots_and_table(tiny_copy, tiny_argv, capsys):
     saved = json.loads((run_dir / "layer_rewinding.json").read_text())
     assert saved["rewind_epochs"] == [0, 2, 5, 10, 15, 19] == out["rewind_epochs"]
     assert saved["groups"] == ["conv1", "conv2", "conv3", "head"]
-    assert saved["final"]["noisy"] == 1.0 and saved["rewind_bn_stats"] is True
+    assert saved["final"]["noisy"] == 1.0 and saved["rewind_bn_stats"] == "recompute"
     for g in saved["groups"]:
         for e in saved["rewind_epochs"]:
             assert set(saved["accuracy"][g][str(e)]) >= {"clean", "noisy", "noisy_true", "test"}
@@ -151,3 +151,46 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         "error: rewind_epochs has 25, not an epoch in 0..19 (0 = initialization, 19 = last-but-one of epochs=20); "
         "e.g. --rewind_epochs=[0,2,5,10,15,19]"]
     assert not any(tmp_path.iterdir())
+
+
+def _batchnorms(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_recomputed_bn_statistics_match_a_direct_estimate(tiny_trained):
+    """recompute: the group's BatchNorm statistics re-estimated on the training images through the
+    final earlier layers equal a plain estimate with full forwards (momentum=None, the group's BN in train mode)."""
+    cfg, model, data, run = tiny_trained
+    epochs = [0, 3]
+    keys = rewind_keys(model, "recompute")
+    assert keys == group_keys(model)
+    rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
+    acc = rewind_sweep(model, data, rewinder, epochs, recompute_bn=True)
+    assert rewinder.changed_keys() == []
+    reference = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
+    groups = dict(layer_groups(model))
+    for group in keys:
+        for e in epochs:
+            with reference.rewound(group, e):
+                bns = _batchnorms(groups[group])
+                model.eval()
+                for m in bns:
+                    m.reset_running_stats()
+                    m.momentum = None
+                    m.train()
+                with torch.no_grad():
+                    for idx in torch.arange(data.n_train).split(1024):
+                        model(data.batch(idx), index=idx)
+                for m in bns:
+                    m.momentum = 0.1
+                    m.eval()
+                buffers = [k for k in keys[group] if k.rsplit(".", 1)[1] in ("running_mean", "running_var")]
+                assert len(buffers) == 2 * len(bns)
+                for k in buffers:  # the sweep stored its estimate in place of the checkpoint's statistics
+                    assert torch.equal(rewinder.states[e][k], model.state_dict()[k]), (group, e, k)
+                    assert not torch.equal(rewinder.states[e][k], reference.states[e][k]), (group, e, k)
+                assert acc[group][e] == accuracies(model, data), (group, e)
+    assert all(m.momentum == 0.1 and not m.training for m in _batchnorms(model))
+    plain = rewind_sweep(model, data, Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys),
+                         epochs, groups=["head"])
+    assert plain["head"] == acc["head"]  # no BatchNorm in the head: nothing to recompute
