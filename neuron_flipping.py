@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from common import cli, config, plots
 from common.evaluation import predict
-from common.flipping import (UNITS, Flipper, Units, collateral, collateral_sets, flip_sequential, pick_targets,
+from common.flipping import (UNITS, Collateral, Flipper, Units, collateral_sets, flip_sequential, pick_targets,
                              reference_batch, summarize, zeroed_copy)
 from common.models import layer_groups
 from common.rng import generator
@@ -52,7 +52,7 @@ unit = "channel"        # channel: a conv filter is one unit, other parameters p
 max_units = 100         # give up after zeroing this many units (the example counts as not flipped)
 n_eot = 0               # robust gradient: average the logits over n_eot Gaussian-noised copies (0: off)
 eot_noise = 0.01        # that noise's norm as a fraction of each input's norm (the authors: 1%)
-collateral_n = 300      # collateral damage measured on this many clean, noisy and test examples (not targets)
+collateral_n = 300      # collateral damage measured on this many clean, noisy and test examples (0: all; no targets)
 fast = True             # the fast exact path; False: the authors' plain loop (same answers, about 2x slower)
 n_show = 4              # examples of each kind shown in the examples figure
 # -----------------------------------------------------------------------------
@@ -63,7 +63,7 @@ config.choice_check("unit", UNITS)
 config.range_check("max_units", 1, None)
 config.range_check("n_eot", 0, None)
 config.range_check("eot_noise", 0, None)
-config.range_check("collateral_n", 1, None)
+config.range_check("collateral_n", 0, None)
 config.range_check("n_show", 0, None)
 # Results computed under the same settings are reused by an interrupted or extended run.
 SETTINGS = ("unit", "ref_batch", "max_units", "n_eot", "eot_noise", "collateral_n")
@@ -81,8 +81,8 @@ def main(argv=()):
     # Targets: distinct noisy and clean training examples whose training label the model predicts.
     fits = predict(model, data, "train", amp=cfg.amp) == data.y_train
     targets = pick_targets(data, fits, cfg.n_examples, cfg.seed)
-    sets = collateral_sets(data, targets, cfg.collateral_n, cfg.seed)
-    baseline = collateral(model, data, sets, cfg.amp)
+    collateral = Collateral(model, data, collateral_sets(data, cfg.collateral_n, cfg.seed), amp=cfg.amp)
+    baseline = collateral.accuracies(collateral.before)
     print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean "
           f"targets, batch of 1 + {cfg.ref_batch}; before any edit: clean {baseline['clean']:.3f}  "
           f"noisy {baseline['noisy']:.3f}  test {baseline['test']:.3f}")
@@ -110,17 +110,19 @@ def main(argv=()):
         gen = generator(cfg.seed, "neuron_flipping", "eot", index)
         args = (x, y, cfg.max_units, cfg.n_eot, cfg.eot_noise, gen)
         result = flipper.flip(*args) if cfg.fast else flip_sequential(model, units, *args)
+        edited = zeroed_copy(model, units, result.units)  # the edit runs from its first changed layer
+        after, drop = collateral(edited, min(map(units.top_layer, result.units), default=len(model.layers)), index)
         records[index] = {
             "index": index, "kind": kind, "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
             "n_units": len(result.units), "flipped": result.flipped, "prediction": result.prediction,
             "units": [units.describe(u) for u in result.units],
-            "collateral": collateral(zeroed_copy(model, units, result.units), data, sets, cfg.amp),
+            "accuracy_after": after, "accuracy_drop": drop,  # on the evaluation sets, this example left out
             "seconds": round(time.time() - t0, 3)}
         write_json(partial_path, {"settings": settings, "records": list(records.values())})
 
     results = {"config": vars(cfg), "settings": settings, "n_units_total": len(units),
                "groups": [g for g, _ in layer_groups(model)], "baseline": baseline,
-               "eval_sizes": {k: len(v) for k, v in sets.items()},
+               "eval_sizes": {k: len(v) for k, v in collateral.sets.items()},
                "summary": summarize([records[i] for i, _ in targets], baseline, cfg.max_units),
                "seconds": round(time.time() - t_start, 2),
                "exact_steps": [flipper.exact_steps, flipper.steps] if flipper else None,
@@ -187,7 +189,7 @@ def plot_summary(results, cfg, path):
     ax = axes[0, 2]
     splits = ("clean", "noisy", "test")
     for j, kind in enumerate(("noisy", "clean")):
-        drops = [[100 * (results["baseline"][k] - r["collateral"][k]) for r in records if r["kind"] == kind]
+        drops = [[100 * r["accuracy_drop"][k] for r in records if r["kind"] == kind]
                  for k in splits]
         means = [sum(d) / len(d) for d in drops]
         sd = [(sum((v - m) ** 2 for v in d) / max(1, len(d) - 1)) ** 0.5 for d, m in zip(drops, means)]

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cli import UserError
-from .evaluation import predict
+from .evaluation import autocast
 from .models import layer_groups
 from .rng import generator
 
@@ -75,6 +75,8 @@ class Units:
                 offset += count
         self.n = offset
         self.offsets = [e.offset for e in self.entries]
+        top = [name for name, _ in model.layers.named_children()]
+        self.top_layers = [top.index(e.group.split(".")[0]) for e in self.entries]  # position in model.layers
         covered = sum(torch.Size(e.shape).numel() for e in self.entries)
         assert covered == sum(p.numel() for p in model.parameters()), "a parameter lies outside every layer group"
 
@@ -83,6 +85,10 @@ class Units:
 
     def entry_index(self, u):
         return bisect.bisect_right(self.offsets, u) - 1
+
+    def top_layer(self, u):
+        """Position in model.layers of the top-level layer that holds unit u."""
+        return self.top_layers[self.entry_index(u)]
 
     def locate(self, u):
         """(entry, index into the parameter: (c,) for a filter, the element's indices otherwise)."""
@@ -209,8 +215,6 @@ class Flipper:
         for p in self.exact.parameters():
             p.requires_grad_(True)
         self.layers = list(self.model.layers.children())
-        top = [name for name, _ in self.model.layers.named_children()]
-        self.layer_of = [top.index(e.group.split(".")[0]) for e in units.entries]  # top-level layer of each entry
         self.params = {}  # entry index -> parameter, for the entries scored from their gradient
         self.convs = {}   # entry index -> conv module, for the filters (scored from the conv output)
         for i, e in enumerate(units.entries):
@@ -285,7 +289,7 @@ class Flipper:
                     self.exact_steps += 1
                 self.units.zero_(self.model, u)
                 zeroed.append(u)
-                start = self.layer_of[self.units.entry_index(u)]  # the layers before it are unchanged
+                start = self.units.top_layer(u)  # the layers before it are unchanged
         finally:
             self.capture, self.outs = False, {}
 
@@ -315,34 +319,92 @@ def reference_batch(n_train, target, size, seed):
     return others + (others >= target).long()  # skip the target's own index
 
 
-def collateral_sets(data, targets, n, seed):
-    """Fixed seeded evaluation sets for the collateral damage, the targets left out: up to n clean and
-    n noisy training examples, and up to n test examples."""
-    taken = torch.zeros(data.n_train, dtype=torch.bool)
-    taken[[i for i, _ in targets]] = True
+def collateral_sets(data, n, seed):
+    """Fixed seeded evaluation sets for the collateral damage: n clean and n noisy training examples and
+    n test examples (fewer where fewer exist; n = 0: all of them)."""
     sets = {}
     for kind, mask in (("clean", ~data.noisy.cpu()), ("noisy", data.noisy.cpu())):
-        pool = torch.nonzero(mask & ~taken).flatten()
-        sets[kind] = pool[torch.randperm(len(pool), generator=generator(seed, "neuron_flipping", "eval", kind))[:n]]
-    n_test = len(data.x_test)
-    sets["test"] = torch.randperm(n_test, generator=generator(seed, "neuron_flipping", "eval", "test"))[:n]
+        pool = torch.nonzero(mask).flatten()
+        order = torch.randperm(len(pool), generator=generator(seed, "neuron_flipping", "eval", kind))
+        sets[kind] = torch.sort(pool[order[:n or None]]).values
+    order = torch.randperm(len(data.x_test), generator=generator(seed, "neuron_flipping", "eval", "test"))
+    sets["test"] = torch.sort(order[:n or None]).values
     return sets
 
 
-def collateral(model, data, sets, amp=True):
-    """Accuracy on the evaluation sets: clean, noisy (noisy label), noisy_true (true label), test."""
-    def mean(hits):
-        return float(hits.float().mean()) if len(hits) else float("nan")
-    out = {}
-    for kind in ("clean", "noisy"):
-        idx = sets[kind].to(data.device)
-        pred = predict(model, data, "train", idx, amp=amp)
-        out[kind] = mean(pred == data.y_train[idx])
-        if kind == "noisy":
-            out["noisy_true"] = mean(pred == data.y_true[idx])
-    idx = sets["test"].to(data.device)
-    out["test"] = mean(predict(model, data, "test", idx, amp=amp) == data.y_test[idx])
-    return out
+class Collateral:
+    """What an edit costs the other examples: accuracy on fixed evaluation sets (clean, noisy w.r.t.
+    the noisy label, noisy_true w.r.t. the true label, test) after the edit, and the drop from before
+    it, the edited example itself left out. An edit changes nothing before the top-level layer of its
+    first zeroed unit, so the unedited model's layer outputs on the evaluation sets are cached once
+    (the last layers first, within `budget` bytes) and an edited model runs only from there."""
+
+    def __init__(self, model, data, sets, budget=512 * 2 ** 20, batch_size=1024, amp=True):
+        self.data, self.sets, self.batch_size, self.amp = data, sets, batch_size, amp
+        self.train_idx = torch.cat([sets["clean"], sets["noisy"]]).to(data.device)
+        self.test_idx = sets["test"].to(data.device)
+        self.n_clean = len(sets["clean"])
+        layers = list(model.eval().layers.children())
+        n = len(self.train_idx) + len(self.test_idx)
+        with torch.no_grad():
+            h, sizes = next(self._inputs())[:1], []  # bytes per example of each layer's output
+            for layer in layers:
+                h = layer(h)
+                sizes.append(h.numel() * h.element_size() * n)
+            self.cache, used = {}, 0  # layer position k -> the output of layer k, in chunks
+            for k in reversed(range(len(layers))):
+                if used + sizes[k] > budget:
+                    break
+                used, self.cache[k] = used + sizes[k], []
+            preds = []
+            for h in self._inputs():
+                with autocast(data.device, amp):
+                    for k, layer in enumerate(layers):
+                        h = layer(h)
+                        if k in self.cache:
+                            self.cache[k].append(h)
+                preds.append(h.argmax(1))
+        self.before = torch.cat(preds)
+
+    def _inputs(self):
+        for split, idx in (("train", self.train_idx), ("test", self.test_idx)):
+            for chunk in idx.split(self.batch_size):
+                yield self.data.batch(chunk, split)
+
+    def predict(self, model, first_layer=0):
+        """Predictions of `model` on the sets; it equals the unedited model before layer `first_layer`."""
+        start = max([k + 1 for k in self.cache if k < first_layer], default=0)
+        chunks = self.cache[start - 1] if start else self._inputs()
+        layers = list(model.eval().layers.children())[start:]
+        preds = []
+        with torch.no_grad():
+            for h in chunks:
+                with autocast(self.data.device, self.amp):
+                    for layer in layers:
+                        h = layer(h)
+                preds.append(h.argmax(1))
+        return torch.cat(preds)
+
+    def accuracies(self, pred, exclude=None):
+        """{clean, noisy, noisy_true, test} accuracy of predictions on the sets, training example `exclude` left out."""
+        keep = self.train_idx != (-1 if exclude is None else exclude)
+        n_train = len(self.train_idx)
+        hit = (pred[:n_train] == self.data.y_train[self.train_idx]) & keep
+        true_hit = (pred[:n_train] == self.data.y_true[self.train_idx]) & keep
+        clean, noisy = slice(0, self.n_clean), slice(self.n_clean, n_train)
+
+        def rate(hits, where):
+            n = int(keep[where].sum())
+            return float(hits[where].sum()) / n if n else float("nan")
+        test = pred[n_train:] == self.data.y_test[self.test_idx]
+        return {"clean": rate(hit, clean), "noisy": rate(hit, noisy), "noisy_true": rate(true_hit, noisy),
+                "test": float(test.float().mean()) if len(test) else float("nan")}
+
+    def __call__(self, model, first_layer=0, exclude=None):
+        """(accuracies after the edit, drop from before it), the edited training example `exclude` left out."""
+        after = self.accuracies(self.predict(model, first_layer), exclude)
+        before = self.accuracies(self.before, exclude)
+        return after, {k: before[k] - after[k] for k in after}
 
 
 def summarize(records, baseline, max_units):
@@ -369,6 +431,6 @@ def summarize(records, baseline, max_units):
             if flipped and kind == "noisy" else None,  # a flipped noisy example back at its true label
             "groups_per_example": statistics.fmean(len({u["group"] for u in r["units"]}) for r in rs),
             "group_fraction": {g: c / total for g, c in groups.items()} if total else {},
-            "accuracy_drop": {k: statistics.fmean(baseline[k] - r["collateral"][k] for r in rs) for k in baseline},
+            "accuracy_drop": {k: statistics.fmean(r["accuracy_drop"][k] for r in rs) for k in baseline},
         }
     return out
