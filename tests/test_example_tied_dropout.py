@@ -1,0 +1,217 @@
+"""Example-tied dropout: the masks, the modes, the wiring, and a real short run of the script."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.cli import UserError
+from common.dropout import (MODES, ExampleTiedDropout, StandardDropout, etd_factory, etd_modules, hash32,
+                            mask_memory, matched_rate, mode, set_mode)
+from common.models import MODELS, build_model, group_keys, layer_groups
+from conftest import REPO
+
+
+def etd(channels=64, p_gen=0.4, p_mem=0.2, seed=0, layer="conv1", **kw):
+    return ExampleTiedDropout(channels, p_gen, p_mem, seed, layer, **kw)
+
+
+def forward_ones(m, index, shape=(8, 8)):
+    """The module's multipliers: its output on an all-ones input, per (example, channel)."""
+    m.index = None if index is None else torch.as_tensor(index)
+    n = 1 if index is None else len(m.index)
+    return m(torch.ones(n, m.channels, *shape))[:, :, 0, 0]
+
+
+# ----------------------------------------------------------------------------- masks
+
+def test_hash_is_exact_32_bit_arithmetic():
+    """The int64 implementation equals the same mixer in Python's unbounded integers (no overflow)."""
+    def ref(x):
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        return x ^ (x >> 15)
+    xs = [0, 1, 2, 12345, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF]
+    assert hash32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
+    assert len(set(hash32(torch.arange(100000)).tolist())) == 100000  # a bijection
+
+
+def test_same_index_same_mask_across_batches_epochs_and_rebuilds():
+    m = etd()
+    m.train()
+    a = forward_ones(m, [3, 7, 9, 4000])
+    b = forward_ones(m, [7])                       # another batch, another position
+    c = forward_ones(m, [4000, 9, 3, 7])           # another order ("next epoch")
+    assert torch.equal(a[1], b[0]) and torch.equal(a[0], c[2]) and torch.equal(a[3], c[0])
+    rebuilt = etd()                                # a fresh module from the same (seed, layer): same masks
+    rebuilt.train()
+    assert torch.equal(forward_ones(rebuilt, [3, 7, 9, 4000]), a)
+    m.eval(), set_mode(m, "tied")
+    assert torch.equal(forward_ones(m, [3, 7, 9, 4000]), a)  # tied evaluation = the training masks
+
+
+def test_different_indices_layers_seeds_give_different_masks():
+    m = etd(channels=256)
+    masks = m.memorization_mask(torch.arange(4000))
+    assert masks.shape == (4000, 256 - 102)
+    assert len({bytes(r.numpy()) for r in masks.to(torch.uint8)}) == 4000   # every example its own subset
+    assert abs(float(masks.float().mean()) - 0.2) < 0.005                    # each channel kept with p_mem
+    per_channel = masks.float().mean(0)
+    assert float(per_channel.min()) > 0.15 and float(per_channel.max()) < 0.25  # no channel favoured
+    other_layer = etd(channels=256, layer="conv2").memorization_mask(torch.arange(4000))
+    other_seed = etd(channels=256, seed=1).memorization_mask(torch.arange(4000))
+    for other in (other_layer, other_seed):  # independent: agreement ~ p^2 + (1-p)^2 = 0.68
+        assert abs(float((other == masks).float().mean()) - 0.68) < 0.01
+
+
+def test_generalization_channels_always_on_and_modes():
+    m = etd(channels=50, p_gen=0.3, p_mem=0.25)
+    assert m.n_gen == 15 and etd(channels=100, p_gen=0.29).n_gen == 29  # floor, robust to 0.29 * 100 = 28.999..
+    idx = torch.arange(1000)
+    m.train()
+    train = forward_ones(m, idx)
+    assert bool((train[:, :15] == 1).all())
+    assert set(train[:, 15:].unique().tolist()) == {0.0, 1.0}
+    m.eval()
+    with mode(m, "keep"):
+        keep = forward_ones(m, None)[0]
+    assert bool((keep[:15] == 1).all()) and torch.allclose(keep[15:], torch.full((35,), 0.25))
+    with mode(m, "drop"):
+        drop = forward_ones(m, None)[0]
+    assert bool((drop[:15] == 1).all()) and bool((drop[15:] == 0).all())  # exactly the memorization channels
+    rescaled = etd(channels=50, p_gen=0.3, p_mem=0.25, drop_rescale=True)
+    rescaled.eval(), set_mode(rescaled, "drop")
+    drop = forward_ones(rescaled, None)[0]
+    assert torch.allclose(drop[:15], torch.full((15,), (0.3 + 0.25) / 0.3)) and bool((drop[15:] == 0).all())
+    assert m.mode == "keep"  # the context manager restored it
+
+
+def test_tokens_share_the_mask_and_spatial_positions_too():
+    m = etd(channels=32, layer="block1.mlp", channel_dim=-1)
+    m.train()
+    m.index = torch.tensor([5, 6])
+    out = m(torch.ones(2, 17, 32))
+    assert torch.equal(out, out[:, :1].expand_as(out))
+    assert not torch.equal(out[0], out[1])
+    conv = etd(channels=32)
+    conv.train()
+    conv.index = torch.tensor([5, 6])
+    out = conv(torch.ones(2, 32, 6, 6))
+    assert torch.equal(out, out[:, :, :1, :1].expand_as(out))
+
+
+def test_tied_without_index_is_a_clear_error():
+    m = etd()
+    m.train()
+    with pytest.raises(UserError, match="needs the examples' training indices.*'keep' or 'drop'"):
+        forward_ones(m, None)
+    m.eval(), set_mode(m, "tied")
+    with pytest.raises(UserError, match="tied"):
+        forward_ones(m, None)
+    with pytest.raises(ValueError, match="unknown example-tied dropout mode"):
+        set_mode(m, "test")
+    with pytest.raises(ValueError, match=r"must both be in \(0, 1\)"):
+        etd(p_gen=1.0)
+
+
+def test_standard_dropout_rate_and_eval_identity():
+    assert math.isclose(matched_rate(0.4, 0.2), 0.48)
+    d = StandardDropout(0.48)
+    x = torch.ones(64, 32, 8, 8)
+    d.train()
+    y = d(x)
+    assert abs(float((y == 0).float().mean()) - 0.48) < 0.01 and abs(float(y.mean()) - 1) < 0.03
+    d.eval()
+    assert torch.equal(d(x), x)
+
+
+# ----------------------------------------------------------------------------- wiring
+
+@pytest.mark.parametrize("name", MODELS)
+def test_wiring_leaves_weights_keys_and_groups_unchanged(name):
+    plain = build_model(name, 3, 10, 32, width=0.25, seed=3)
+    model = build_model(name, 3, 10, 32, width=0.25, seed=3, dropout=etd_factory(0.4, 0.2, seed=3))
+    mods = etd_modules(model)
+    expected = {"resnet9": 8, "cnn": 3, "resnet50": 4, "vit": 6}[name]
+    assert len(mods) == expected and len({m.layer for m in mods}) == expected
+    assert all(not list(m.parameters()) and not list(m.buffers()) for m in mods)
+    sp, sm = plain.state_dict(), model.state_dict()
+    assert list(sp) == list(sm) and all(torch.equal(sp[k], sm[k]) for k in sp)  # same init, same keys
+    assert group_keys(plain) == group_keys(model)
+    assert [n for n, _ in layer_groups(plain)] == [n for n, _ in layer_groups(model)]
+    x, idx = torch.randn(4, 3, 32, 32), torch.arange(4)
+    model.train()
+    model(x, index=idx).sum().backward()
+    model.eval()
+    outs = {}
+    for m in MODES:
+        set_mode(model, m)
+        outs[m] = model(x, index=idx)
+    assert not torch.allclose(outs["keep"], outs["drop"])
+    set_mode(model, "tied")
+    with pytest.raises(UserError):
+        model(x)  # no index
+
+
+def test_mask_memory_cifar10_full_width():
+    model = build_model("resnet9", 3, 10, 32, width=1.0, dropout=etd_factory(0.4, 0.2, 0))
+    rows = mask_memory(model, (3, 32, 32), 50_000)
+    assert [r["layer"] for r in rows][:2] == ["conv1", "conv2"] and len(rows) == 8
+    assert rows[0]["activation"] == [64, 32, 32] and rows[0]["stored_bytes"] == 0
+    assert rows[0]["dense_float_bytes"] == 4 * 50_000 * 64 * 32 * 32  # the authors' table: 13.1 GB
+    assert rows[0]["packed_bits_bytes"] == 50_000 * 8
+
+
+# ----------------------------------------------------------------------------- the script
+
+def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path):
+    """A real measurement: the ETD model memorizes the noisy labels with its own channels (tied) and
+    forgets them when the memorization channels are dropped; test accuracy stays far above chance."""
+    import example_tied_dropout as script
+    cfg, _, _, run = tiny_trained
+    runs = tmp_path / "runs"
+    shutil.copytree(run.dir, runs / run.dir.name)   # the shared run stays untouched
+    argv = [f"--{k}={v}" for k, v in vars(cfg).items() if k in script.KNOBS] + \
+        [f"--runs_dir={runs}", "--etd_epochs=12", "--gallery_size=4"]
+    out = script.main(argv)
+    modes = out["etd"]["modes"]
+    assert modes["tied"]["noisy"] >= 0.8, modes            # memorized, with each example's own channels
+    assert modes["drop"]["noisy"] <= modes["tied"]["noisy"] - 0.5, modes  # ... and gone after the drop
+    assert modes["drop"]["noisy"] < 0.3 and modes["drop"]["test"] > 0.6, modes
+    assert modes["tied"]["test"] is None and modes["keep"]["test"] is not None
+    saved = json.loads((runs / run.dir.name / "example_tied_dropout.json").read_text())
+    assert [r["mode"] for r in saved["table"]] == ["-", "-", "-", "tied", "keep", "drop"]
+    assert saved["table"][0]["noisy"] >= 0.95  # the plain run memorized them
+    for what in ("bars", "curves", "gallery"):
+        assert (runs / run.dir.name / f"example_tied_dropout_{what}.png").stat().st_size > 10_000
+    variant = runs / run.dir.name / "example_tied_dropout" / "etd_pgen0.4_pmem0.2"
+    rows = [json.loads(line) for line in (variant / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(13)) and {"tied", "drop"} <= set(rows[-1])
+    before = (variant / "checkpoints" / "epoch_012.pt").read_bytes()
+    again = script.main(argv)  # reuses the trained variants: same numbers, checkpoints untouched
+    assert again["table"] == out["table"]
+    assert (variant / "checkpoints" / "epoch_012.pt").read_bytes() == before
+
+
+def test_bad_knob_exits_2_with_one_line(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "example_tied_dropout.py"), "--p_gen=1.0", f"--runs_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "p_gen=1.0 is outside (0, 1)" in res.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("arg, message", [("--p_mem=0", "p_mem=0.0 is outside (0, 1)"),
+                                          ("--p_mem_sweep=[0.1,2]", "p_mem_sweep=[0.1, 2] must list values in (0, 1)"),
+                                          ("--etd_epochs=0", "etd_epochs=0 is outside [1, inf)")])
+def test_knob_validation(arg, message):
+    import example_tied_dropout as script
+    from common import config
+    with pytest.raises(UserError) as e:
+        config.parse(script.KNOBS, [arg])
+    assert message in str(e.value) and "\n" not in str(e.value)
