@@ -9,6 +9,8 @@ import contextlib
 
 import torch
 
+from . import distributed
+
 
 def autocast(device, enabled=True):
     """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
@@ -18,14 +20,21 @@ def autocast(device, enabled=True):
 
 
 @torch.no_grad()
-def predict(model, data, split="train", indices=None, batch_size=1024, amp=True):
+def predict(model, data, split="train", indices=None, batch_size=1024, amp=True, shard=True):
     """Predicted classes for examples of a split, in eval mode (training mode restored after).
 
-    Training examples are passed with their indices (example-tied dropout may use them)."""
+    Training examples are passed with their indices (example-tied dropout may use them).
+    Under torchrun (and `shard`) each rank predicts its slice of `indices` and every rank gets all
+    predictions: every rank must call it, with the same indices."""
     was_training = model.training
     model.eval()
     n = data.n_train if split == "train" else len(data.x_test)
     indices = torch.arange(n, device=data.device) if indices is None else indices.to(data.device)
+    if shard and distributed.active():
+        lo, hi = distributed.shard_bounds(len(indices))
+        mine = predict(model, data, split, indices[lo:hi], batch_size, amp, shard=False)
+        model.train(was_training)
+        return distributed.all_gather_cat(mine, len(indices))
     out = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]

@@ -10,6 +10,9 @@
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
 half-written file under a valid name. Checkpoints load with torch.load(weights_only=True): plain
 tensors and containers, never code.
+
+Under torchrun only rank 0 writes (every write below is a no-op on the other ranks), and rank 0
+alone opens the run directory and checks its labels (the others get its verdict).
 """
 import json
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .cli import UserError
 from .config import train_config
 
@@ -29,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- atomic files
 
 def _atomic(path, write):
+    if not distributed.is_main():  # rank 0 writes the one copy
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -150,6 +156,10 @@ class Run:
 
     def open(self, overwrite=False):
         """Create (or re-open) the directory for training: check or replace, then write config.json."""
+        distributed.on_main(self._open, overwrite)
+        return self
+
+    def _open(self, overwrite):
         if overwrite and self.dir.exists():
             try:
                 self.check_config()
@@ -160,10 +170,12 @@ class Run:
         self.check_config()
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.path("config.json"), self.config)
-        return self
 
     def save_labels(self, data):
         """Save the noise mask and both label arrays; refuse if a previous run saved different ones."""
+        distributed.on_main(self._save_labels, data)
+
+    def _save_labels(self, data):
         labels = {"y_train": data.y_train.cpu(), "y_true": data.y_true.cpu(), "noisy": data.noisy.cpu()}
         path = self.path("labels.pt")
         if path.is_file():

@@ -6,6 +6,12 @@ dropout), so resuming after the last complete epoch continues exactly as an unin
 Hook: `backward(losses, idx)` replaces `losses.mean().backward()`; it receives the per-example
 losses of the batch and their example indices and must leave in `.grad` the gradient of
 `losses.mean()` (gradient accounting splits it into clean and noisy parts).
+
+Under torchrun (common/distributed.py) `batch_size` is the global batch: each rank trains on its
+slice of every batch, and the hook gets that slice's losses multiplied by b/B (b of the B examples
+of the batch are this rank's), so that `losses.mean()` is the rank's share of the batch mean; the
+ranks' gradients are summed after the hook. A hook must run the same collectives (e.g. the same
+number of backward passes through synced BatchNorm) on every rank.
 """
 import math
 import time
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import config
+from . import config, distributed
 from .cli import UserError
 from .data import load_data
 from .evaluation import accuracies, autocast
@@ -35,7 +41,13 @@ config.register_check("device", lambda v, cfg: None if v in ("auto", "cpu", "mps
 
 
 def pick_device(name="auto"):
-    """cuda > mps > cpu for 'auto'; a named device must exist."""
+    """cuda > mps > cpu for 'auto'; a named device must exist.
+
+    Under torchrun: also starts the process group and returns this rank's device (cuda:LOCAL_RANK)."""
+    return distributed.setup(_pick_device(name))
+
+
+def _pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -83,6 +95,9 @@ def train_epoch(model, data, indices, optimizer, cfg, epoch, step0=0, total_step
     `step0`/`total_steps` place the epoch in the schedule; `seed` (default cfg.model_seed) drives
     batch order, augmentation and dropout; `on_batch(idx)` observes each batch's indices."""
     seed = cfg.model_seed if seed is None else seed
+    if distributed.active():
+        return _train_epoch_distributed(model, data, indices, optimizer, cfg, epoch, step0, total_steps, backward,
+                                        seed, desc, on_batch)
     batches = batch_order(indices, cfg.batch_size, seed, epoch)
     total_steps = total_steps or len(batches)
     aug_gen = generator(seed, "augment", epoch)
@@ -111,6 +126,56 @@ def train_epoch(model, data, indices, optimizer, cfg, epoch, step0=0, total_step
     return float(loss_sum) / sum(len(b) for b in batches)
 
 
+def _train_epoch_distributed(model, data, indices, optimizer, cfg, epoch, step0, total_steps, backward, seed, desc,
+                             on_batch):
+    """train_epoch under torchrun: the same global batches and schedule; this rank trains on its
+    slice of each, on its share of the batch mean loss; gradients are summed over the ranks (by
+    DDP when `model` is wrapped and there is no hook, else by one all-reduce after the backward)."""
+    batches = batch_order(indices, cfg.batch_size, seed, epoch)
+    world = distributed.world_size()
+    if min(len(b) for b in batches) < world:
+        raise UserError(f"batch_size={cfg.batch_size} leaves a batch of {min(len(b) for b in batches)} examples, fewer "
+                        f"than the {world} processes; choose a batch_size whose last batch "
+                        f"({len(indices)} mod batch_size) is 0 or at least {world}")
+    total_steps = total_steps or len(batches)
+    aug_gen = generator(seed, "augment", epoch)
+    augment, amp = getattr(cfg, "augment", False), getattr(cfg, "amp", True)
+    net, model = model, distributed.unwrap(model)
+    distributed.sync_batchnorm_(model)
+    ddp = net is not model and backward is None
+    devices = [data.device.index or 0] if data.device.type == "cuda" else []
+    net.train()
+    loss_sum = torch.zeros((), device=data.device)
+    with torch.random.fork_rng(devices=devices):  # per rank: dropout masks of different examples are independent
+        torch.manual_seed(derive_seed(seed, "dropout", epoch, "rank", distributed.rank()))
+        for i, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if distributed.is_main() else True)):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor((step0 + i) / total_steps, cfg.schedule, cfg.warmup)
+            if on_batch:
+                on_batch(idx)
+            lo, hi = distributed.shard_bounds(len(idx))
+            mine = idx[lo:hi]  # global example indices
+            if augment:  # the global batch's augmentation draws, as in one process; then this rank's rows
+                x = data.batch(idx, augment=True, gen=aug_gen)[lo:hi]
+            else:
+                x = data.batch(mine)
+            y = data.labels(mine)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(data.device, amp):
+                logits = (net if ddp else model)(x, index=mine)
+            losses = F.cross_entropy(logits.float(), y, reduction="none")
+            shares = losses * (len(mine) / len(idx))  # .mean() = sum(local losses) / B
+            if backward is None:
+                shares.mean().backward()
+            else:
+                backward(shares, mine)
+            if not ddp:
+                distributed.all_reduce_grads(model.parameters())
+            optimizer.step()
+            loss_sum += losses.detach().sum()
+    return float(distributed.all_reduce_sum_(loss_sum)) / sum(len(b) for b in batches)
+
+
 def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, quiet=False, model=None, run=None):
     """Train the configured run in its run directory, resuming after the last complete epoch.
 
@@ -119,17 +184,21 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
     a crash cannot separate them). `restart_from=k` recomputes epochs after k even if saved.
     `model` (freshly initialized) and `run` replace the configured ones (e.g. a dropout variant in
     its own directory). Returns (model, data, run) with the final weights loaded.
+
+    Under torchrun every rank runs this; rank 0 alone decides on and writes the run directory.
     """
     device = pick_device(cfg.device)
+    quiet = quiet or not distributed.is_main()
     data = data or load_data(cfg, device)
     run = (run or Run(cfg)).open(overwrite=getattr(cfg, "overwrite", False))
     run.save_labels(data)
     model = model or model_for(cfg, data)
     optimizer = make_optimizer(model.parameters(), cfg)
-    saved = run.saved_epochs()
+    saved = distributed.on_main(run.saved_epochs)  # one listing for all ranks
     if 0 not in saved:
         run.save_checkpoint(0, model, optimizer, {"epoch": 0, **accuracies(model, data)})
         saved = [0]
+    distributed.barrier()  # checkpoint 0 is on disk before any rank loads it
     start = max(saved) if restart_from is None else restart_from
     start = min(start, cfg.epochs)
     ckpt = run.load_checkpoint(start)
@@ -138,10 +207,12 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
     rows = [r for r in run.metrics() if r["epoch"] < start] + [ckpt["metrics"]]
     steps_per_epoch = len(batch_order(torch.arange(data.n_train), cfg.batch_size, cfg.model_seed, 0))
     if start < cfg.epochs and not quiet:
-        print(f"training {run.dir.name} on {device}: epochs {start + 1}..{cfg.epochs}")
+        ranks = f" x {distributed.world_size()} processes" if distributed.active() else ""
+        print(f"training {run.dir.name} on {device}{ranks}: epochs {start + 1}..{cfg.epochs}")
+    net = distributed.wrap(model) if backward is None else model  # DDP under torchrun, else `model`
     for epoch in tqdm(range(start + 1, cfg.epochs + 1), desc="epochs", disable=None if not quiet else True):
         t0 = time.time()
-        loss = train_epoch(model, data, torch.arange(data.n_train, device=data.device), optimizer, cfg, epoch,
+        loss = train_epoch(net, data, torch.arange(data.n_train, device=data.device), optimizer, cfg, epoch,
                            step0=(epoch - 1) * steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
                            backward=backward, desc=f"epoch {epoch}")
         metrics = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"], **accuracies(model, data),
@@ -157,6 +228,7 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
     run.write_metrics(rows)
     if start == cfg.epochs:
         run.load_model(model, cfg.epochs)
+    distributed.barrier()  # rank 0's files are complete before any rank reads them
     return model, data, run
 
 
@@ -165,7 +237,7 @@ def trained_run(cfg, data=None, quiet=False):
 
     Returns (model, data, run); `data` defaults to the configured dataset (tests pass a subset)."""
     run = Run(cfg)
-    if run.is_complete():
+    if distributed.on_main(run.is_complete):
         run.check_config()
         data = data or load_data(cfg, pick_device(cfg.device))
         run.save_labels(data)

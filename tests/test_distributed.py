@@ -1,0 +1,199 @@
+"""Training under torchrun (CPU, Gloo, 2 processes) equals training in one process with the same global batch.
+
+The file is also the torchrun worker: `python -m torch.distributed.run --nproc_per_node=2 --standalone
+tests/test_distributed.py OUT_DIR NPZ RUNS_ROOT` trains the tiny run on every rank and saves, per
+rank, its final weights, predictions, metrics-side numbers and the files it wrote (rank 0 alone may).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from common import distributed  # noqa: E402
+
+# batch 51 over 512 examples: every batch splits 26 / 25 (uneven shares) and the last batch of 2
+# splits 1 / 1 (BatchNorm then depends on the other rank's example).
+RUN = dict(model="cnn", width=0.25, epochs=2, batch_size=51, lr=0.05, device="cpu")
+
+
+def tiny_cfg(npz, runs_dir, **overrides):
+    from conftest import TINY
+    return SimpleNamespace(**{**TINY, **RUN, "dataset": f"npz:{npz}", "runs_dir": str(runs_dir), **overrides})
+
+
+class TwoPassHook:
+    """A backward hook shaped like gradient accounting: the full backward, then the clean part
+    through the retained graph (two passes through BatchNorm), clean-gradient sums kept per rank."""
+
+    def __init__(self, model, data):
+        self.params, self.noisy = list(model.parameters()), data.noisy
+        self.sums = [torch.zeros_like(p) for p in self.params]
+        self.count = torch.zeros(2)
+
+    def backward(self, losses, idx):
+        losses.mean().backward(retain_graph=True)
+        weights = (~self.noisy[idx]).to(losses.dtype)
+        clean = torch.autograd.grad((losses * weights).sum() / len(losses), self.params)
+        torch._foreach_add_(self.sums, clean)
+        self.count += torch.tensor([float((~self.noisy[idx]).sum()), float(len(idx))])
+
+    def end_epoch(self, epoch):
+        sums = [distributed.all_reduce_sum_(s.clone()) for s in self.sums]  # the ranks' shares add up
+        count = distributed.all_reduce_sum_(self.count.clone())
+        for s in self.sums:
+            s.zero_()
+        self.count.zero_()
+        return {"clean_grad_norm": float(torch.cat([s.flatten() for s in sums]).norm()),
+                "n_clean": int(count[0]), "n_seen": int(count[1])}
+
+
+def train(cfg, mode):
+    """The tiny run in float64 (so that both sides are exact to ~1e-12 per step; in float32 the CPU
+    BatchNorm kernel alone is off by ~5e-5, which training amplifies), trained plainly (DDP) or
+    with the two-pass hook (explicit all-reduce)."""
+    from common.data import load_data
+    from common.models import model_for
+    from common.training import pick_device, train_run
+    data = load_data(cfg, pick_device(cfg.device))
+    batch = data.batch
+    data.batch = lambda *args, **kwargs: batch(*args, **kwargs).double()
+    model = model_for(cfg, data).double()
+    if mode == "plain":
+        return train_run(cfg, data=data, model=model, quiet=True)
+    hook = TwoPassHook(model, data)
+    return train_run(cfg, data=data, model=model, backward=hook.backward, on_epoch=hook.end_epoch, quiet=True)
+
+
+def mode_cfg(npz, root, mode, **overrides):
+    return tiny_cfg(npz, Path(root) / mode, **overrides)
+
+
+# ----------------------------------------------------------------------------- the torchrun worker
+
+def worker(out, npz, root):
+    """One rank: train plainly, resume, train with the hook, hit a refused configuration; save what it saw."""
+    from common.cli import UserError
+    from common.evaluation import predict
+    import conftest  # noqa: F401  (sets 2 threads: one per rank instead, on 2 cores)
+    torch.set_num_threads(1)
+    writes = []
+    replace = os.replace
+
+    def recording_replace(src, dst, *args, **kwargs):  # every file that common.runs writes ends here
+        writes.append(str(dst))
+        return replace(src, dst, *args, **kwargs)
+    os.replace = recording_replace
+    result = {}
+    for mode in ("plain", "hook"):
+        cfg = mode_cfg(npz, root, mode)
+        model, data, run = train(cfg, mode)
+        result[mode] = {"state": model.state_dict(), "train_pred": predict(model, data, "train"),
+                        "test_pred": predict(model, data, "test"),
+                        "bn": sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})}
+        if mode == "plain":
+            if distributed.is_main():
+                run.ckpt_path(cfg.epochs).unlink()  # as if killed during the last epoch
+            distributed.barrier()
+            result["resumed"] = train(cfg, mode)[0].state_dict()
+    try:
+        train(mode_cfg(npz, root, "plain", lr=0.01), "plain")
+    except UserError as e:
+        result["error"] = str(e)
+    result.update(world=distributed.world_size(), writes=writes)
+    torch.save(result, Path(out) / f"rank{distributed.rank()}.pt")
+
+
+# ----------------------------------------------------------------------------- tests
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_npz, tmp_path_factory):
+    """Both ranks' results of the worker under torchrun, and the directory of their runs."""
+    out, root = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("dist_runs")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(Path(__file__)), str(out), str(tiny_npz), str(root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)], root
+
+
+def close(a, b, tol):
+    return max(float((a[k] - b[k]).abs().max()) for k in a) <= tol
+
+
+@pytest.mark.parametrize("mode", ["plain", "hook"])
+def test_two_processes_equal_one(mode, two_ranks, tiny_npz, tmp_path):
+    from common.evaluation import predict
+    from common.runs import Run, load_tensors
+    (r0, r1), root = two_ranks
+    assert r0["world"] == r1["world"] == 2
+    assert r0[mode]["bn"] == ["SyncedBatchNorm2d"]  # BatchNorm over the global batch
+    model, data, run = train(mode_cfg(tiny_npz, tmp_path, mode), mode)  # one process, same global batches
+
+    # the same weights on both ranks, equal to the single process's
+    assert close(r0[mode]["state"], r1[mode]["state"], 0)
+    single = model.state_dict()
+    assert close(r0[mode]["state"], single, 1e-6), max(float((r0[mode]["state"][k] - single[k]).abs().max())
+                                                       for k in single)
+    # the checkpoint holds the unwrapped model ('layers.*', no 'module.' prefix)
+    drun = Run(mode_cfg(tiny_npz, root, mode))
+    ckpt = load_tensors(drun.ckpt_path(2))
+    assert list(ckpt["model"]) == list(single) and close(ckpt["model"], r0[mode]["state"], 0)
+
+    # the same metrics, epoch by epoch (accuracies from sharded evaluation)
+    rows, drows = run.metrics(), drun.metrics()
+    assert [r["epoch"] for r in drows] == [0, 1, 2]
+    for a, b in zip(rows, drows):
+        for key in ("clean", "noisy", "noisy_true", "test", "train"):
+            assert a[key] == b[key], (key, a, b)
+        if a["epoch"] > 0:
+            assert b["lr"] == a["lr"] and b["loss"] == pytest.approx(a["loss"], rel=1e-6)  # float32 losses
+        if mode == "hook" and a["epoch"] > 0:  # the ranks' clean-gradient sums, all-reduced, equal the single process's
+            assert (b["n_clean"], b["n_seen"]) == (a["n_clean"], a["n_seen"]) == (int((~data.noisy).sum()), data.n_train)
+            assert b["clean_grad_norm"] == pytest.approx(a["clean_grad_norm"], rel=1e-6)
+
+    # sharded, gathered evaluation: every rank has every prediction, the single process's
+    model.load_state_dict(r0[mode]["state"])
+    for split in ("train", "test"):
+        assert torch.equal(r0[mode][f"{split}_pred"], r1[mode][f"{split}_pred"])
+        assert torch.equal(r0[mode][f"{split}_pred"], predict(model, data, split))
+
+    # one set of files, the single process's (no temporaries left), all written by rank 0
+    files = sorted(str(p.relative_to(drun.dir)) for p in drun.dir.rglob("*"))
+    assert files == sorted(str(p.relative_to(run.dir)) for p in run.dir.rglob("*"))
+    assert r1["writes"] == [] and str(drun.ckpt_path(2)) in r0["writes"]
+
+
+def test_resume_and_errors_under_torchrun(two_ranks):
+    (r0, r1), root = two_ranks
+    # killed during the last epoch: resuming under torchrun continues exactly
+    assert close(r0["resumed"], r0["plain"]["state"], 0) and close(r1["resumed"], r0["plain"]["state"], 0)
+    # a refused configuration is rank 0's verdict, raised on every rank as the same one-line UserError
+    assert r0["error"] == r1["error"] and "another configuration" in r0["error"] and "\n" not in r0["error"]
+
+
+def test_single_process_is_untouched(tiny_npz):
+    """Without torchrun every helper is the identity: no process group, rank 0, whole batches."""
+    assert not distributed.launched() and not distributed.active()
+    assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.shard_bounds(51) == (0, 51)
+    t = torch.arange(3.0)
+    assert distributed.all_reduce_sum_(t) is t and torch.equal(t, torch.arange(3.0))
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    assert distributed.wrap(model) is model and distributed.sync_batchnorm_(model) == 0
+    assert type(model[0]) is torch.nn.BatchNorm2d
+    assert distributed.on_main(lambda x: x + 1, 1) == 2
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
