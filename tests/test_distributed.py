@@ -127,8 +127,13 @@ def two_ranks(tiny_npz, tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)], root
 
 
-def close(a, b, tol):
-    return max(float((a[k] - b[k]).abs().max()) for k in a) <= tol
+def same(a, b):
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def close(a, b):
+    """Float64 training with float32 losses: measured max deviation 8e-7 on a BatchNorm variance of 3.9."""
+    return list(a) == list(b) and all(torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-6) for k in a)
 
 
 @pytest.mark.parametrize("mode", ["plain", "hook"])
@@ -141,14 +146,13 @@ def test_two_processes_equal_one(mode, two_ranks, tiny_npz, tmp_path):
     model, data, run = train(mode_cfg(tiny_npz, tmp_path, mode), mode)  # one process, same global batches
 
     # the same weights on both ranks, equal to the single process's
-    assert close(r0[mode]["state"], r1[mode]["state"], 0)
+    assert same(r0[mode]["state"], r1[mode]["state"])
     single = model.state_dict()
-    assert close(r0[mode]["state"], single, 1e-6), max(float((r0[mode]["state"][k] - single[k]).abs().max())
-                                                       for k in single)
+    assert close(r0[mode]["state"], single), max(float((r0[mode]["state"][k] - single[k]).abs().max()) for k in single)
     # the checkpoint holds the unwrapped model ('layers.*', no 'module.' prefix)
     drun = Run(mode_cfg(tiny_npz, root, mode))
     ckpt = load_tensors(drun.ckpt_path(2))
-    assert list(ckpt["model"]) == list(single) and close(ckpt["model"], r0[mode]["state"], 0)
+    assert same(ckpt["model"], r0[mode]["state"])
 
     # the same metrics, epoch by epoch (accuracies from sharded evaluation)
     rows, drows = run.metrics(), drun.metrics()
@@ -177,7 +181,7 @@ def test_two_processes_equal_one(mode, two_ranks, tiny_npz, tmp_path):
 def test_resume_and_errors_under_torchrun(two_ranks):
     (r0, r1), root = two_ranks
     # killed during the last epoch: resuming under torchrun continues exactly
-    assert close(r0["resumed"], r0["plain"]["state"], 0) and close(r1["resumed"], r0["plain"]["state"], 0)
+    assert same(r0["resumed"], r0["plain"]["state"]) and same(r1["resumed"], r0["plain"]["state"])
     # a refused configuration is rank 0's verdict, raised on every rank as the same one-line UserError
     assert r0["error"] == r1["error"] and "another configuration" in r0["error"] and "\n" not in r0["error"]
 
@@ -193,6 +197,22 @@ def test_single_process_is_untouched(tiny_npz):
     assert distributed.wrap(model) is model and distributed.sync_batchnorm_(model) == 0
     assert type(model[0]) is torch.nn.BatchNorm2d
     assert distributed.on_main(lambda x: x + 1, 1) == 2
+
+
+def test_shards_tile_every_batch(monkeypatch):
+    for world in (2, 3, 8):
+        for n in (2, 8, 51, 512):
+            if n < world:
+                continue
+            bounds = []
+            for r in range(world):
+                monkeypatch.setattr(distributed, "world_size", lambda: world)
+                monkeypatch.setattr(distributed, "rank", lambda: r)
+                bounds.append(distributed.shard_bounds(n))
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, disjoint, in rank order
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
 if __name__ == "__main__":
