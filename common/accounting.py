@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from . import distributed
 from .models import group_params
 
 KEY = "grad_accounting"  # the key of the accounting numbers inside a metrics row
@@ -59,7 +60,8 @@ class GradientAccountant:
         self.n_noisy += noisy.sum()
         self.n_seen += b
         pure = None
-        if self.skip_pure:
+        if self.skip_pure and not distributed.active():  # under torchrun every rank runs both backward passes
+            # (synced BatchNorm communicates in each; whether a rank's slice is pure differs by rank)
             k = int(noisy.sum())
             pure = "clean" if k == 0 else "noisy" if k == b else None
         # The full backward FIRST, exactly as plain training does it: `.grad` is then bit for bit the
@@ -83,6 +85,11 @@ class GradientAccountant:
         """This epoch's accounting {KEY: {...}} (norms per group, counts, cosine); resets the sums."""
         # float64 for the reductions where the device has it (MPS has not)
         dtype = torch.float32 if self.noisy.device.type == "mps" else torch.float64
+        if distributed.active():  # each rank summed its shares of every batch: together, a single process's sums
+            for b in self.total + self.clean:
+                distributed.all_reduce_sum_(b)
+            distributed.all_reduce_sum_(self.n_noisy)
+            self.n_seen = int(distributed.all_reduce_sum_(torch.tensor(self.n_seen, device=self.noisy.device)))
         stats = []
         for s in self.slices:
             if not s:  # a group without trainable parameters

@@ -29,36 +29,11 @@ def tiny_cfg(npz, runs_dir, **overrides):
     return SimpleNamespace(**{**TINY, **RUN, "dataset": f"npz:{npz}", "runs_dir": str(runs_dir), **overrides})
 
 
-class TwoPassHook:
-    """A backward hook shaped like gradient accounting: the full backward, then the clean part
-    through the retained graph (two passes through BatchNorm), clean-gradient sums kept per rank."""
-
-    def __init__(self, model, data):
-        self.params, self.noisy = list(model.parameters()), data.noisy
-        self.sums = [torch.zeros_like(p) for p in self.params]
-        self.count = torch.zeros(2)
-
-    def backward(self, losses, idx):
-        losses.mean().backward(retain_graph=True)
-        weights = (~self.noisy[idx]).to(losses.dtype)
-        clean = torch.autograd.grad((losses * weights).sum() / len(losses), self.params)
-        torch._foreach_add_(self.sums, clean)
-        self.count += torch.tensor([float((~self.noisy[idx]).sum()), float(len(idx))])
-
-    def end_epoch(self, epoch):
-        sums = [distributed.all_reduce_sum_(s.clone()) for s in self.sums]  # the ranks' shares add up
-        count = distributed.all_reduce_sum_(self.count.clone())
-        for s in self.sums:
-            s.zero_()
-        self.count.zero_()
-        return {"clean_grad_norm": float(torch.cat([s.flatten() for s in sums]).norm()),
-                "n_clean": int(count[0]), "n_seen": int(count[1])}
-
-
 def train(cfg, mode):
     """The tiny run in float64 (so that both sides are exact to ~1e-12 per step; in float32 the CPU
     BatchNorm kernel alone is off by ~5e-5, which training amplifies), trained plainly (DDP) or
-    with the two-pass hook (explicit all-reduce)."""
+    with gradient accounting's two-pass backward hook (explicit all-reduce of the gradients)."""
+    from common.accounting import GradientAccountant
     from common.data import load_data
     from common.models import model_for
     from common.training import pick_device, train_run
@@ -68,8 +43,9 @@ def train(cfg, mode):
     model = model_for(cfg, data).double()
     if mode == "plain":
         return train_run(cfg, data=data, model=model, quiet=True)
-    hook = TwoPassHook(model, data)
-    return train_run(cfg, data=data, model=model, backward=hook.backward, on_epoch=hook.end_epoch, quiet=True)
+    accountant = GradientAccountant(model, data.noisy)
+    return train_run(cfg, data=data, model=model, backward=accountant.backward, on_epoch=accountant.end_epoch,
+                     quiet=True)
 
 
 def mode_cfg(npz, root, mode, **overrides):
@@ -79,7 +55,7 @@ def mode_cfg(npz, root, mode, **overrides):
 # ----------------------------------------------------------------------------- the torchrun worker
 
 def worker(out, npz, root):
-    """One rank: train plainly, resume, train with the hook, hit a refused configuration; save what it saw."""
+    """One rank: train plainly, resume, train with gradient accounting, hit a refused configuration; save what it saw."""
     from common.cli import UserError
     from common.evaluation import predict
     import conftest  # noqa: F401  (sets 2 threads: one per rank instead, on 2 cores)
@@ -92,7 +68,7 @@ def worker(out, npz, root):
         return replace(src, dst, *args, **kwargs)
     os.replace = recording_replace
     result = {}
-    for mode in ("plain", "hook"):
+    for mode in ("plain", "accounting"):
         cfg = mode_cfg(npz, root, mode)
         model, data, run = train(cfg, mode)
         result[mode] = {"state": model.state_dict(), "train_pred": predict(model, data, "train"),
@@ -136,8 +112,9 @@ def close(a, b):
     return list(a) == list(b) and all(torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-6) for k in a)
 
 
-@pytest.mark.parametrize("mode", ["plain", "hook"])
+@pytest.mark.parametrize("mode", ["plain", "accounting"])
 def test_two_processes_equal_one(mode, two_ranks, tiny_npz, tmp_path):
+    from common.accounting import KEY
     from common.evaluation import predict
     from common.runs import Run, load_tensors
     (r0, r1), root = two_ranks
@@ -162,9 +139,12 @@ def test_two_processes_equal_one(mode, two_ranks, tiny_npz, tmp_path):
             assert a[key] == b[key], (key, a, b)
         if a["epoch"] > 0:
             assert b["lr"] == a["lr"] and b["loss"] == pytest.approx(a["loss"], rel=1e-6)  # float32 losses
-        if mode == "hook" and a["epoch"] > 0:  # the ranks' clean-gradient sums, all-reduced, equal the single process's
-            assert (b["n_clean"], b["n_seen"]) == (a["n_clean"], a["n_seen"]) == (int((~data.noisy).sum()), data.n_train)
-            assert b["clean_grad_norm"] == pytest.approx(a["clean_grad_norm"], rel=1e-6)
+        if mode == "accounting" and a["epoch"] > 0:  # the ranks' sums, all-reduced, are the single process's
+            acc, dacc = a[KEY], b[KEY]
+            assert (dacc["n_clean"], dacc["n_noisy"]) == (acc["n_clean"], acc["n_noisy"]) == \
+                (int((~data.noisy).sum()), int(data.noisy.sum()))
+            for key in ("norm_total", "norm_clean", "norm_noisy", "cosine"):
+                assert dacc[key] == pytest.approx(acc[key], rel=1e-6, abs=1e-6), key
 
     # sharded, gathered evaluation: every rank has every prediction, the single process's
     model.load_state_dict(r0[mode]["state"])
