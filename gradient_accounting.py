@@ -55,16 +55,17 @@ SERIES = ("total", "clean", "noisy")
 
 
 def restart_epoch(cfg):
-    """Where training must (re)start so that every epoch is accounted: after the last epoch of the
-    contiguous accounted prefix that has a checkpoint (0 if none). Epochs trained without
-    accounting (e.g. by another script) after it are re-trained: bit-identical checkpoints on a CPU."""
+    """(k, last saved epoch): training (re)starts after epoch k, the last epoch of the contiguous
+    accounted prefix that has a checkpoint (0 if none). Epochs after it that were trained without
+    accounting (e.g. by another script) are re-trained: bit-identical checkpoints on a CPU."""
     run = Run(cfg)
     try:
         run.check_config()
     except UserError:
-        return 0  # another configuration: train_run refuses it, or (overwrite) moves it aside
+        return 0, 0  # another configuration: train_run refuses it, or (overwrite) moves it aside
     saved = set(run.saved_epochs())
-    return max([e for e in range(accounted_prefix(run.metrics()) + 1) if e in saved], default=0)
+    k = max([e for e in range(accounted_prefix(run.metrics()) + 1) if e in saved], default=0)
+    return k, max(saved, default=0)
 
 
 def main(argv=()):
@@ -74,8 +75,13 @@ def main(argv=()):
     accountant = GradientAccountant(net, data.noisy)
     # The accounting of each epoch is returned by on_epoch and stored in that epoch's metrics row
     # and checkpoint: a crash can never separate the numbers from the weights they describe.
+    start, trained = restart_epoch(cfg)
+    if start < trained:
+        print(f"epochs {start + 1}..{trained} were trained without gradient accounting: re-training them with it"
+              + (" (bit-identical checkpoints on a CPU)" if data.device.type == "cpu" else
+                 f" (on {data.device.type} the new checkpoints may differ slightly: non-deterministic kernels)"))
     net, data, run = train_run(cfg, data=data, model=net, backward=accountant.backward,
-                               on_epoch=accountant.end_epoch, restart_from=restart_epoch(cfg))
+                               on_epoch=accountant.end_epoch, restart_from=start)
     rows = run.metrics()
     table = epoch_table(rows)
     assert [t["epoch"] for t in table] == list(range(1, cfg.epochs + 1)), "every epoch is accounted"
@@ -101,7 +107,7 @@ def main(argv=()):
     plot_norms(table, "per_example_", "Gradient norm per layer, per example (sum / number of examples)",
                "norm of the sum / examples", cfg, run.path("gradient_accounting_per_example.png"))
     plot_cosine(table, phase, cfg, run.path("gradient_accounting_cosine.png"))
-    fig, axes = figure("Accuracy during training: when are the noisy labels memorized?", cfg)
+    fig, axes = figure("Accuracy during training: when are the noisy labels memorized?", cfg, panel=(8.5, 4.2))
     accuracy_curves(axes[0, 0], rows, keys=("clean", "noisy", "noisy_true", "test"))
     shade_phase(axes[0, 0], phase)
     save(fig, run.path("gradient_accounting_accuracy.png"))
