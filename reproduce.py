@@ -37,6 +37,10 @@ EXPERIMENTS = ("gradient_accounting", "layer_rewinding", "layer_retraining", "ne
                "example_tied_dropout")
 
 
+# Keys that cannot change an experiment's numbers (where it ran, what it may download or replace).
+NOT_RESULTS = ("device", "download", "overwrite", "runs_dir")
+
+
 def split_argv(argv):
     """(this script's own arguments, preset files, --key=value overrides for the experiments)."""
     own, presets, rest = [], [], []
@@ -67,7 +71,8 @@ def is_done(module, argv):
         return False, path
     saved = read_json(path).get("config", {})
     mine = vars(cfg)
-    return bool(saved) and all(mine.get(k) == v for k, v in saved.items()), path
+    same = all(mine.get(k) == v for k, v in saved.items() if k not in NOT_RESULTS)
+    return bool(saved) and same, path
 
 
 def machine():
