@@ -1,14 +1,16 @@
 """Layer rewinding sweep: prefix reuse vs one full forward per (group, epoch) vs the authors' reload-per-rewind.
 
-All three evaluate the same (group, epoch) pairs of the default run and must give identical accuracies.
+The first three evaluate the same (group, epoch) pairs of the default run and must give identical accuracies.
 - sweep:   common.rewinding.rewind_sweep: one model, the group's tensors swapped in place; per batch the
            layers before the group run once, the rest once per rewind epoch (what layer_rewinding.py does).
 - forward: the same in-place swap, then common.evaluation.accuracies (a full forward per pair).
 - reload:  per pair, a fresh model gets the final checkpoint and the group's tensors from the rewind
            checkpoint, both read from disk again (the authors' way, minus their GPU-only paths), then accuracies.
+The first three take the checkpoint's BatchNorm statistics (rewind_bn_stats=checkpoint). A fourth arm,
+recompute, is the sweep with the default rewind_bn_stats=recompute: what re-estimating the statistics costs.
 Timed alternately in one process; medians reported as ratios (the default run must exist: `make train`).
 
-    python bench/bench_layer_rewinding.py [--repeats=2] [--rewind_epochs=[0,10]]
+    python bench/bench_layer_rewinding.py [--repeats=1] [--rewind_epochs=[0,10]]
 """
 import statistics
 import sys
@@ -29,7 +31,7 @@ from common.training import trained_run  # noqa: E402
 KNOBS = dict(dataset="mnist_5k", model="resnet9", width=0.25, noise=0.1, seed=0, model_seed=0, epochs=20,
              batch_size=128, lr=0.05, schedule="triangle", warmup=0.25, momentum=0.9, weight_decay=5e-4,
              augment=False, amp=True, device="cpu", runs_dir="runs", download=False, overwrite=False,
-             repeats=2, rewind_epochs=[0, 10])
+             repeats=1, rewind_epochs=[0, 10])
 
 
 def main(argv):
@@ -38,8 +40,10 @@ def main(argv):
         from common.cli import UserError
         raise UserError(f"the default run {Run(cfg).dir} is not trained yet; run `make train` first")
     model, data, run = trained_run(cfg, quiet=True)
-    keys, epochs = rewind_keys(model), cfg.rewind_epochs
+    keys, epochs = rewind_keys(model, "checkpoint"), cfg.rewind_epochs
     rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
+    # recompute mode overwrites the stored statistics: a rewinder of its own
+    recomputer = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
 
     def sweep():
         return rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp)
@@ -64,21 +68,24 @@ def main(argv):
                 out.setdefault(g, {})[e] = accuracies(fresh, data, amp=cfg.amp)
         return out
 
-    arms = {"sweep": sweep, "forward": forward, "reload": reload}
+    def recompute():
+        return rewind_sweep(model, data, recomputer, epochs, amp=cfg.amp, recompute_bn=True)
+
+    arms = {"sweep": sweep, "forward": forward, "reload": reload, "recompute": recompute}
     print(f"{run.dir.name}: {len(keys)} groups x rewind epochs {epochs} on {data.device}, "
           f"{torch.get_num_threads()} threads, {cfg.repeats} alternating repeats")
-    results = {name: fn() for name, fn in arms.items()}  # warm-up, and the equality check
-    assert results["sweep"] == results["forward"] == results["reload"], "the three arms disagree"
-    times = {name: [] for name in arms}
-    for _ in range(cfg.repeats):
+    accuracies(model, data, amp=cfg.amp)  # warm-up: first-call allocations and kernel selection
+    times, results = {name: [] for name in arms}, {}
+    for _ in range(cfg.repeats):  # alternating, so a change of machine load hits every arm alike
         for name, fn in arms.items():
             t = time.perf_counter()
-            fn()
+            results[name] = fn()
             times[name].append(time.perf_counter() - t)
+    assert results["sweep"] == results["forward"] == results["reload"], "the three checkpoint-mode arms disagree"
     med = {name: statistics.median(t) for name, t in times.items()}
-    print("identical accuracies in all three arms")
+    print("identical accuracies in sweep, forward and reload (BatchNorm statistics from the checkpoint)")
     for name in arms:
-        print(f"{name:8s} {med[name]:7.2f}s  ({med[name] / (len(keys) * len(epochs)):.3f}s per pair)  "
+        print(f"{name:9s} {med[name]:7.2f}s  ({med[name] / (len(keys) * len(epochs)):.3f}s per pair)  "
               f"x{med[name] / med['sweep']:.2f} the time of sweep")
 
 
