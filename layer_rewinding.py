@@ -158,7 +158,7 @@ def plot_heatmap(cfg, groups, epochs, acc, final, critical, first, path):
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
     ax.set_xticks(range(len(epochs)), [epoch_label(e).replace("epoch ", "") for e in epochs])
     ax.set_yticks(range(len(groups)), [f"{g} (critical)" if g in critical else g for g in groups])
     for i, g in enumerate(groups):
