@@ -162,6 +162,8 @@ def test_interrupted_run_resumes_without_duplicates(tiny_trained, run_copy, monk
     make_argv, run_dir = run_copy
     argv = make_argv("--n_examples=2")
     calls, original = [], Flipper.flip
+    for plot in ("plot_summary", "plot_examples"):  # figures are checked elsewhere; four runs here
+        monkeypatch.setattr(neuron_flipping, plot, lambda *a: None)
 
     def flip_then_stop(self, *args, **kwargs):
         if len(calls) == 3:
