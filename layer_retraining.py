@@ -13,6 +13,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 from common import cli, config, plots
@@ -47,7 +48,7 @@ download = True         # let torchvision download a missing dataset
 overwrite = False       # move aside a run directory trained with another configuration
 # ----------------------------------------------------------------------------- this experiment
 retrain_groups = []         # layer groups to retrain, e.g. ["conv1", "head"]; [] = every group
-retrain_epochs = 5          # at most this many epochs per group (the authors: up to 20)
+retrain_epochs = 3          # at most this many epochs per group (the authors: up to 20; 3 keeps CPU runs short)
 retrain_lr = 0.01           # the authors' retraining lr (momentum and weight decay: the run's)
 retrain_batch_size = 128
 retrain_schedule = "constant"  # constant | cosine | triangle over retrain_epochs (an early stop cuts it short)
@@ -156,44 +157,56 @@ def print_summary(results):
               f"{last['clean']:>7.3f} {last['noisy_true']:>11.3f} {last['test']:>6.3f}")
 
 
+def retrain_note(cfg):
+    return (f"retrained alone on clean examples only: lr {cfg.retrain_lr:g} {cfg.retrain_schedule}, "
+            f"batch {cfg.retrain_batch_size}, at most {cfg.retrain_epochs} epochs")
+
+
 def plot_curves(results, cfg, path):
     """One panel per group: accuracies over retraining epochs (epoch 0 = right after the reset)."""
     names = list(results["groups"])
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
-    fig, axes = plots.figure("Layer retraining on clean examples only: does memorization come back?", cfg,
-                             ncols=ncols, nrows=nrows, panel=(4.2, 3.2))
+    # an extra thin row holds the one legend of the figure
+    legend_cols = {1: 1, 2: 2}.get(ncols, 5)
+    fig, axes = plots.figure(f"Layer retraining: does memorization come back?\n{retrain_note(cfg)}", cfg,
+                             ncols=ncols, nrows=nrows + 1, panel=(4.2 if ncols > 1 else 8.0, 2.9),
+                             gridspec_kw={"height_ratios": [1] * nrows + [0.07 * -(-5 // legend_cols)]})
     for ax, name in zip(axes.flat, names):
         plots.accuracy_curves(ax, results["groups"][name]["curve"], keys=("clean", "noisy", "noisy_true", "test"),
                               xlabel="retraining epoch (0 = after reset)")
         ax.axhline(100 * results["final_model"]["noisy"], color=plots.COLORS["noisy"], ls=":", lw=1,
-                   label="noisy, final model")
+                   label="noisy, final model (before reset)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"retrain {name}", fontsize=10)
-        ax.legend(fontsize=6, loc="center right")
+        ax.get_legend().remove()
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=8)
     return plots.save(fig, path)
 
 
 def plot_final_noisy(results, cfg, path):
     """Per group: noisy-example accuracy (noisy label) right after the reset and after retraining."""
     names = list(results["groups"])
-    fig, axes = plots.figure("Memorized examples after retraining one layer on clean data only", cfg,
+    fig, axes = plots.figure(f"Memorized examples after retraining one layer\n{retrain_note(cfg)}", cfg,
                              panel=(max(5.0, 0.75 * len(names) + 1.5), 4.0))
     ax = axes[0, 0]
-    x = torch.arange(len(names)).tolist()
+    x = list(range(len(names)))
     after_reset = [100 * results["groups"][n]["curve"][0]["noisy"] for n in names]
     retrained = [100 * results["groups"][n]["curve"][-1]["noisy"] for n in names]
     ax.bar([i - 0.2 for i in x], after_reset, 0.4, color="tab:red", alpha=0.35, label="right after reset")
-    ax.bar([i + 0.2 for i in x], retrained, 0.4, color="tab:red", label="after retraining (clean only)")
+    ax.bar([i + 0.2 for i in x], retrained, 0.4, color="tab:red", label="after retraining")
     ax.axhline(100 * results["final_model"]["noisy"], color="black", ls=":", lw=1, label="final model")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30)
     ax.set_xlabel("retrained layer group (input -> output)")
-    ax.set_ylabel("noisy-example accuracy, noisy label (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylabel("noisy examples predicted with\ntheir noisy label (%)")
+    ax.set_ylim(0, 122)
+    ax.set_yticks(range(0, 101, 20))
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     return plots.save(fig, path)
 
 

@@ -20,7 +20,7 @@ from conftest import REPO
 
 def retrain_cfg(cfg, **overrides):
     """The tiny run's configuration plus the script's experiment knobs."""
-    return SimpleNamespace(**{**script.KNOBS, **vars(cfg), "retrain_epochs": 2, **overrides})
+    return SimpleNamespace(**{**script.KNOBS, **vars(cfg), "retrain_epochs": 1, **overrides})
 
 
 def bn_buffers(model, skip=None):
@@ -75,6 +75,19 @@ def test_without_holding_eval_batchnorm_statistics_would_move(tiny_trained):
     assert any(not torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_early_stop_counts_consecutive_perfect_epochs(tiny_trained, monkeypatch):
+    cfg, trained, data, run = tiny_trained
+    clean = iter([0.5, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0])  # epoch 0 (after the reset), 1, 2, ...
+    monkeypatch.setattr(script, "accuracies", lambda *a, **k: {"clean": next(clean), "noisy": 0.0})
+    rows = script.retrain_group(copy.deepcopy(trained), data, "head", run.load_checkpoint(0)["model"],
+                                retrain_cfg(cfg, retrain_epochs=6, stop_after=2))
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]  # the streak restarts after epoch 2's 0.9
+    clean = iter([0.5] + [1.0] * 6)
+    rows = script.retrain_group(copy.deepcopy(trained), data, "head", run.load_checkpoint(0)["model"],
+                                retrain_cfg(cfg, retrain_epochs=3, stop_after=0))
+    assert len(rows) == 4  # stop_after=0: never stop early
+
+
 def checkpoint_digests(run_dir):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run_dir / "checkpoints").iterdir())}
 
@@ -91,7 +104,7 @@ def run_copy(tiny_trained, tmp_path):
 def test_main_writes_json_and_plots(tiny_argv, run_copy):
     runs, run_dir = run_copy
     digests = checkpoint_digests(run_dir)
-    results = script.main(tiny_argv(runs_dir=runs, retrain_epochs=4, stop_after=1))
+    results = script.main(tiny_argv(runs_dir=runs, retrain_epochs=3, stop_after=1))
     assert checkpoint_digests(run_dir) == digests  # the trained run is read, never rewritten
     saved = json.loads((run_dir / "layer_retraining.json").read_text())
     assert list(saved["groups"]) == ["conv1", "conv2", "conv3", "head"] == list(results["groups"])
@@ -103,7 +116,7 @@ def test_main_writes_json_and_plots(tiny_argv, run_copy):
         assert [r["epoch"] for r in curve] == list(range(g["epochs_trained"] + 1))
         # early stop (stop_after=1): it stops at the first epoch with 100% clean accuracy, never before
         assert all(r["clean"] < 1.0 for r in curve[1:-1])
-        assert g["stopped_early"] == (curve[-1]["clean"] == 1.0 and g["epochs_trained"] < 4)
+        assert g["stopped_early"] == (curve[-1]["clean"] == 1.0 and g["epochs_trained"] < 3)
     for png in ("layer_retraining_curves.png", "layer_retraining_noisy.png"):
         assert (run_dir / png).stat().st_size > 10_000
 
