@@ -71,7 +71,8 @@ class Units:
             for pname, p in module.named_parameters():
                 channel = unit == "channel" and p.ndim == 4
                 count = p.shape[0] if channel else p.numel()
-                self.entries.append(Entry(group, pname, f"layers.{group}.{pname}", channel, tuple(p.shape), offset, count))
+                name = f"layers.{group}.{pname}"
+                self.entries.append(Entry(group, pname, name, channel, tuple(p.shape), offset, count))
                 offset += count
         self.n = offset
         self.offsets = [e.offset for e in self.entries]

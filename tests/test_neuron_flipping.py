@@ -72,7 +72,8 @@ def test_units_cover_every_parameter_once(tiny_trained):
     filters = [p for p in model.parameters() if p.ndim == 4]
     assert len(channel) == len(weight) - sum(p.numel() - p.shape[0] for p in filters)  # one unit per filter
     first_bn = next(e for e in channel.entries if not e.channel)
-    assert channel.describe(first_bn.offset) == {"group": "conv1", "param": "bn.weight", "kind": "element", "index": [0]}
+    assert channel.describe(first_bn.offset) == {"group": "conv1", "param": "bn.weight", "kind": "element",
+                                                 "index": [0]}
     assert channel.describe(1) == {"group": "conv1", "param": "conv.weight", "kind": "channel", "index": [1]}
     m = copy.deepcopy(model)
     channel.zero_(m, 1)
@@ -104,8 +105,10 @@ def test_examples_and_reference_batches(tiny_trained):
         ref = reference_batch(data.n_train, i, 30, seed=0)
         assert len(set(ref.tolist())) == 30 and i not in ref.tolist() and int(ref.max()) < data.n_train
         assert torch.equal(ref, reference_batch(data.n_train, i, 30, seed=0))
-    assert not torch.equal(reference_batch(data.n_train, indices[0], 30, 0), reference_batch(data.n_train, indices[1], 30, 0))
-    assert sorted(reference_batch(data.n_train, 7, data.n_train - 1, 0).tolist()) == [j for j in range(data.n_train) if j != 7]
+    assert not torch.equal(reference_batch(data.n_train, indices[0], 30, 0),
+                           reference_batch(data.n_train, indices[1], 30, 0))
+    everyone = reference_batch(data.n_train, 7, data.n_train - 1, 0)
+    assert sorted(everyone.tolist()) == [j for j in range(data.n_train) if j != 7]
     with pytest.raises(UserError, match="n_examples=1000"):
         targets(model, data, 1000)
 
