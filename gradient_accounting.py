@@ -19,6 +19,7 @@ from common.cli import UserError
 from common.data import load_data
 from common.models import model_for
 from common.plots import COLORS, LABELS, accuracy_curves, figure, save
+from common.rewinding import auto_rewind_epochs
 from common.runs import Run, write_json
 from common.training import pick_device, train_run
 
@@ -45,10 +46,13 @@ download = True         # let torchvision download a missing dataset
 overwrite = False       # move aside a run directory trained with another configuration
 # ----------------------------------------------------------------------------- this experiment
 window = 5              # epochs per panel of the norm-per-layer figures (besides the all-epochs panel)
+keep_checkpoints = "all"  # all | needed: once trained, keep only epoch 0, the automatic rewind epochs and the
+                          # final epoch (what rewinding and retraining use by default; see README "Disk")
 memorized_at = 0.9      # noisy-train accuracy (noisy labels) that ends the memorization phase
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.range_check("window", 1, None)
+config.choice_check("keep_checkpoints", ("all", "needed"))
 config.range_check("memorized_at", 0, 1, lo_open=True)
 
 SERIES = ("total", "clean", "noisy")
@@ -82,6 +86,8 @@ def main(argv=()):
                  f" (on {data.device.type} the new checkpoints may differ slightly: non-deterministic kernels)"))
     net, data, run = train_run(cfg, data=data, model=net, backward=accountant.backward,
                                on_epoch=accountant.end_epoch, restart_from=start)
+    if cfg.keep_checkpoints == "needed":
+        run.prune_checkpoints({0, cfg.epochs, *auto_rewind_epochs(cfg.epochs)})
     rows = run.metrics()
     table = epoch_table(rows)
     assert [t["epoch"] for t in table] == list(range(1, cfg.epochs + 1)), "every epoch is accounted"

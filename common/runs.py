@@ -209,6 +209,14 @@ class Run:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "config": self.config, "metrics": metrics, "rng": torch.get_rng_state()})
 
+    def prune_checkpoints(self, keep):
+        """Delete every checkpoint whose epoch is not in `keep` (only for a complete run)."""
+        if not self.is_complete() or not distributed.is_main():
+            return
+        for epoch in self.saved_epochs():
+            if epoch not in keep:
+                self.ckpt_path(epoch).unlink()
+
     def metrics(self):
         return read_jsonl(self.path("metrics.jsonl"))
 

@@ -204,7 +204,10 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
     ckpt = run.load_checkpoint(start)
     run.load_model(model, start)
     optimizer.load_state_dict(ckpt["optimizer"])
-    rows = [r for r in run.metrics() if r["epoch"] < start] + [ckpt["metrics"]]
+    # Rows by epoch: a restart replaces the rows of re-trained epochs one by one and keeps the later
+    # ones meanwhile, so an interrupted restart never leaves a complete run with missing rows.
+    rows = {r["epoch"]: r for r in run.metrics()}
+    rows[start] = ckpt["metrics"]
     steps_per_epoch = len(batch_order(torch.arange(data.n_train), cfg.batch_size, cfg.model_seed, 0))
     if start < cfg.epochs and not quiet:
         ranks = f" x {distributed.world_size()} processes" if distributed.active() else ""
@@ -220,12 +223,12 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
         if on_epoch:
             metrics.update(on_epoch(epoch) or {})
         run.save_checkpoint(epoch, model, optimizer, metrics)
-        rows.append(metrics)
-        run.write_metrics(rows)
+        rows[epoch] = metrics
+        run.write_metrics([rows[e] for e in sorted(rows)])
         if not quiet:
             tqdm.write(f"epoch {epoch:3d}  loss {loss:.3f}  clean {metrics['clean']:.3f}  "
                        f"noisy {metrics['noisy']:.3f}  test {metrics['test']:.3f}")
-    run.write_metrics(rows)
+    run.write_metrics([rows[e] for e in sorted(rows)])
     if start == cfg.epochs:
         run.load_model(model, cfg.epochs)
     distributed.barrier()  # rank 0's files are complete before any rank reads them

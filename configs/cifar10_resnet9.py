@@ -11,3 +11,6 @@ schedule = "triangle"
 warmup = 0.25
 weight_decay = 5e-4
 augment = False
+
+# neuron flipping: robust gradient over noised copies of the inputs, as the authors did
+n_eot = 5

@@ -19,13 +19,13 @@ from conftest import REPO, TINY
 
 # ----------------------------------------------------------------------------- config
 
-DEFAULTS = dict(TINY, rewind_epochs=[0, 5], note=None)
+DEFAULTS = dict(TINY, some_list=[0, 5], note=None)
 
 
 def test_config_overrides_and_types(tmp_path):
-    cfg = config.parse(DEFAULTS, ["--lr=1", "--dataset=mnist", "--rewind_epochs=[1,2]", "--augment=True"])
+    cfg = config.parse(DEFAULTS, ["--lr=1", "--dataset=mnist", "--some_list=[1,2]", "--augment=True"])
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.dataset == "mnist" and cfg.rewind_epochs == [1, 2] and cfg.augment is True
+    assert cfg.dataset == "mnist" and cfg.some_list == [1, 2] and cfg.augment is True
     preset = tmp_path / "preset.py"
     preset.write_text("epochs = 7\nlr = 0.2\nn_eot = 5  # a key of another script: ignored\n")
     cfg = config.parse(DEFAULTS, [str(preset), "--lr=0.3"])

@@ -47,3 +47,43 @@ def test_corrupt_json_is_a_clear_error(tmp_path):
     path.write_text('{"a": ')
     with pytest.raises(UserError, match="not valid JSON"):
         read_json(path)
+
+
+def test_keep_checkpoints_needed_prunes_only_unused(tiny_argv, tmp_path):
+    import gradient_accounting
+    from common.rewinding import auto_rewind_epochs
+    gradient_accounting.main(tiny_argv(tmp_path / "runs", epochs=12, keep_checkpoints="needed"))
+    run_dir = next((tmp_path / "runs").iterdir())
+    kept = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("epoch_*.pt"))
+    assert kept == sorted({0, 12, *auto_rewind_epochs(12)}) and len(kept) < 13
+    import layer_rewinding  # the default sweep still finds every checkpoint it needs
+    out = layer_rewinding.main(tiny_argv(tmp_path / "runs", epochs=12))
+    assert out["rewind_epochs"] == auto_rewind_epochs(12)
+
+
+def test_sigkill_during_training_then_resume_is_exact(tiny_trained, tiny_argv, tmp_path):
+    """Kill the trainer (SIGKILL) during an epoch, re-run the same command: same final weights and
+    accounting as an uninterrupted run (the shared tiny run was trained by plain training, which the
+    accounting trainer matches bit for bit on a CPU)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    _, model, _, _ = tiny_trained
+    cmd = [sys.executable, str(REPO / "gradient_accounting.py")] + tiny_argv(tmp_path / "runs")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/checkpoints/epoch_003.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert not (run_dir / "checkpoints" / "epoch_020.pt").exists()  # really interrupted mid-training
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = torch.load(run_dir / "checkpoints" / "epoch_020.pt", weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(final[k], v), k
+    acct = read_json(run_dir / "gradient_accounting.json")
+    assert [e["epoch"] for e in acct["epochs"]] == list(range(1, 21))
