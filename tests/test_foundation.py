@@ -252,3 +252,14 @@ def test_tiny_run_memorizes(tiny_trained):
     acc = accuracies(model, data)
     assert acc["noisy"] >= 0.95 and acc["clean"] >= 0.99 and acc["test"] > 0.8, acc
     assert int(data.noisy.sum()) == round(0.1 * 512)
+
+
+def test_scripts_share_the_run_keys():
+    """The five scripts define the shared keys with the same defaults (together they identify the run)."""
+    import importlib
+    from common.config import TRAIN_KEYS
+    shared = TRAIN_KEYS + ("amp", "device", "runs_dir", "download", "overwrite")
+    scripts = ["gradient_accounting", "layer_rewinding", "layer_retraining", "neuron_flipping", "example_tied_dropout"]
+    knobs = {s: importlib.import_module(s).KNOBS for s in scripts}
+    for s in scripts:
+        assert {k: knobs[s][k] for k in shared} == {k: knobs[scripts[0]][k] for k in shared}, s
