@@ -13,7 +13,7 @@ import time
 from common import cli, config, plots
 from common.evaluation import accuracies
 from common.models import group_params
-from common.rewinding import (BN_MODES, Rewinder, check_rewind_epochs, load_rewind_states, resolve_rewind_epochs, rewind_keys,
+from common.rewinding import (BN_MODES, Rewinder, load_rewind_states, resolve_rewind_epochs, rewind_keys,
                               rewind_sweep)
 from common.runs import write_json
 from common.training import trained_run
@@ -40,14 +40,14 @@ runs_dir = "runs"       # relative to the repository root
 download = True         # let torchvision download a missing dataset
 overwrite = False       # move aside a run directory trained with another configuration
 # ----------------------------------------------------------------------------- this experiment
-rewind_epochs = None        # checkpoints to rewind to (0 = initialization); None = auto: 0, 10/25/50/75% of epochs, epochs-1
+rewind_epochs = None          # checkpoints to rewind to (0 = initialization); None: 0, 10/25/50/75% of epochs, epochs-1
 rewind_bn_stats = "recompute"  # BatchNorm statistics of the rewound group: recompute (re-estimated on the training
-                            # images for the network it now sits in) | checkpoint (the checkpoint's, with its weights) |
-                            # final (parameters only, as the authors did: old weights normalized with final statistics)
-critical_threshold = 0.5    # critical group: rewinding it alone to the earliest rewind epoch leaves noisy acc. (noisy label) below this
+                              # images for the network it now sits in) | checkpoint (the checkpoint's, with its
+                              # weights) | final (parameters only, as the authors: old weights, final statistics)
+critical_threshold = 0.5      # critical group: rewound alone to the earliest rewind epoch, it leaves fewer than this
+                              # fraction of the noisy examples predicted with their noisy label
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())   # the constants above; overridden by config files and --key=value
-config.register_check("rewind_epochs", lambda v, cfg: check_rewind_epochs(v, cfg["epochs"]))
 config.choice_check("rewind_bn_stats", BN_MODES)
 config.range_check("critical_threshold", 0, 1)
 
@@ -59,9 +59,11 @@ BN_TEXT = {"recompute": "weights; BatchNorm statistics re-estimated on the train
 
 def main(argv=()):
     cfg = config.parse(KNOBS, argv)
-    model, data, run = trained_run(cfg)                       # the final model (trained first if missing)
+    # Checked here, before any training, not with config.register_check: those checks are global and
+    # would also judge other scripts' (or tests') keys of the same name.
     epochs = resolve_rewind_epochs(cfg.rewind_epochs, cfg.epochs)
-    keys = rewind_keys(model, cfg.rewind_bn_stats)            # per group: parameters (+ BatchNorm buffers unless "final")
+    model, data, run = trained_run(cfg)                       # the final model (trained first if missing)
+    keys = rewind_keys(model, cfg.rewind_bn_stats)            # per group: parameters (+ BatchNorm buffers)
     groups = list(keys)
     states = load_rewind_states(run, epochs, keys, model, data.device)   # each checkpoint read once
     rewinder = Rewinder(model, states, keys)
@@ -103,8 +105,8 @@ def main(argv=()):
 def print_table(run, cfg, groups, epochs, acc, final, critical, seconds):
     first = epochs[0]
     bn = BN_TEXT[cfg.rewind_bn_stats]
-    print(f"\nlayer rewinding of {run.dir.name}: {len(groups)} groups x {len(epochs)} rewind epochs in {seconds:.1f} s; "
-          f"rewound: {bn}")
+    print(f"\nlayer rewinding of {run.dir.name}: {len(groups)} groups x {len(epochs)} rewind epochs "
+          f"in {seconds:.1f} s; rewound: {bn}")
     print(f"accuracy (%) with one group rewound to epoch {first}" + (" (initialization)" if first == 0 else "")
           + f"; then noisy accuracy per rewind epoch")
     head = f"{'group':<10} {'clean':>6} {'noisy':>6} {'n.true':>6} {'test':>6}  |" + "".join(f"{e:>6}" for e in epochs)

@@ -86,8 +86,9 @@ def load_rewind_states(run, epochs, keys, model, device):
     saved = run.saved_epochs()
     missing = [e for e in epochs if e not in saved]
     if missing:
-        raise UserError(f"run {run.dir} has no checkpoint for epoch {missing[0]} (saved: {_epoch_list(saved) or 'none'}); "
-                        f"choose --rewind_epochs among the saved epochs, or retrain the run with --overwrite=True")
+        raise UserError(f"run {run.dir} has no checkpoint for epoch {missing[0]} "
+                        f"(saved: {_epoch_list(saved) or 'none'}); choose --rewind_epochs among the saved epochs, "
+                        f"or move the run directory aside and re-run to retrain it")
     own = model.state_dict()
     wanted = [k for group in keys.values() for k in group]
     states = {}
