@@ -31,6 +31,10 @@ def figure(title, cfg, ncols=1, nrows=1, panel=(5.0, 3.8), **kwargs):
 def save(fig, path):
     """Save as PNG atomically and close the figure; returns the path."""
     path = Path(path)
+    from . import distributed
+    if not distributed.is_main():  # under torchrun rank 0 draws the one copy
+        plt.close(fig)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.tight_layout()
