@@ -6,26 +6,29 @@
 - authors: the method of the paper's code: backward the clean part, copy every parameter gradient
            to the CPU and take its norms there, the same for the noisy part, then a third backward
            of the whole loss for the step (3 backwards + 2 gradient copies per step).
-Same model state, same batches (common.training.train_epoch); the three are timed alternately,
-`repeats` times, and medians are reported as ratios to plain. Also checks that ours leaves the
-weights bit-identical to plain training.
+Each method trains its own copy of the model from the same initial state on the same batches. The
+CPU is shared, so the methods are interleaved step by step (rotating which goes first): a slow
+minute hits all three alike. Reported: per-epoch time (sum of its step times, median over
+`repeats` epochs), ratios of those medians, and the median of the per-step ratios. Also checks that
+ours leaves the weights bit-identical to plain training.
 
     python bench/bench_gradient_accounting.py [--repeats=3] [--batch_size=128] [--device=cpu]
 """
-import copy
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import config  # noqa: E402
 from common.accounting import GradientAccountant  # noqa: E402
 from common.data import load_data  # noqa: E402
+from common.evaluation import autocast  # noqa: E402
 from common.models import group_params, model_for  # noqa: E402
-from common.training import make_optimizer, pick_device, train_epoch  # noqa: E402
+from common.training import batch_order, lr_factor, make_optimizer, pick_device  # noqa: E402
 
 KNOBS = dict(dataset="mnist_5k", model="resnet9", width=0.25, noise=0.1, seed=0, model_seed=0, epochs=20,
              batch_size=128, lr=0.05, schedule="triangle", warmup=0.25, momentum=0.9, weight_decay=5e-4,
@@ -57,48 +60,72 @@ def main(argv):
     cfg = config.parse(KNOBS, argv)
     device = pick_device(cfg.device)
     data = load_data(cfg, device)
-    model = model_for(cfg, data)
-    opt = make_optimizer(model.parameters(), cfg)
-    start = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
-    indices = torch.arange(data.n_train, device=device)
-    steps = len(indices.split(cfg.batch_size))
-    ours, authors = GradientAccountant(model, data.noisy), AuthorsAccounting(model, data.noisy)
+    batches = batch_order(torch.arange(data.n_train, device=device), cfg.batch_size, cfg.model_seed, 1)
+    total_steps = cfg.epochs * len(batches)
+    models, opts, hooks = {}, {}, {}
+    for name in ("plain", "ours", "authors"):
+        models[name] = model_for(cfg, data)  # the same initialization (model_seed) for each
+        opts[name] = make_optimizer(models[name].parameters(), cfg)
+    ours = GradientAccountant(models["ours"], data.noisy)
+    hooks = {"plain": None, "ours": ours.backward, "authors": AuthorsAccounting(models["authors"], data.noisy).backward}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def epoch(backward, after=None):
-        model.load_state_dict(start[0])  # every measurement starts from the same state
-        opt.load_state_dict(start[1])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def step(name, i, idx):
+        """One step as common.training.train_epoch takes it, timed."""
+        model, opt = models[name], opts[name]
+        sync()
         t = time.perf_counter()
-        train_epoch(model, data, indices, opt, cfg, epoch=1, step0=0, total_steps=cfg.epochs * steps,
-                    backward=backward, desc="bench")
-        if after:
-            after()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(i / total_steps, cfg.schedule, cfg.warmup)
+        x, y = data.batch(idx), data.labels(idx)
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, cfg.amp):
+            logits = model(x, index=idx)
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        if hooks[name] is None:
+            losses.mean().backward()
+        else:
+            hooks[name](losses, idx)
+        opt.step()
+        if name == "ours" and i % len(batches) == len(batches) - 1:
+            ours.end_epoch()  # the epoch's reduction is part of the cost
+        sync()
         return time.perf_counter() - t
 
-    methods = {"plain": (None, None), "ours": (ours.backward, ours.end_epoch), "authors": (authors.backward, None)}
+    names = list(models)
     print(f"{cfg.dataset} ({data.n_train} train, {int(data.noisy.sum())} noisy), {cfg.model} x{cfg.width}, "
-          f"batch {cfg.batch_size}, {steps} steps, {device}, {torch.get_num_threads()} threads, "
-          f"{cfg.repeats} alternating repeats")
-    epoch(*methods["plain"])
-    plain_weights = copy.deepcopy(model.state_dict())
-    epoch(*methods["ours"])
-    identical = all(torch.equal(plain_weights[k], v) for k, v in model.state_dict().items())
-    print(f"ours leaves the weights bit-identical to plain training after one epoch: {identical}")
-    epoch(*methods["authors"])  # warm-up of the last one
-    times = {name: [] for name in methods}
-    for r in range(cfg.repeats):
-        order = list(methods) if r % 2 == 0 else list(methods)[::-1]  # alternate the order too
-        for name in order:
-            times[name].append(epoch(*methods[name]))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in times.items():
-        print(f"{name:8s} median {med[name]:7.2f}s  (runs: {', '.join(f'{x:.2f}' for x in t)})")
-    print(f"ours / plain    x{med['ours'] / med['plain']:.2f}   (floor ~x1.67: 5/3 of a step's FLOPs)")
-    print(f"authors / plain x{med['authors'] / med['plain']:.2f}")
-    print(f"authors / ours  x{med['authors'] / med['ours']:.2f}")
+          f"batch {cfg.batch_size}, {len(batches)} steps per epoch, {device}, {torch.get_num_threads()} threads; "
+          f"1 warm-up + {cfg.repeats} epochs, methods interleaved step by step")
+    for k, idx in enumerate(batches[:3]):  # warm-up steps (allocator, kernels); all stay in lockstep
+        for name in names:
+            step(name, k, idx)
+    epochs, ratios = {n: [] for n in names}, {"ours": [], "authors": []}
+    i = 3
+    for r in range(cfg.repeats + 1):
+        per = {n: 0.0 for n in names}
+        for k, idx in enumerate(batches):
+            order = names[(i % 3):] + names[:(i % 3)]
+            t = {n: step(n, i, idx) for n in order}
+            i += 1
+            for n in names:
+                per[n] += t[n]
+            if r > 0:
+                for n in ratios:
+                    ratios[n].append(t[n] / t["plain"])
+        if r > 0:
+            for n in names:
+                epochs[n].append(per[n])
+        print(f"  epoch {r}{' (warm-up)' if r == 0 else ''}: " + ", ".join(f"{n} {per[n]:.1f}s" for n in names),
+              flush=True)
+    identical = all(torch.equal(v, models["ours"].state_dict()[k]) for k, v in models["plain"].state_dict().items())
+    print(f"ours left the weights bit-identical to plain training ({i} steps): {identical}")
+    med = {n: statistics.median(t) for n, t in epochs.items()}
+    for n in names:
+        print(f"{n:8s} epoch median {med[n]:7.2f}s  (epochs: {', '.join(f'{x:.2f}' for x in epochs[n])})")
+    for n in ratios:
+        print(f"{n} / plain: x{med[n] / med['plain']:.2f} (epoch medians), x{statistics.median(ratios[n]):.2f} "
+              f"(median of per-step ratios)")
+    print(f"authors / ours: x{med['authors'] / med['ours']:.2f}   (ours' floor ~x1.67 of plain: 5/3 of a step's FLOPs)")
     return med
 
 
