@@ -144,12 +144,12 @@ def test_accounts_a_plain_run_bit_identically(tiny_trained, tiny_argv, tmp_path)
     assert gradient_accounting.main(tiny_argv(runs_dir=runs)) == results
     assert run.ckpt_path(cfg.epochs).stat().st_mtime_ns == mtime
 
-    # epochs 16.. trained later without accounting (e.g. by another script): only those are re-trained
+    # epochs 19.. trained later without accounting (e.g. by another script): only those are re-trained
     rows = read_jsonl(run.path("metrics.jsonl"))
-    write_jsonl(run.path("metrics.jsonl"), [{k: v for k, v in r.items() if k != KEY or r["epoch"] <= 15} for r in rows])
-    before = {e: run.ckpt_path(e).stat().st_mtime_ns for e in (15, 16)}
+    write_jsonl(run.path("metrics.jsonl"), [{k: v for k, v in r.items() if k != KEY or r["epoch"] <= 18} for r in rows])
+    before = {e: run.ckpt_path(e).stat().st_mtime_ns for e in (18, 19)}
     again = gradient_accounting.main(tiny_argv(runs_dir=runs))
-    assert run.ckpt_path(15).stat().st_mtime_ns == before[15] and run.ckpt_path(16).stat().st_mtime_ns != before[16]
+    assert run.ckpt_path(18).stat().st_mtime_ns == before[18] and run.ckpt_path(19).stat().st_mtime_ns != before[19]
     assert again == results  # bit-identical re-training gives the same numbers
     assert _ckpt_equal(run.ckpt_path(cfg.epochs), plain.ckpt_path(cfg.epochs))
 
