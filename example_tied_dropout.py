@@ -70,8 +70,8 @@ COLUMNS = ("clean", "noisy", "noisy_true", "test", "gap")
 def train_variant(cfg, data, plain_run, name, factory, identity, on_epoch=None):
     """Train (or reuse) a dropout variant in <run>/example_tied_dropout/<name>/ for etd_epochs;
     `identity` (its dropout settings) joins the training keys in its config.json."""
-    vcfg = SimpleNamespace(**{**vars(cfg), "epochs": cfg.etd_epochs, "variant": name, **identity})
-    run = Run(vcfg, directory=plain_run.dir / "example_tied_dropout" / name, extra_keys=("variant", *identity))
+    vcfg = SimpleNamespace(**{**vars(cfg), "epochs": cfg.etd_epochs, **identity})
+    run = Run(vcfg, directory=plain_run.dir / "example_tied_dropout" / name, extra_keys=tuple(identity))
     model = model_for(vcfg, data, dropout=factory)       # same initial weights as the plain run
     t0 = time.time()
     model, _, run = train_run(vcfg, data=data, model=model, run=run, on_epoch=on_epoch and on_epoch(model))
@@ -109,7 +109,7 @@ def bar_chart(rows, cfg):
         label = r["model"] + ("" if r["mode"] == "-" else f" [{r['mode']}]")
         bars = ax.bar(xs, ys, w, label=label)
         for x, y, s in zip(xs, ys, subsets):
-            ax.text(x, y + 1, "n/a" if r[s] is None else f"{y:.0f}", ha="center", fontsize=6)
+            ax.text(x, y + 1, "n/a" if r[s] is None else f"{y:.1f}", ha="center", fontsize=5.5)
     ax.set_xticks(range(len(subsets)), [plots.LABELS[s] for s in subsets], fontsize=8)
     ax.set_xlabel("subset")
     ax.set_ylabel("accuracy (%)")
@@ -138,11 +138,15 @@ def curves(metrics, plain_test, cfg):
 def gallery(data, clean_forgotten, noisy_kept, drop_pred, cfg, n=8):
     """Clean examples forgotten by the drop (top) and noisy examples still memorized after it (bottom)."""
     n = max(1, n)
+
+    def spread(idx):  # n examples from all over the list (it is sorted by index, and the classes are not mixed)
+        return idx[torch.linspace(0, len(idx) - 1, min(n, len(idx))).round().long().to(idx.device)] if len(idx) else idx
+
     fig, axes = plots.figure("Example-tied dropout: training examples the drop changes (label = the label trained on, "
                              "true = original label, drop = prediction after the drop)", cfg, ncols=n, nrows=2,
                              panel=(1.7, 1.9))
-    for r, (idx, what) in enumerate(((clean_forgotten, f"clean, forgotten after drop ({len(clean_forgotten)})"),
-                                     (noisy_kept, f"noisy, still memorized after drop ({len(noisy_kept)})"))):
+    for r, (idx, what) in enumerate(((spread(clean_forgotten), f"clean, forgotten after drop ({len(clean_forgotten)})"),
+                                     (spread(noisy_kept), f"noisy, still memorized after drop ({len(noisy_kept)})"))):
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([]), ax.set_yticks([])
             if c >= len(idx):
@@ -181,18 +185,10 @@ def main(argv=()):
     plain, data, run = trained_run(cfg)                   # the no-dropout baseline (trained first if missing)
     rows = [row(f"no dropout ({cfg.epochs} epochs)", dropout.evaluate(plain, data, "keep", cfg.amp)[0])]
 
-    # Standard (unit-wise) dropout at the rate ETD drops in expectation: (1 - p_gen)(1 - p_mem).
-    rate = dropout.matched_rate(cfg.p_gen, cfg.p_mem)
-    std, _, std_time = train_variant(cfg, data, run, f"standard_dropout_p{rate:.4g}",
-                                     dropout.standard_dropout_factory(rate), {"dropout_rate": rate})
-    rows.append(row(f"standard dropout p={rate:.3g}", dropout.evaluate(std, data, "keep", cfg.amp)[0]))
-    rows.append(row(f"standard dropout p={rate:.3g}, BN re-estimated",   # without dropout's variance shift
-                    dropout.evaluate(dropout.recalibrate_batchnorm(std, data), data, "keep", cfg.amp)[0]))
-
     # Example-tied dropout, for p_mem and every value of the optional sweep.
-    results, times, preds = {}, {"standard_dropout": std_time}, {}
+    results, times, preds, etd_rows = {}, {}, {}, []
     for pm in [cfg.p_mem] + [p for p in cfg.p_mem_sweep if p != cfg.p_mem]:
-        name = f"etd_pgen{cfg.p_gen:g}_pmem{pm:g}"
+        name = f"etd_pgen{cfg.p_gen:g}_pmem{pm:g}_ep{cfg.etd_epochs}"
         etd, etd_run, times[name] = train_variant(
             cfg, data, run, name, dropout.etd_factory(cfg.p_gen, pm, cfg.model_seed, cfg.drop_rescale),
             {"p_gen": cfg.p_gen, "p_mem": pm}, on_epoch=etd_curves(data, cfg))
@@ -200,9 +196,19 @@ def main(argv=()):
         for m in dropout.MODES:
             acc, preds[pm, m] = dropout.evaluate(etd, data, m, cfg.amp)
             results[pm][m] = acc
-            rows.append(row(f"example-tied p_gen={cfg.p_gen:g} p_mem={pm:g}", acc, m))
+            etd_rows.append(row(f"example-tied p_gen={cfg.p_gen:g} p_mem={pm:g}", acc, m))
         if pm == cfg.p_mem:
             main_run = etd_run
+
+    # Standard (unit-wise) dropout at the rate ETD drops in expectation: (1 - p_gen)(1 - p_mem).
+    rate = dropout.matched_rate(cfg.p_gen, cfg.p_mem)
+    name = f"standard_dropout_p{rate:.4g}_ep{cfg.etd_epochs}"
+    std, _, times[name] = train_variant(cfg, data, run, name, dropout.standard_dropout_factory(rate),
+                                        {"dropout_rate": rate})
+    rows.append(row(f"standard dropout p={rate:.3g}", dropout.evaluate(std, data, "keep", cfg.amp)[0]))
+    rows.append(row(f"standard dropout p={rate:.3g}, BN re-estimated",   # without dropout's variance shift
+                    dropout.evaluate(dropout.recalibrate_batchnorm(std, data), data, "keep", cfg.amp)[0]))
+    rows += etd_rows
     print_table(rows)
 
     # Which training examples does the drop change? Forgotten clean ones, and noisy ones still memorized.

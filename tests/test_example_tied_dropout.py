@@ -189,7 +189,7 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path):
     assert saved["table"][0]["noisy"] >= 0.95  # the plain run memorized them
     for what in ("bars", "curves", "gallery"):
         assert (runs / run.dir.name / f"example_tied_dropout_{what}.png").stat().st_size > 10_000
-    variant = runs / run.dir.name / "example_tied_dropout" / "etd_pgen0.4_pmem0.2"
+    variant = runs / run.dir.name / "example_tied_dropout" / "etd_pgen0.4_pmem0.2_ep12"
     rows = [json.loads(line) for line in (variant / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(13)) and {"tied", "drop"} <= set(rows[-1])
     before = (variant / "checkpoints" / "epoch_012.pt").read_bytes()
