@@ -189,7 +189,7 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path):
     assert saved["table"][0]["noisy"] >= 0.95  # the plain run memorized them
     for what in ("bars", "curves", "gallery"):
         assert (runs / run.dir.name / f"example_tied_dropout_{what}.png").stat().st_size > 10_000
-    variant = runs / run.dir.name / "example_tied_dropout" / "etd_pgen0.4_pmem0.2_ep12"
+    variant = runs / run.dir.name / "example_tied_dropout" / "etd_pgen0.5_pmem0.2_ep12"
     rows = [json.loads(line) for line in (variant / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(13)) and {"tied", "drop"} <= set(rows[-1])
     before = (variant / "checkpoints" / "epoch_012.pt").read_bytes()
@@ -208,10 +208,18 @@ def test_bad_knob_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("arg, message", [("--p_mem=0", "p_mem=0.0 is outside (0, 1)"),
                                           ("--p_mem_sweep=[0.1,2]", "p_mem_sweep=[0.1, 2] must list values in (0, 1)"),
-                                          ("--etd_epochs=0", "etd_epochs=0 is outside [1, inf)")])
+                                          ("--etd_epochs=-1", "etd_epochs=-1 is outside [0, inf)")])
 def test_knob_validation(arg, message):
     import example_tied_dropout as script
     from common import config
     with pytest.raises(UserError) as e:
         config.parse(script.KNOBS, [arg])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_variants_default_to_the_plain_runs_epochs():
+    """etd_epochs=0 gives the dropout variants the plain run's budget, so the comparison is like for like."""
+    import example_tied_dropout as script
+    from types import SimpleNamespace
+    assert script.variant_epochs(SimpleNamespace(etd_epochs=0, epochs=20)) == 20
+    assert script.variant_epochs(SimpleNamespace(etd_epochs=12, epochs=20)) == 12
