@@ -136,6 +136,8 @@ def curves(metrics, plain_test, cfg):
         if "test" in keys:
             ax.axhline(100 * plain_test, color="gray", ls="--", lw=1, label="test, no dropout (final)")
         plots.accuracy_curves(ax, rows, keys)
+        if not rows:  # a variant trained before these evaluations were recorded per epoch
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=9)
     return fig
 

@@ -13,7 +13,6 @@ import time
 from types import SimpleNamespace
 
 import torch
-from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 from common import cli, config, plots
@@ -177,7 +176,6 @@ def plot_curves(results, cfg, path):
                               xlabel="retraining epoch (0 = after reset)")
         ax.axhline(100 * results["final_model"]["noisy"], color=plots.COLORS["noisy"], ls=":", lw=1,
                    label="noisy, final model (before reset)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"retrain {name}", fontsize=10)
         ax.get_legend().remove()
     for ax in list(axes.flat)[len(names):]:

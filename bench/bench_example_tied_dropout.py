@@ -7,7 +7,7 @@ mask memory per layer: ours (nothing stored), one bit per (example, channel), an
 dense float32 N x C x H x W table, for the default run and for CIFAR-10 with full-width ResNet-9
 (50,000 examples; computed from the shapes, no CIFAR data is loaded).
 
-    python bench/bench_example_tied_dropout.py [--repeats=3] [--p_gen=0.4] [--p_mem=0.2]
+    python bench/bench_example_tied_dropout.py [--repeats=3] [--p_gen=0.5] [--p_mem=0.2]
 """
 import copy
 import statistics
@@ -26,7 +26,7 @@ from common.training import make_optimizer, train_epoch  # noqa: E402
 
 KNOBS = dict(dataset="mnist_5k", model="resnet9", width=0.25, noise=0.1, seed=0, model_seed=0, batch_size=128,
              lr=0.05, schedule="triangle", warmup=0.25, momentum=0.9, weight_decay=5e-4, augment=False, amp=True,
-             p_gen=0.4, p_mem=0.2, repeats=3)
+             p_gen=0.5, p_mem=0.2, repeats=3)
 
 
 def fmt_bytes(n):

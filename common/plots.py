@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
           "total": "black", "train": "tab:purple"}
@@ -50,6 +51,7 @@ def accuracy_curves(ax, rows, keys=("clean", "noisy", "test"), x="epoch", xlabel
     for k in keys:
         ax.plot(xs, [100 * r[k] for r in rows], marker=".", color=COLORS.get(k), label=LABELS.get(k, k))
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not fractions of one
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
