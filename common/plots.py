@@ -17,8 +17,11 @@ LABELS = {"clean": "clean train", "noisy": "noisy train (noisy label = memorized
 def subtitle(cfg):
     """One line describing the run: dataset, model, noise, seeds, epochs."""
     width = f" x{cfg.width:g}" if getattr(cfg, "width", 1) != 1 else ""
-    return (f"{cfg.dataset} | {cfg.model}{width} | {cfg.noise:.0%} label noise | seed {cfg.seed}, "
-            f"model seed {cfg.model_seed} | {cfg.epochs} epochs, lr {cfg.lr:g} {cfg.schedule}")
+    seeds = getattr(cfg, "seeds", None)  # a figure averaged over runs (the reproduction report)
+    seed = (f"seeds {', '.join(map(str, seeds))} (data = model seed)" if seeds is not None
+            else f"seed {cfg.seed}, model seed {cfg.model_seed}")
+    return (f"{cfg.dataset} | {cfg.model}{width} | {cfg.noise:.0%} label noise | {seed} | "
+            f"{cfg.epochs} epochs, lr {cfg.lr:g} {cfg.schedule}")
 
 
 def figure(title, cfg, ncols=1, nrows=1, panel=(5.0, 3.8), **kwargs):

@@ -5,6 +5,7 @@ Every number in REPORT.md is computed here from those JSON files; nothing is typ
 """
 import shutil
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -202,9 +203,9 @@ def tied_dropout(res, cfg, out):
                label=LABELS[k], capsize=2)
     ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)  # headroom for the legend above the bars
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     fig_path = save(fig, out / "example_tied_dropout.png")
     rows = [(lab,) + tuple(_ms(vals[k][:, i] / 100) for k in keys) for i, lab in enumerate(labels)]
     text = _table(["model [evaluation mode]", "clean train (%)", "noisy, noisy label (%)", "noisy, true label (%)",
@@ -231,10 +232,11 @@ def write_report(out, label, cfg, seeds, results, timings, machine, command):
     """Write out/REPORT.md (+ figures) from the experiments' JSON results; returns its path."""
     out.mkdir(parents=True, exist_ok=True)
     claims, body = [], []
+    fig_cfg = SimpleNamespace(**{**vars(cfg), "seeds": list(seeds)})  # subtitles name every seed averaged
     for exp, title, fn in SECTIONS:
         if exp not in results:
             continue
-        fig_path, text, claim = fn(results[exp], cfg, out)
+        fig_path, text, claim = fn(results[exp], fig_cfg, out)
         claims.append(claim)
         body += [f"## {title}", "", f"![{title}]({fig_path.name})", "", text, ""]
     walls = {}

@@ -254,6 +254,25 @@ def test_tiny_run_memorizes(tiny_trained):
     assert int(data.noisy.sum()) == round(0.1 * 512)
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+def test_every_preset_parses_for_every_script(preset):
+    """Each preset is accepted by all five scripts and sets what it says (a typo'd key would be ignored
+    by config files, so check the preset's own keys reach the configuration)."""
+    import importlib
+    import runpy
+    path = str(REPO / "configs" / preset)
+    own = config.knobs(runpy.run_path(path))
+    scripts = ["gradient_accounting", "layer_rewinding", "layer_retraining", "neuron_flipping", "example_tied_dropout"]
+    known = set()
+    for s in scripts:
+        module = importlib.import_module(s)
+        cfg = vars(config.parse(module.KNOBS, [path]))
+        assert cfg["config_file"] == preset[:-3]
+        known |= {k for k in own if k in cfg and cfg[k] == own[k]}
+    assert known == set(own), f"keys no script knows: {set(own) - known}"
+    assert own["dataset"] in __import__("common.data", fromlist=["DATASETS"]).DATASETS
+
+
 def test_scripts_share_the_run_keys():
     """The five scripts define the shared keys with the same defaults (together they identify the run)."""
     import importlib
