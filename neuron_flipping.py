@@ -217,8 +217,8 @@ def plot_examples(results, data, cfg, path):
     fig, axes = plots.figure("Neuron flipping: examples (train = training label, true = original label)", cfg,
                              ncols=max(1, len(shown)), panel=(1.9, 2.3))
     for ax, r in zip(axes.flat, shown):
-        img = data.x_train[r["index"]].cpu()
-        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray")
+        img = data.x_train[r["index"]].cpu().numpy()
+        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray")
         units = f"{r['n_units']} unit{'s' if r['n_units'] != 1 else ''}"
         status = units if r["flipped"] else f"not flipped after {units}"
         back = " = true" if r["kind"] == "noisy" and r["prediction"] == r["true_label"] else ""
