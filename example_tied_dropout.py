@@ -69,11 +69,12 @@ COLUMNS = ("clean", "noisy", "noisy_true", "test", "gap")
 
 
 def variant_epochs(cfg):
+    """Epochs of the dropout variants: etd_epochs, or the plain run's when 0 (like-for-like baseline)."""
     return cfg.etd_epochs or cfg.epochs
 
 
 def train_variant(cfg, data, plain_run, name, factory, identity, on_epoch=None):
-    """Train (or reuse) a dropout variant in <run>/example_tied_dropout/<name>/ for etd_epochs;
+    """Train (or reuse) a dropout variant in <run>/example_tied_dropout/<name>/ for variant_epochs(cfg);
     `identity` (its dropout settings) joins the training keys in its config.json."""
     vcfg = SimpleNamespace(**{**vars(cfg), "epochs": variant_epochs(cfg), **identity})
     run = Run(vcfg, directory=plain_run.dir / "example_tied_dropout" / name, extra_keys=tuple(identity))
@@ -136,8 +137,6 @@ def curves(metrics, plain_test, cfg):
         if "test" in keys:
             ax.axhline(100 * plain_test, color="gray", ls="--", lw=1, label="test, no dropout (final)")
         plots.accuracy_curves(ax, rows, keys)
-        if not rows:  # a variant trained before these evaluations were recorded per epoch
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=9)
     return fig
 
