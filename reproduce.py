@@ -41,11 +41,16 @@ EXPERIMENTS = ("gradient_accounting", "layer_rewinding", "layer_retraining", "ne
 NOT_RESULTS = ("device", "download", "overwrite", "runs_dir")
 
 
+def _key(arg):
+    """'lr' for '--lr=0.1'."""
+    return arg[2:].partition("=")[0]
+
+
 def split_argv(argv):
     """(this script's own arguments, preset files, --key=value overrides for the experiments)."""
     own, presets, rest = [], [], []
     for arg in argv:
-        key = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        key = _key(arg) if arg.startswith("--") else None
         (own if key in KNOBS else rest if key else presets if arg.endswith(".py") else own).append(arg)
     return own, presets, rest
 
@@ -93,10 +98,15 @@ def main(argv=()):
             raise UserError(f"config file {p} not found; give the path to a file in configs/")
     label = cfg.name or (Path(presets[-1]).stem if presets else "default")
     out = (Path(cfg.reports_dir) if Path(cfg.reports_dir).is_absolute() else REPO / cfg.reports_dir) / label
-    script_argv = presets + ([overrides_file(out / "overrides.py", rest)] if rest else [])
     modules = {e: importlib.import_module(e) for e in EXPERIMENTS}
-    for m in modules.values():  # validate every override before hours of work
-        config.parse(m.KNOBS, script_argv)
+    known = set().union(*(m.KNOBS for m in modules.values()))
+    for arg in rest:  # a config file ignores keys it does not know, so a typo would pass silently
+        if _key(arg) not in known:
+            raise UserError(f"unknown key --{_key(arg)}: no experiment uses it; "
+                            f"valid keys: {', '.join(sorted(known | set(KNOBS)))}")
+    for m in modules.values():  # validate every override before writing anything or hours of work
+        config.parse(m.KNOBS, presets + [a for a in rest if _key(a) in m.KNOBS])
+    script_argv = presets + ([overrides_file(out / "overrides.py", rest)] if rest else [])
 
     timings_path = out / "timings.json"
     timings = read_json(timings_path) if timings_path.is_file() else {}

@@ -135,3 +135,20 @@ def test_no_traceback_from_a_real_command(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
     assert "unknown model 'alexnet'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such=1"], "unknown key --no_such: no experiment uses it"),   # a config file would ignore it
+    (["--noise=2.0"], "noise=2.0 is outside [0, 1)"),
+])
+def test_reproduce_refuses_overrides_before_writing(monkeypatch, capsys, tmp_path, argv, message):
+    """make reproduce ARGS=... : a typo'd key or a bad value stops it at once; its report folder
+    (and a previous overrides.py in it) is left as it was."""
+    import reproduce
+    reports = tmp_path / "reports"
+    (reports / "default").mkdir(parents=True)
+    (reports / "default" / "overrides.py").write_text("noise = 0.2\n")
+    before = snapshot(reports)
+    line = refuse(monkeypatch, capsys, reproduce, [f"--reports_dir={reports}", *argv])
+    assert message in line
+    assert snapshot(reports) == before
