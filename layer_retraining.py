@@ -27,7 +27,7 @@ from common.training import SCHEDULES, batch_order, make_optimizer, train_epoch,
 # ----------------------------------------------------------------------------- the run (shared keys)
 # The same names and defaults in all five scripts: together they identify the trained run.
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn
+model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise
@@ -45,6 +45,10 @@ device = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
 runs_dir = "runs"       # relative to the repository root
 download = True         # let torchvision download a missing dataset
 overwrite = False       # move aside a run directory trained with another configuration
+deterministic = False   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
+groups = None           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
+init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
+RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
 # ----------------------------------------------------------------------------- this experiment
 retrain_groups = []         # layer groups to retrain, e.g. ["conv1", "head"]; [] = every group
 retrain_epochs = 3          # at most this many epochs per group (the authors: up to 20; 3 keeps CPU runs short)

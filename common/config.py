@@ -18,9 +18,11 @@ from .cli import UserError
 
 LITERAL_TYPES = (bool, int, float, str, list, tuple, type(None))
 
-# Keys that define a trained run: two runs agree on these or they are different runs.
-TRAIN_KEYS = ("dataset", "model", "width", "noise", "seed", "model_seed", "epochs", "batch_size",
-              "lr", "schedule", "warmup", "momentum", "weight_decay", "augment")
+# The shared knob block that opens every script (declared there with `run_knobs`) is the one
+# definition of a run's keys. These of them say where and how it executes, not what it is.
+NOT_IDENTITY = ("device", "runs_dir", "download", "overwrite", "deterministic", "groups")
+RUN_DEFAULTS = {}  # the shared block's keys and defaults, filled by run_knobs
+
 
 # key -> [(check(value, cfg) -> error text or None)], registered by the module that defines the key.
 _CHECKS = {}
@@ -117,7 +119,26 @@ def parse(defaults, argv=()):
     return SimpleNamespace(**cfg)
 
 
+def run_knobs(namespace):
+    """Declare the shared knob block of a script (call it right after the block). Every script must
+    declare the same keys and defaults: they are the run's identity. Returns the block's knobs."""
+    block = knobs(namespace)
+    if RUN_DEFAULTS and block != RUN_DEFAULTS:
+        diff = sorted(k for k in set(block) | set(RUN_DEFAULTS) if block.get(k, ...) != RUN_DEFAULTS.get(k, ...))
+        raise RuntimeError(f"the shared knob block of {namespace.get('__name__')} differs from another "
+                           f"script's in {diff}: keep the block identical in all scripts")
+    RUN_DEFAULTS.update(block)
+    return block
+
+
+def identity_keys():
+    """The keys of the shared block that identify a trained run."""
+    if not RUN_DEFAULTS:  # library use without a script: the block of the reference script
+        __import__("gradient_accounting")
+    return tuple(k for k in RUN_DEFAULTS if k not in NOT_IDENTITY)
+
+
 def train_config(cfg):
     """The keys that identify the trained run (saved as config.json in its run directory)."""
     d = vars(cfg)
-    return {k: d[k] for k in TRAIN_KEYS if k in d}
+    return {k: d[k] for k in identity_keys() if k in d}
