@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import config  # noqa: E402
 from common.accounting import GradientAccountant  # noqa: E402
 from common.data import load_data  # noqa: E402
-from common.evaluation import autocast  # noqa: E402
+from common.precision import autocast  # noqa: E402
 from common.models import group_params, model_for  # noqa: E402
 from common.training import batch_order, lr_factor, make_optimizer, pick_device  # noqa: E402
 

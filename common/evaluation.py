@@ -5,18 +5,10 @@
 - noisy_true: mislabeled training examples w.r.t. their true label -- "back to the right answer?"
 - test:       the (never corrupted) test set
 """
-import contextlib
-
 import torch
 
 from . import distributed
-
-
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .precision import autocast
 
 
 @torch.no_grad()

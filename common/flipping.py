@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cli import UserError
-from .evaluation import autocast
+from .precision import autocast
 from .models import layer_groups
 from .rng import generator
 

@@ -250,10 +250,15 @@ def group_params(model):
     return {name: list(module.parameters()) for name, module in layer_groups(model)}
 
 
-def count_params(model):
-    return sum(p.numel() for p in model.parameters())
+def group_of(model):
+    """{full parameter or buffer name in model.state_dict(): its layer group}."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    return {f"{paths[id(module)]}.{k}": name for name, module in layer_groups(model) for k in module.state_dict()}
 
 
-def describe(model):
-    """One line per layer group: name and parameter count."""
-    return "\n".join(f"  {name:<12} {sum(p.numel() for p in m.parameters()):>10,}" for name, m in layer_groups(model))
+def stages(model):
+    """The model's computation as top-level modules that, run in order, equal model(x) (a zoo model's
+    `layers`), or None where the forward is not such a sequence: code that reuses the output of an
+    unchanged front of the network must then run the whole model."""
+    layers = getattr(model, "layers", None)
+    return list(layers.children()) if isinstance(layers, nn.Sequential) else None

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cli import UserError
-from .evaluation import autocast, split_accuracy
+from .evaluation import split_accuracy
+from .precision import autocast
 from .models import group_keys, layer_groups
 
 BN_MODES = ("recompute", "checkpoint", "final")

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from . import config, distributed
 from .cli import UserError
 from .data import load_data
-from .evaluation import accuracies, autocast
+from .evaluation import accuracies
+from .precision import autocast
 from .models import model_for
 from .rng import derive_seed, generator
 from .runs import Run

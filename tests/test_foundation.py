@@ -274,11 +274,11 @@ def test_every_preset_parses_for_every_script(preset):
 
 
 def test_scripts_share_the_run_keys():
-    """The five scripts define the shared keys with the same defaults (together they identify the run)."""
+    """The five scripts declare the same shared block (keys and defaults): it is the run's identity."""
     import importlib
-    from common.config import TRAIN_KEYS
-    shared = TRAIN_KEYS + ("amp", "device", "runs_dir", "download", "overwrite")
     scripts = ["gradient_accounting", "layer_rewinding", "layer_retraining", "neuron_flipping", "example_tied_dropout"]
-    knobs = {s: importlib.import_module(s).KNOBS for s in scripts}
+    blocks = {s: importlib.import_module(s).RUN_KNOBS for s in scripts}
     for s in scripts:
-        assert {k: knobs[s][k] for k in shared} == {k: knobs[scripts[0]][k] for k in shared}, s
+        assert blocks[s] == blocks[scripts[0]], s
+    assert set(config.identity_keys()) == set(blocks[scripts[0]]) - set(config.NOT_IDENTITY)
+    assert {"dataset", "model", "width", "seed", "epochs", "lr", "amp"} <= set(config.identity_keys())

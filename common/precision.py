@@ -1,0 +1,53 @@
+"""Numeric precision: bf16 autocast (training and evaluation), strict fp32 for searches that compare
+scores, and PyTorch's deterministic mode.
+
+`amp` (a shared knob) asks for bf16 autocast; it takes effect on CUDA only, so the run's identity
+records the precision that was actually used (`precision(cfg)`): a bf16 GPU run and an fp32 CPU run
+never share a run directory or results.
+"""
+import contextlib
+import os
+
+import torch
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA when `enabled` (no loss scaling needed); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _device_type(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "other"
+    return torch.device(name).type
+
+
+def precision(cfg):
+    """'bf16' where training autocasts (amp on a CUDA device), else 'fp32'."""
+    return "bf16" if getattr(cfg, "amp", True) and _device_type(getattr(cfg, "device", "auto")) == "cuda" else "fp32"
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """Full fp32 matmuls and convolutions (TF32 off on CUDA) inside the block; previous settings after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def set_deterministic(on):
+    """PyTorch's deterministic algorithms (an error where an op has none) and cuDNN without autotuning."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic = on
