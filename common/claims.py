@@ -1,0 +1,570 @@
+"""The paper's five claims, judged from the experiments' JSON results: one rule per claim.
+
+Each rule (statistic, thresholds, control) is fixed here and written out in docs/protocol.md ("How
+each claim is judged") before the numbers it judges were seen; it is never loosened afterwards.
+Every judge takes the JSON result of one run, or a list of them (one per seed), and returns Claim
+objects: the statistic, its 95% confidence interval (percentile bootstrap; each judge says what it
+resamples), the rule, and a verdict: yes / partial / no, or inconclusive when a control fails.
+
+    accounting(results)          claim 1, gradient_accounting.json            -> Claim
+    rewinding(results)           claim 2, layer_rewinding.json                -> [Claim per BatchNorm mode]
+    retraining(results)          claim 3, layer_retraining.json               -> [Claim, + one for the ablation]
+    flipping(results, variant)   claim 4, neuron_flipping*.json               -> Claim
+    tied_dropout(results)        claim 5, example_tied_dropout.json           -> Claim
+
+The scripts print `claim.line()`; common/report.py puts the same Claims in the report's table.
+Nothing else judges a claim.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .rng import derive_seed
+
+VERDICTS = ("yes", "partial", "no", "inconclusive")
+
+# ----------------------------------------------------------------------------- the bootstrap
+RESAMPLES = 2000        # bootstrap resamples per interval
+LEVEL = 0.95            # confidence level (percentile interval)
+BOOTSTRAP_SEED = 0      # every interval draws from its own generator, derived from this and its name
+
+# ----------------------------------------------------------------------------- the rules' constants
+MEMORIZED = 0.9         # a model "has memorized" when it predicts >= 90% of the noisy examples with their
+                        # noisy label (the controls of claims 2, 3 and 5: nothing to remove otherwise)
+# claim 1, gradient accounting
+FACTOR = 2.0            # per group: [norm(noisy)/norm(clean-rest)] / [norm(control)/norm(clean-rest)], CI low > 2
+NEGATIVE_SHARE = 0.8    # per group: cosine(clean-rest, noisy) < 0 in >= 80% of the memorization-phase epochs
+# claim 2, layer rewinding
+CRITICAL_NOISY = 0.5    # rewound alone to epoch 0, the group leaves < 50% of the noisy examples memorized
+CLEAN_KEPT = 0.9        # ... while clean accuracy stays >= 90% of the final model's: critical for memorization
+LAST_SHARE = 1 / 3      # "the last layers": the last third of the groups (rounded up)
+# claim 3, layer retraining
+RETAINED = 0.5          # noisy accuracy >= 50%: still (or again) memorized
+PARTIAL_SHARE = 1 / 3   # partial: kept + back in at least a third of the conclusive groups (yes: a majority)
+# claim 4, neuron flipping
+MEDIAN_RATIO = 2.0      # median units clean / noisy >= 2 ...
+RATIO_CI_LOW = 1.0      # ... with the CI's lower bound > 1
+ALPHA = 0.01            # one-sided Mann-Whitney U: noisy examples need fewer units than clean ones
+MAX_TEST_COST = 0.01    # a noisy example's edit costs < 1 test-accuracy point on average
+# claim 5, example-tied dropout
+DROPPED = 0.05          # noisy accuracy after the drop: the CI's upper bound <= 5%
+TEST_MARGIN = 0.01      # test accuracy kept: the CI's lower bound of (drop - plain) >= -1 point
+
+STATEMENTS = {
+    1: "Noisy examples' gradient is large for their share, in every layer, and opposes the clean one "
+       "while they are memorized",
+    2: "Rewinding single layers leaves memorization mostly intact; the critical layers are not the last",
+    3: "Retraining a single layer on clean data only brings the memorized labels back for most layers",
+    4: "Noisy examples flip after far fewer units than clean ones, with little collateral damage",
+    5: "Example-tied dropout: noisy accuracy ~100% -> near 0 after dropping, test accuracy kept",
+}
+
+RULES = {
+    1: (f"per layer group, over the memorization-phase epochs: factor = [norm(noisy)/norm(clean-rest)] / "
+        f"[norm(control)/norm(clean-rest)] (geometric mean; CI: bootstrap over seeds, then epochs) with CI low "
+        f"> {FACTOR:g}, and cosine(clean-rest, noisy) < 0 in >= {NEGATIVE_SHARE:.0%} of the epochs. yes: every "
+        f"group; partial: a majority; no: otherwise. Control: mean cosine(control, clean-rest) > 0 in every "
+        f"group, else inconclusive"),
+    2: (f"rewound alone to epoch 0 (mean over seeds), a group is critical for memorization when noisy accuracy "
+        f"< {CRITICAL_NOISY:.0%} and clean accuracy >= {CLEAN_KEPT:.0%} of the final model's (critical for "
+        f"everything when clean falls too), else redundant. (a) a majority of groups is redundant; (b) some "
+        f"group is critical for memorization and not all of them lie in the last third of the groups. yes: "
+        f"(a) and (b); partial: one; no: neither. CI of the redundant share: bootstrap over seeds. Control: the "
+        f"final model memorized (noisy >= {MEMORIZED:.0%}), else inconclusive"),
+    3: (f"per group (mean over seeds), noisy accuracy right after the reset / after clean-only retraining, "
+        f"threshold {RETAINED:.0%}: kept (>=, >=), back (<, >=), not back (<, <), erased (>=, <). Positive "
+        f"control: the group retrained on all examples returns to >= {MEMORIZED:.0%} noisy accuracy, else the "
+        f"group is inconclusive. Share = (kept + back) / conclusive groups; yes: > 1/2; partial: >= "
+        f"{PARTIAL_SHARE:.2g}; no: below. Inconclusive when fewer than half the groups are conclusive or the "
+        f"final model did not memorize. CI: bootstrap over seeds"),
+    4: (f"units to flip (not flipped = max_units, a lower bound): ratio of medians clean/noisy >= "
+        f"{MEDIAN_RATIO:g} with CI low > {RATIO_CI_LOW:g} (bootstrap over examples, stratified by seed), "
+        f"one-sided Mann-Whitney p < {ALPHA:g} (seeds pooled), and mean test-accuracy drop after a noisy edit "
+        f"< {100 * MAX_TEST_COST:g} point: yes. partial: p < {ALPHA:g} but not all of the rest; no: otherwise"),
+    5: (f"noisy accuracy after the drop: CI high <= {DROPPED:.0%} (bootstrap over noisy examples, stratified "
+        f"by seed); test accuracy drop - plain: CI low >= -{100 * TEST_MARGIN:g} point (paired bootstrap over "
+        f"seeds, then test examples). yes: both; partial: one; no: neither. Control: the ETD model memorized "
+        f"(tied-mode noisy >= {MEMORIZED:.0%}), else inconclusive"),
+}
+
+
+@dataclass
+class Claim:
+    """One judged claim: a row of the report's claims table."""
+    number: int
+    variant: str            # e.g. "BatchNorm: final (authors)"; "" for the only row of a claim
+    statistic: str          # what was measured, in words and numbers
+    ci: str                 # its 95% confidence interval(s), or "n/a (why)"
+    verdict: str            # one of VERDICTS
+    reason: str             # why this verdict (which parts of the rule held)
+    values: dict = field(default_factory=dict)  # the numbers behind the row (for tables and tests)
+
+    @property
+    def statement(self):
+        return STATEMENTS[self.number]
+
+    @property
+    def rule(self):
+        return RULES[self.number]
+
+    def line(self):
+        """One printable line: the verdict, the statistic and CI, why, and the rule beside it."""
+        head = f"claim {self.number}" + (f" [{self.variant}]" if self.variant else "")
+        return (f"{head}: {self.verdict.upper()}: {self.statistic}; 95% CI {self.ci}; {self.reason}.\n"
+                f"  rule: {self.rule}")
+
+    def as_dict(self):
+        return {**asdict(self), "statement": self.statement, "rule": self.rule}
+
+
+def _claim(number, variant, statistic, ci, verdict, reason, **values):
+    assert verdict in VERDICTS, verdict
+    return Claim(number, variant, statistic, ci, verdict, reason, values)
+
+
+def _runs(results):
+    """A result dict, or a list of them (one per seed) -> a list."""
+    return [results] if isinstance(results, dict) else list(results)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def bootstrap(strata, statistic, name, resample_strata=False, n=RESAMPLES):
+    """Percentile CI (LEVEL) of `statistic(sample)` by resampling with replacement.
+
+    `strata`: one entry per seed, each a tuple of numpy arrays; the rows of every array are resampled
+    independently within the stratum (paired data: one array with a column per member of the pair).
+    `resample_strata`: first resample the strata (seeds) themselves (two-level bootstrap; with a
+    single stratum only its rows are resampled). `name` seeds the interval's own generator, so every
+    interval is reproducible on its own. Returns (low, high); (nan, nan) if no resample is finite."""
+    rng = np.random.default_rng(derive_seed(BOOTSTRAP_SEED, "bootstrap", name))
+    strata = [tuple(np.asarray(a) for a in s) for s in strata]
+    stats = np.empty(n)
+    for b in range(n):
+        picks = rng.integers(len(strata), size=len(strata)) if resample_strata and len(strata) > 1 \
+            else range(len(strata))
+        sample = [tuple(a[rng.integers(len(a), size=len(a))] if len(a) else a for a in strata[s]) for s in picks]
+        stats[b] = statistic(sample)
+    stats = stats[np.isfinite(stats)]
+    if not len(stats):
+        return float("nan"), float("nan")
+    tail = 50 * (1 - LEVEL)
+    lo, hi = np.percentile(stats, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def _pooled(sample, k=0):
+    """The k-th array of every stratum of a bootstrap sample, concatenated."""
+    return np.concatenate([s[k] for s in sample]) if sample else np.array([])
+
+
+def _ranks(v):
+    """Ranks 1..n, ties sharing their average rank; and the tie-correction term sum(t^3 - t)."""
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2)[inverse], float(np.sum(counts ** 3 - counts))
+
+
+def _exact_u_counts(n1, n2):
+    """Number of orderings of n1 + n2 distinct values giving each U = 0 .. n1*n2 (the Mann-Whitney
+    null distribution), by the recurrence c(m, n) = c(m-1, n) shifted by n + c(m, n-1)."""
+    rows = [np.ones(1)] * (n2 + 1)  # c(0, n) = [1] for every n
+    for m in range(1, n1 + 1):
+        new = [np.zeros(1)]
+        new[0][0] = 1.0             # c(m, 0) = [1]
+        for n in range(1, n2 + 1):
+            c = np.zeros(m * n + 1)
+            c[n:n + len(rows[n])] += rows[n]   # the largest value is one of the m: each of the n is below it
+            c[:len(new[n - 1])] += new[n - 1]  # the largest value is one of the n
+            new.append(c)
+        rows = new
+    return rows[n2]
+
+
+EXACT_MAX = 50  # exact Mann-Whitney p-value when there are no ties and both samples have at most 50 values
+
+
+def mann_whitney_less(x, y):
+    """One-sided Mann-Whitney U test of H1 "x tends to be smaller than y". Returns (U of x, p).
+
+    U = number of pairs (x_i, y_j) with x_i > y_j, ties counting one half. Exact null distribution
+    without ties for small samples (both <= EXACT_MAX); otherwise the normal approximation with the
+    tie correction of the variance and a continuity correction."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n1, n2 = len(x), len(y)
+    if not n1 or not n2:
+        return float("nan"), float("nan")
+    ranks, ties = _ranks(np.concatenate([x, y]))
+    u = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
+    if ties == 0 and max(n1, n2) <= EXACT_MAX:
+        counts = _exact_u_counts(n1, n2)
+        return u, float(counts[:int(round(u)) + 1].sum() / counts.sum())
+    n = n1 + n2
+    var = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
+    if var <= 0:  # every value equal: no evidence either way
+        return u, 1.0
+    z = (u - n1 * n2 / 2 + 0.5) / math.sqrt(var)
+    return u, 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+def _pct(v, digits=1):
+    return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.{digits}f}%"
+
+
+def _interval(lo, hi, fmt="{:.2f}"):
+    return "n/a" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def _pct_interval(lo, hi):
+    return _interval(100 * lo, 100 * hi, "{:.1f}%")
+
+
+def _mean(values):
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+# ----------------------------------------------------------------------------- claim 1
+
+def accounting(results):
+    """Claim 1 from gradient_accounting.json (one per seed). CI: two-level bootstrap, seeds then
+    memorization-phase epochs."""
+    runs = _runs(results)
+    groups = runs[0]["groups"]
+    phases = [set(r["memorization_phase"]["epochs"]) for r in runs]
+    rows = [[t for t in r["epochs"] if t["epoch"] in p] for r, p in zip(runs, phases)]
+    if not any(rows):
+        return _claim(1, "", "no memorization phase", "n/a", "inconclusive",
+                      "no epoch took the noisy examples to memorized (or there is no noisy example)")
+    if any("norm_control" not in t["groups"][groups[0]] for rs in rows for t in rs):
+        return _claim(1, "", "no control group in the results", "n/a", "inconclusive",
+                      "re-run gradient_accounting.py: it accounts the control group")
+    per_group = {}
+    for g in groups:
+        logf, neg, ctrl = [], [], []
+        for rs in rows:
+            f = []
+            for t in rs:
+                x = t["groups"][g]
+                rest, noisy, control = x["norm_clean_rest"], x["norm_noisy"], x["norm_control"]
+                if rest and noisy and control:
+                    f.append(math.log((noisy / rest) / (control / rest)))
+                if x["cosine_rest_noisy"] is not None:
+                    neg.append(x["cosine_rest_noisy"] < 0)
+                if x["cosine_control_rest"] is not None:
+                    ctrl.append(x["cosine_control_rest"])
+            logf.append(np.array(f))
+        pooled = np.concatenate(logf)
+        factor = float(np.exp(pooled.mean())) if len(pooled) else float("nan")
+        lo, hi = bootstrap([(f,) for f in logf], lambda s: np.exp(_pooled(s).mean()) if len(_pooled(s)) else np.nan,
+                           f"accounting:{g}", resample_strata=True)
+        share = float(np.mean(neg)) if neg else float("nan")
+        ctrl_cos = _mean(ctrl)
+        per_group[g] = {"factor": factor, "ci": (lo, hi), "negative_share": share, "control_cosine": ctrl_cos,
+                        "passes": bool(lo > FACTOR and share >= NEGATIVE_SHARE)}
+    passed = [g for g in groups if per_group[g]["passes"]]
+    worst = min(groups, key=lambda g: per_group[g]["ci"][0] if np.isfinite(per_group[g]["ci"][0]) else -np.inf)
+    least_negative = min(groups, key=lambda g: per_group[g]["negative_share"])
+    n_epochs = sum(len(rs) for rs in rows)
+    statistic = (f"factor >= {per_group[worst]['factor']:.2f} in every group (lowest CI: {worst}); cosine(clean-rest, "
+                 f"noisy) < 0 in >= {per_group[least_negative]['negative_share']:.0%} of {n_epochs} phase epochs "
+                 f"({least_negative}); {len(passed)}/{len(groups)} groups pass")
+    ci = f"{_interval(*per_group[worst]['ci'])} (factor, {worst})"
+    bad_control = [g for g in groups if not per_group[g]["control_cosine"] > 0]
+    if bad_control:
+        verdict, reason = "inconclusive", (f"the control's mean cosine with clean-rest is not positive in "
+                                           f"{', '.join(bad_control)}")
+    else:
+        verdict = "yes" if len(passed) == len(groups) else "partial" if 2 * len(passed) > len(groups) else "no"
+        failing = [g for g in groups if g not in passed]
+        reason = ("every group passes" if not failing else f"failing: {', '.join(failing)}") + \
+                 f"; control cosine > 0 in every group (min {min(per_group[g]['control_cosine'] for g in groups):+.2f})"
+    return _claim(1, "", statistic, ci, verdict, reason, groups=per_group, seeds=len(runs))
+
+
+# ----------------------------------------------------------------------------- claim 2
+
+BN_MODES = {"final": "BatchNorm: final (authors)", "recompute": "BatchNorm: recomputed",
+            "checkpoint": "BatchNorm: checkpoint's"}
+
+
+def _rewind_modes(r):
+    """{BatchNorm mode: accuracy[group][str(epoch)]} of a layer_rewinding.json."""
+    if r.get("bn_modes"):
+        return {m: v["accuracy"] for m, v in r["bn_modes"].items()}
+    return {r.get("rewind_bn_stats", "final"): r["accuracy"]}
+
+
+def last_groups(groups):
+    """The last third of the groups (rounded up): "the last layers"."""
+    return groups[len(groups) - math.ceil(LAST_SHARE * len(groups)):]
+
+
+def rewinding(results):
+    """Claim 2 from layer_rewinding.json (one per seed): one Claim per BatchNorm mode present in
+    every seed (the authors' `final` first)."""
+    runs = _runs(results)
+    modes = set.intersection(*(set(_rewind_modes(r)) for r in runs))
+    order = list(BN_MODES) + sorted(modes - set(BN_MODES))
+    return [_rewinding_mode(runs, m) for m in order if m in modes]
+
+
+def classify_rewound(noisy, clean, final_clean):
+    """'redundant' | 'memorization' (critical for memorization) | 'everything' (critical for everything)."""
+    if noisy >= CRITICAL_NOISY:
+        return "redundant"
+    return "memorization" if clean >= CLEAN_KEPT * final_clean else "everything"
+
+
+def _rewinding_mode(runs, mode):
+    groups = runs[0]["groups"]
+    accs = [_rewind_modes(r)[mode] for r in runs]
+    epoch = "0" if all("0" in a[groups[0]] for a in accs) else str(min(int(e) for e in accs[0][groups[0]]))
+    noisy = np.array([[a[g][epoch]["noisy"] for g in groups] for a in accs])
+    clean = np.array([[a[g][epoch]["clean"] for g in groups] for a in accs])
+    final_clean = np.array([r["final"]["clean"] for r in runs])
+    final_noisy = _mean([r["final"]["noisy"] for r in runs])
+
+    def classes(seeds):
+        return [classify_rewound(noisy[seeds, i].mean(), clean[seeds, i].mean(), final_clean[seeds].mean())
+                for i in range(len(groups))]
+
+    cls = classes(np.arange(len(runs)))
+    share = cls.count("redundant") / len(groups)
+    lo, hi = bootstrap([(np.arange(len(runs)),)], lambda s: classes(s[0][0]).count("redundant") / len(groups),
+                       f"rewinding:{mode}") if len(runs) > 1 else (float("nan"), float("nan"))
+    memo = [g for g, c in zip(groups, cls) if c == "memorization"]
+    every = [g for g, c in zip(groups, cls) if c == "everything"]
+    late = last_groups(groups)
+    majority = 2 * cls.count("redundant") > len(groups)
+    not_last = bool(memo) and not all(g in late for g in memo)
+    where = lambda gs: ", ".join(f"{g} ({groups.index(g) + 1}/{len(groups)})" for g in gs) or "none"  # noqa: E731
+    statistic = (f"{cls.count('redundant')}/{len(groups)} groups redundant rewound to epoch {epoch}; critical for "
+                 f"memorization: {where(memo)}; critical for everything: {where(every)}")
+    ci = (f"{_pct_interval(lo, hi)} (redundant share)" if len(runs) > 1 else "n/a (1 seed)")
+    if not final_noisy >= MEMORIZED:
+        verdict, reason = "inconclusive", f"the final model did not memorize (noisy {_pct(final_noisy)})"
+    else:
+        verdict = "yes" if majority and not_last else "partial" if majority or not_last else "no"
+        reason = (("a majority is redundant" if majority else "no majority is redundant") + "; " +
+                  ("no group is critical for memorization alone" if not memo else
+                   f"critical groups {'not all' if not_last else 'all'} in the last third ({', '.join(late)})"))
+    if epoch != "0":
+        reason += f"; epoch 0 was not rewound to: epoch {epoch} used"
+    return _claim(2, BN_MODES.get(mode, f"BatchNorm: {mode}"), statistic, ci, verdict, reason,
+                  mode=mode, epoch=int(epoch), classes=dict(zip(groups, cls)), redundant_share=share,
+                  noisy=dict(zip(groups, noisy.mean(0).tolist())), clean=dict(zip(groups, clean.mean(0).tolist())),
+                  final_clean=float(final_clean.mean()), seeds=len(runs))
+
+
+# ----------------------------------------------------------------------------- claim 3
+
+def classify_retrained(reset, retrained):
+    """'kept' | 'back' | 'not back' | 'erased' from noisy accuracy after the reset and after retraining."""
+    if reset >= RETAINED:
+        return "kept" if retrained >= RETAINED else "erased"
+    return "back" if retrained >= RETAINED else "not back"
+
+
+def _noisy(entry, key, curve_index):
+    """Noisy accuracy of a retraining group entry: entry[key] if present, else from its curve."""
+    return entry[key]["noisy"] if isinstance(entry.get(key), dict) else entry["curve"][curve_index]["noisy"]
+
+
+def retraining(results):
+    """Claim 3 from layer_retraining.json (one per seed): the main run (the authors' loop) and, where
+    the seeds have it, the frozen-BatchNorm ablation, each its own Claim."""
+    runs = _runs(results)
+    main = _retraining_variant([(r["groups"], r["final_model"]) for r in runs],
+                               f"BatchNorm: {runs[0].get('frozen_bn', 'train')}" + (
+                                   " (authors)" if runs[0].get("frozen_bn", "train") == "train" else ""), "main")
+    out = [main]
+    ablated = [(r["ablation"]["groups"], r["final_model"], r["ablation"].get("frozen_bn", "eval"))
+               for r in runs if r.get("ablation")]
+    if ablated:
+        seeds = f"; {len(ablated)} of {len(runs)} seeds" if len(ablated) < len(runs) else ""
+        out.append(_retraining_variant([a[:2] for a in ablated], f"BatchNorm: {ablated[0][2]} (ablation{seeds})",
+                                       "ablation"))
+    return out
+
+
+def _retraining_variant(seeds, variant, name):
+    groups = list(seeds[0][0])
+    reset = np.array([[_noisy(gs[g], "reset", 0) for g in groups] for gs, _ in seeds])
+    final = np.array([[_noisy(gs[g], "final", -1) for g in groups] for gs, _ in seeds])
+    control = np.array([[gs[g]["control"]["final"]["noisy"] if gs[g].get("control") else np.nan for g in groups]
+                        for gs, _ in seeds])
+    final_noisy = _mean([fm["noisy"] for _, fm in seeds])
+
+    def classes(idx):
+        ctrl = control[idx].mean(0)
+        return [classify_retrained(reset[idx, i].mean(), final[idx, i].mean()) if ctrl[i] >= MEMORIZED
+                else "inconclusive" for i in range(len(groups))]
+
+    def share(cls):
+        conclusive = len(groups) - cls.count("inconclusive")
+        return (cls.count("kept") + cls.count("back")) / conclusive if conclusive else float("nan")
+
+    cls = classes(np.arange(len(seeds)))
+    counts = {k: cls.count(k) for k in ("kept", "back", "not back", "erased", "inconclusive")}
+    conclusive = len(groups) - counts["inconclusive"]
+    s = share(cls)
+    lo, hi = bootstrap([(np.arange(len(seeds)),)], lambda smp: share(classes(smp[0][0])),
+                       f"retraining:{name}") if len(seeds) > 1 else (float("nan"), float("nan"))
+    statistic = (f"kept + back in {counts['kept'] + counts['back']}/{conclusive} conclusive groups ({_pct(s, 0)}): "
+                 f"kept {counts['kept']}, back {counts['back']} (the strong form), not back {counts['not back']}, "
+                 f"erased {counts['erased']}, inconclusive {counts['inconclusive']}")
+    if counts["back"] + counts["not back"] == 0 and conclusive:
+        statistic += "; no group lost memorization at the reset"
+    ci = f"{_pct_interval(lo, hi)} (share)" if len(seeds) > 1 else "n/a (1 seed)"
+    if np.isnan(control).all():
+        verdict, reason = "inconclusive", "no positive control in the results (re-run layer_retraining.py)"
+    elif not final_noisy >= MEMORIZED:
+        verdict, reason = "inconclusive", f"the final model did not memorize (noisy {_pct(final_noisy)})"
+    elif 2 * conclusive < len(groups):
+        verdict, reason = "inconclusive", (f"the positive control failed in {counts['inconclusive']} of "
+                                           f"{len(groups)} groups")
+    else:
+        verdict = "yes" if s > 0.5 else "partial" if s >= PARTIAL_SHARE else "no"
+        failed = [g for g, c in zip(groups, cls) if c == "inconclusive"]
+        reason = f"share {_pct(s, 0)}" + (f"; positive control failed in {', '.join(failed)}" if failed
+                                          else "; positive control passed in every group")
+    return _claim(3, variant, statistic, ci, verdict, reason, classes=dict(zip(groups, cls)), share=s,
+                  reset=dict(zip(groups, reset.mean(0).tolist())), retrained=dict(zip(groups, final.mean(0).tolist())),
+                  control=dict(zip(groups, control.mean(0).tolist())), seeds=len(seeds), counts=counts)
+
+
+# ----------------------------------------------------------------------------- claim 4
+
+def flip_counts(run, kind):
+    """Units zeroed per `kind` example of a neuron_flipping.json; a not-flipped example counts as
+    max_units (a lower bound)."""
+    cap = run["settings"]["max_units"]
+    return np.array([r["n_units"] if r["flipped"] else cap for r in run["records"] if r["kind"] == kind], dtype=float)
+
+
+def _ratio_of_medians(sample):
+    noisy, clean = _pooled(sample, 0), _pooled(sample, 1)
+    return np.median(clean) / np.median(noisy) if len(noisy) and len(clean) and np.median(noisy) > 0 else np.nan
+
+
+def flipping(results, variant=None):
+    """Claim 4 from neuron_flipping.json (one per seed, same settings). CIs: bootstrap over examples,
+    stratified by seed (each seed's examples resampled within it); the U test pools the seeds."""
+    runs = _runs(results)
+    settings = runs[0]["settings"]
+    variant = variant if variant is not None else f"unit: {settings.get('unit', '?')}"
+    noisy = [flip_counts(r, "noisy") for r in runs]
+    clean = [flip_counts(r, "clean") for r in runs]
+    if not sum(map(len, noisy)) or not sum(map(len, clean)):
+        return _claim(4, variant, "no noisy or no clean example", "n/a", "inconclusive", "nothing to compare")
+    noisy_recs = [[x for x in r["records"] if x["kind"] == "noisy"] for r in runs]
+    cost = [np.array([x["accuracy_drop"]["test"] for x in rs], dtype=float) for rs in noisy_recs]
+    spread = [np.array([len({u["group"] for u in x["units"]}) for x in rs], dtype=float) for rs in noisy_recs]
+    ratio = _ratio_of_medians(list(zip(noisy, clean)))
+    lo, hi = bootstrap(list(zip(noisy, clean)), _ratio_of_medians, f"flipping:{variant}:ratio")
+    u, p = mann_whitney_less(np.concatenate(noisy), np.concatenate(clean))
+    mean_cost = float(np.concatenate(cost).mean())
+    cost_ci = bootstrap([(c,) for c in cost], lambda s: _pooled(s).mean(), f"flipping:{variant}:cost")
+    groups_per = float(np.concatenate(spread).mean())
+    capped = int(sum((x == settings["max_units"]).sum() for x in noisy + clean))
+    statistic = (f"median units clean {np.median(np.concatenate(clean)):g} / noisy {np.median(np.concatenate(noisy)):g} "
+                 f"= {ratio:.2f}; Mann-Whitney p = {p:.2g} (n = {sum(map(len, noisy))} noisy, "
+                 f"{sum(map(len, clean))} clean); test cost of a noisy edit {100 * mean_cost:.2f} points; "
+                 f"{groups_per:.1f} layer groups per noisy example; {capped} not flipped (counted as "
+                 f"{settings['max_units']}, a lower bound)")
+    ci = f"{_interval(lo, hi)} (ratio); {_interval(100 * cost_ci[0], 100 * cost_ci[1])} points (test cost)"
+    significant = p < ALPHA
+    strong = ratio >= MEDIAN_RATIO and lo > RATIO_CI_LOW
+    cheap = mean_cost < MAX_TEST_COST
+    verdict = "yes" if significant and strong and cheap else "partial" if significant else "no"
+    reason = "; ".join([f"noisy < clean {'' if significant else 'not '}significant (p {'<' if significant else '>='} "
+                        f"{ALPHA:g})", f"ratio {'>=' if strong else 'not >='} {MEDIAN_RATIO:g} with CI low "
+                        f"{'>' if strong else 'not >'} {RATIO_CI_LOW:g}",
+                        f"test cost {'<' if cheap else '>='} {100 * MAX_TEST_COST:g} point"])
+    return _claim(4, variant, statistic, ci, verdict, reason, ratio=ratio, ratio_ci=(lo, hi), p=p, u=u,
+                  test_cost=mean_cost, test_cost_ci=cost_ci, groups_per_example=groups_per, not_flipped=capped,
+                  seeds=len(runs))
+
+
+# ----------------------------------------------------------------------------- claim 5
+
+def standard_row(run):
+    """The standard-dropout row of an example_tied_dropout.json table (without BatchNorm re-estimation)."""
+    rows = [r for r in run["table"] if r["model"].startswith("standard dropout") and "BN" not in r["model"]]
+    return rows[0] if rows else None
+
+
+def standard_dropout_words(runs):
+    """What standard dropout at the matched rate shows, in words (for the report beside claim 5)."""
+    rows = [standard_row(r) for r in runs]
+    if any(r is None for r in rows):
+        return "No standard-dropout baseline in the results."
+    noisy, test = _mean([r["noisy"] for r in rows]), _mean([r["test"] for r in rows])
+    plain = _mean([r["plain_test"] for r in runs])
+    tied = _mean([r["etd"]["modes"]["tied"]["noisy"] for r in runs])
+    drop = _mean([r["etd"]["modes"]["drop"]["noisy"] for r in runs])
+    head = (f"Standard dropout at the matched rate ({rows[0]['model'].replace('standard dropout ', '')}) ends with "
+            f"{_pct(noisy)} of the noisy examples predicted with their noisy label and {_pct(test)} test accuracy "
+            f"(plain training {_pct(plain)}). ")
+    if noisy < RETAINED:
+        return head + (f"It keeps the network from memorizing the noisy labels in the first place, so a low noisy "
+                       f"accuracy alone is no sign of localization: what example-tied dropout adds is that the noisy "
+                       f"labels were memorized ({_pct(tied)} in tied mode) into channels whose removal takes them "
+                       f"away ({_pct(drop)} after the drop).")
+    return head + (f"It memorizes the noisy labels much as plain training does: dropout at this rate does not remove "
+                   f"memorization by itself, while dropping example-tied dropout's memorization channels does "
+                   f"({_pct(tied)} tied -> {_pct(drop)} after the drop).")
+
+
+def tied_dropout(results):
+    """Claim 5 from example_tied_dropout.json (one per seed)."""
+    runs = _runs(results)
+    tied = _mean([r["etd"]["modes"]["tied"]["noisy"] for r in runs])
+    words = standard_dropout_words(runs)
+    if any("per_example" not in r for r in runs):
+        return _claim(5, "", f"noisy after drop {_pct(_mean([r['etd']['modes']['drop']['noisy'] for r in runs]))}",
+                      "n/a", "inconclusive", "no per-example results (re-run example_tied_dropout.py)",
+                      standard_dropout=words)
+    noisy = [np.array(r["per_example"]["noisy_drop_correct"], dtype=float) for r in runs]
+    paired = [np.stack([np.array(r["per_example"]["test_correct"]["drop"], dtype=float),
+                        np.array(r["per_example"]["test_correct"]["plain"], dtype=float)], 1) for r in runs]
+    noisy_acc = float(np.concatenate(noisy).mean())
+    n_lo, n_hi = bootstrap([(x,) for x in noisy], lambda s: _pooled(s).mean(), "tied_dropout:noisy")
+    diff = lambda s: (lambda a: a[:, 0].mean() - a[:, 1].mean())(_pooled(s))  # noqa: E731
+    d = float(diff([(p,) for p in paired]))
+    d_lo, d_hi = bootstrap([(p,) for p in paired], diff, "tied_dropout:test", resample_strata=True)
+    statistic = (f"noisy accuracy after the drop {_pct(noisy_acc)} (tied mode {_pct(tied)}); test accuracy "
+                 f"drop - plain {100 * d:+.2f} points")
+    ci = f"{_pct_interval(n_lo, n_hi)} (noisy); {_interval(100 * d_lo, 100 * d_hi, '{:+.2f}')} points (test)"
+    removed = n_hi <= DROPPED
+    kept = d_lo >= -TEST_MARGIN
+    if not tied >= MEMORIZED:
+        verdict, reason = "inconclusive", f"the ETD model did not memorize (tied-mode noisy {_pct(tied)})"
+    else:
+        verdict = "yes" if removed and kept else "partial" if removed or kept else "no"
+        reason = (f"noisy CI high {'<=' if removed else '>'} {DROPPED:.0%}; test CI low "
+                  f"{'>=' if kept else '<'} -{100 * TEST_MARGIN:g} point")
+    return _claim(5, "", statistic, ci, verdict, reason, noisy_after_drop=noisy_acc, noisy_ci=(n_lo, n_hi),
+                  test_diff=d, test_diff_ci=(d_lo, d_hi), tied_noisy=tied, standard_dropout=words, seeds=len(runs))
+
+
+# ----------------------------------------------------------------------------- all of them
+
+JUDGES = {"gradient_accounting": accounting, "layer_rewinding": rewinding, "layer_retraining": retraining,
+          "neuron_flipping": flipping, "example_tied_dropout": tied_dropout}
+
+
+def judge(experiment, results, **kwargs):
+    """The Claims of one experiment's results (a list, possibly empty: a section may have no claim)."""
+    fn = JUDGES.get(experiment)
+    if fn is None:
+        return []
+    out = fn(results, **kwargs)
+    return out if isinstance(out, list) else [out]
+
+
+def print_claims(claims):
+    for c in claims:
+        print(c.line())

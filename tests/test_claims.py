@@ -1,0 +1,238 @@
+"""common/claims.py: each rule on synthetic results just above and just below its thresholds, the
+Mann-Whitney p-value on hand-checkable cases, and the bootstrap's determinism."""
+import math
+
+import numpy as np
+import pytest
+
+from common import claims
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_mann_whitney_exact_small_cases():
+    # no ties: U of x = pairs with x > y; p = P(U <= u) over the C(4, 2) = 6 equally likely orderings
+    assert claims.mann_whitney_less([1, 2], [3, 4]) == (0.0, pytest.approx(1 / 6))
+    assert claims.mann_whitney_less([1, 3], [2, 4]) == (1.0, pytest.approx(2 / 6))   # U = 0 or 1: 2 orderings
+    assert claims.mann_whitney_less([3, 4], [1, 2]) == (4.0, pytest.approx(1.0))
+    # 4 vs 4 fully separated: 1 / C(8, 4) = 1/70; 5 vs 5: 1/252
+    assert claims.mann_whitney_less([1, 2, 3, 4], [5, 6, 7, 8])[1] == pytest.approx(1 / 70)
+    assert claims.mann_whitney_less(range(5), range(5, 10))[1] == pytest.approx(1 / 252)
+
+
+def test_mann_whitney_normal_approximation_with_ties():
+    # x = [1, 1, 2], y = [2, 3, 3]: pooled ranks 1.5 1.5 3.5 | 3.5 5.5 5.5 -> R_x = 6.5, U = 6.5 - 6 = 0.5.
+    # Ties: three pairs -> sum(t^3 - t) = 18; var = 3*3/12 * (7 - 18/30) = 4.8; mean 4.5;
+    # z = (0.5 - 4.5 + 0.5) / sqrt(4.8) = -1.5975 -> p = Phi(z) = 0.0551
+    u, p = claims.mann_whitney_less([1, 1, 2], [2, 3, 3])
+    assert u == 0.5
+    assert p == pytest.approx(0.5 * math.erfc(3.5 / math.sqrt(4.8) / math.sqrt(2)))
+    assert p == pytest.approx(0.0551, abs=1e-4)
+    assert claims.mann_whitney_less([2, 2], [2, 2])[1] == 1.0  # all equal: no evidence
+
+
+def test_bootstrap_is_deterministic_and_covers_the_estimate():
+    rng = np.random.default_rng(1)
+    strata = [(rng.normal(size=50),), (rng.normal(1, size=40),)]
+    stat = lambda s: claims._pooled(s).mean()  # noqa: E731
+    a = claims.bootstrap(strata, stat, "x", resample_strata=True)
+    assert a == claims.bootstrap(strata, stat, "x", resample_strata=True)
+    assert a != claims.bootstrap(strata, stat, "y", resample_strata=True)  # each interval its own generator
+    est = stat(strata)
+    assert a[0] < est < a[1]
+    narrow = claims.bootstrap(strata, stat, "x")  # seeds fixed: only examples vary
+    assert narrow[1] - narrow[0] < a[1] - a[0]
+
+
+# ----------------------------------------------------------------------------- claim 1
+
+def _accounting(factor=3.0, negative=5, control_cos=0.3, groups=("a", "b", "c"), bad=()):
+    """One seed, a memorization phase of 5 epochs; norm(noisy)/norm(control) = factor in every epoch
+    (in the groups listed in `bad`: 1.5); cosine(rest, noisy) < 0 in `negative` of the 5 epochs."""
+    epochs = []
+    for e in range(1, 6):
+        g = {name: {"norm_clean_rest": 10.0, "norm_noisy": 10.0 * (1.5 if name in bad else factor) * 0.1,
+                    "norm_control": 1.0, "cosine_rest_noisy": -0.5 if e <= negative else 0.2,
+                    "cosine_control_rest": control_cos} for name in groups}
+        epochs.append({"epoch": e, "groups": g})
+    return {"groups": list(groups), "memorization_phase": {"epochs": [1, 2, 3, 4, 5]}, "epochs": epochs}
+
+
+def test_claim1_thresholds():
+    assert claims.accounting(_accounting(factor=2.05)).verdict == "yes"
+    assert claims.accounting(_accounting(factor=1.95)).verdict == "no"             # factor CI low <= 2
+    assert claims.accounting(_accounting(negative=4)).verdict == "yes"             # 80% of the epochs
+    assert claims.accounting(_accounting(negative=3)).verdict == "no"              # 60%
+    assert claims.accounting(_accounting(control_cos=0.01)).verdict == "yes"
+    assert claims.accounting(_accounting(control_cos=-0.01)).verdict == "inconclusive"  # control fails
+    assert claims.accounting(_accounting(bad=("c",))).verdict == "partial"         # 2 of 3 groups
+    assert claims.accounting(_accounting(bad=("b", "c"))).verdict == "no"          # 1 of 3
+    c = claims.accounting([_accounting(), _accounting(factor=4.0)])                 # two seeds
+    assert c.values["groups"]["a"]["factor"] == pytest.approx(math.sqrt(12))      # geometric mean
+    lo, hi = c.values["groups"]["a"]["ci"]
+    assert 3.0 - 1e-9 <= lo < hi <= 4.0 + 1e-9
+    no_control = _accounting()
+    for t in no_control["epochs"]:
+        for g in t["groups"].values():
+            del g["norm_control"]
+    assert claims.accounting(no_control).verdict == "inconclusive"
+
+
+# ----------------------------------------------------------------------------- claim 2
+
+GROUPS = ["g1", "g2", "g3", "g4", "g5", "g6"]  # last third: g5, g6
+
+
+def _rewinding(noisy, clean=None, final_noisy=1.0, modes=("final", "recompute")):
+    clean = clean or {}
+    acc = {g: {"0": {"noisy": noisy.get(g, 0.9), "clean": clean.get(g, 1.0), "noisy_true": 0.0, "test": 0.9},
+               "5": {"noisy": 1.0, "clean": 1.0, "noisy_true": 0.0, "test": 0.9}} for g in GROUPS}
+    return {"groups": GROUPS, "rewind_epochs": [0, 5],
+            "final": {"clean": 1.0, "noisy": final_noisy, "noisy_true": 0.0, "test": 0.9},
+            "bn_modes": {m: {"accuracy": acc} for m in modes}}
+
+
+def test_claim2_thresholds_and_modes():
+    out = claims.rewinding(_rewinding({"g2": 0.49}))
+    assert [c.values["mode"] for c in out] == ["final", "recompute"]   # the authors' mode first
+    assert out[0].verdict == "yes" and out[0].values["classes"]["g2"] == "memorization"
+    assert claims.rewinding(_rewinding({"g2": 0.51}))[0].verdict == "partial"   # nothing critical: (b) fails
+    # clean accuracy 0.9 of the final model's: still critical for memorization; 0.89: critical for everything
+    assert claims.rewinding(_rewinding({"g2": 0.4}, {"g2": 0.9}))[0].verdict == "yes"
+    c = claims.rewinding(_rewinding({"g2": 0.4}, {"g2": 0.89}))[0]
+    assert c.verdict == "partial" and c.values["classes"]["g2"] == "everything"
+    # memorization-critical groups all in the last third -> partial; one earlier -> yes
+    assert claims.rewinding(_rewinding({"g5": 0.1, "g6": 0.1}))[0].verdict == "partial"
+    assert claims.rewinding(_rewinding({"g4": 0.1, "g6": 0.1}))[0].verdict == "yes"
+    # a majority must be redundant: 3 of 6 critical -> partial (b only); and neither -> no
+    assert claims.rewinding(_rewinding({"g1": 0.1, "g2": 0.1, "g3": 0.1}))[0].verdict == "partial"
+    assert claims.rewinding(_rewinding({"g1": 0.1, "g2": 0.1, "g3": 0.1, "g4": 0.1}, {"g1": 0.5, "g2": 0.5,
+                                       "g3": 0.5, "g4": 0.5}))[0].verdict == "no"
+    assert claims.rewinding(_rewinding({"g2": 0.4}, final_noisy=0.89))[0].verdict == "inconclusive"
+    # seeds: classes from the mean; the CI of the redundant share from a bootstrap over seeds
+    two = claims.rewinding([_rewinding({"g2": 0.2}), _rewinding({"g2": 0.7})])[0]
+    assert two.values["classes"]["g2"] == "memorization" and two.ci.endswith("(redundant share)")
+
+
+# ----------------------------------------------------------------------------- claim 3
+
+def _retraining(pairs, control=None, final_noisy=1.0, ablation=None):
+    """pairs: {group: (noisy after reset, noisy after retraining)}; control: {group: noisy after the
+    retraining on all examples} (default 1.0)."""
+    control = control or {}
+
+    def groups(p):
+        return {g: {"reset": {"noisy": r}, "final": {"noisy": f},
+                    "curve": [{"epoch": 0, "noisy": r}, {"epoch": 1, "noisy": f}],
+                    "control": {"final": {"noisy": control.get(g, 1.0)}}} for g, (r, f) in p.items()}
+    return {"groups": groups(pairs), "final_model": {"noisy": final_noisy}, "frozen_bn": "train",
+            "ablation": {"frozen_bn": "eval", "groups": groups(ablation)} if ablation else None}
+
+
+def test_claim3_classes_and_thresholds():
+    assert claims.classify_retrained(0.5, 0.5) == "kept"
+    assert claims.classify_retrained(0.49, 0.5) == "back"
+    assert claims.classify_retrained(0.49, 0.49) == "not back"
+    assert claims.classify_retrained(0.5, 0.49) == "erased"
+    lost = (0.1, 0.1)
+    # 3 groups: kept + back 2/3 -> yes; 1/3 -> partial (>= a third); 0 -> no
+    assert claims.retraining(_retraining({"a": (0.1, 0.5), "b": (0.6, 0.6), "c": lost}))[0].verdict == "yes"
+    assert claims.retraining(_retraining({"a": (0.1, 0.49), "b": (0.6, 0.6), "c": lost}))[0].verdict == "partial"
+    assert claims.retraining(_retraining({"a": (0.1, 0.49), "b": (0.6, 0.49), "c": lost}))[0].verdict == "no"
+    # 4 groups, 2 kept + 2 lost: exactly half is not a majority
+    c = claims.retraining(_retraining({"a": (0.6, 0.6), "b": (0.6, 0.6), "c": lost, "d": lost}))[0]
+    assert c.verdict == "partial" and "no group lost" not in c.statistic
+    # the positive control: 0.9 passes, 0.89 makes the group inconclusive (not evidence either way)
+    p = {"a": (0.1, 0.6), "b": (0.1, 0.6), "c": lost}
+    assert claims.retraining(_retraining(p, control={"c": 0.9}))[0].verdict == "yes"
+    c = claims.retraining(_retraining(p, control={"c": 0.89}))[0]
+    assert c.values["classes"]["c"] == "inconclusive" and c.values["share"] == 1.0 and c.verdict == "yes"
+    assert claims.retraining(_retraining(p, control={"a": 0.5, "b": 0.5}))[0].verdict == "inconclusive"
+    assert claims.retraining(_retraining(p, final_noisy=0.5))[0].verdict == "inconclusive"
+    # nothing lost at the reset: said in the statistic
+    assert "no group lost" in claims.retraining(_retraining({"a": (0.6, 0.6), "b": (0.7, 0.7)}))[0].statistic
+    # the ablation is its own row
+    out = claims.retraining(_retraining(p, ablation={"a": lost, "b": lost, "c": lost}))
+    assert [c.verdict for c in out] == ["yes", "no"] and "eval" in out[1].variant
+
+
+# ----------------------------------------------------------------------------- claim 4
+
+def _flipping(noisy, clean, noisy_cost=0.0, max_units=100, unit="channel"):
+    recs = [{"index": i, "kind": "noisy", "n_units": n, "flipped": n < max_units, "units": [{"group": "g1"}] * n,
+             "accuracy_drop": {"test": noisy_cost}} for i, n in enumerate(noisy)]
+    recs += [{"index": 1000 + i, "kind": "clean", "n_units": n, "flipped": n < max_units,
+              "units": [{"group": "g2"}] * n, "accuracy_drop": {"test": 0.05}} for i, n in enumerate(clean)]
+    return {"settings": {"unit": unit, "max_units": max_units}, "records": recs}
+
+
+def test_claim4_thresholds():
+    noisy, clean = list(range(1, 21)), list(range(40, 60))   # medians 10.5 and 49.5
+    assert claims.flipping(_flipping(noisy, clean)).verdict == "yes"
+    assert claims.flipping(_flipping(noisy, clean, noisy_cost=0.0099)).verdict == "yes"
+    assert claims.flipping(_flipping(noisy, clean, noisy_cost=0.0101)).verdict == "partial"   # >= 1 test point
+    # median ratio exactly 2 (CI degenerate at 2 > 1) vs 1.9; significant in both
+    assert claims.flipping(_flipping([5] * 30, [10] * 30)).verdict == "yes"
+    c = claims.flipping(_flipping([10] * 30, [19] * 30))
+    assert c.verdict == "partial" and c.values["p"] < claims.ALPHA
+    # p just above / below 0.01 (exact test): 4 vs 4 separated p = 1/70; 5 vs 5 p = 1/252
+    assert claims.flipping(_flipping([1, 2, 3, 4], [5, 6, 7, 8])).verdict == "no"
+    assert claims.flipping(_flipping([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])).verdict == "yes"
+    # not flipped counts as max_units (a lower bound), and is said
+    c = claims.flipping(_flipping([1, 2, 3], [100, 100, 100], max_units=100, unit="channel_out"))
+    assert c.values["not_flipped"] == 3 and "not flipped" in c.statistic and c.variant == "unit: channel_out"
+    assert (claims.flip_counts(_flipping([1], [100]), "clean") == [100]).all()
+
+
+# ----------------------------------------------------------------------------- claim 5
+
+def _etd(noisy_correct, plain, drop, tied=1.0, std_noisy=0.01):
+    return {"etd": {"modes": {"tied": {"noisy": tied}, "drop": {"noisy": float(np.mean(noisy_correct))}}},
+            "plain_test": float(np.mean(plain)),
+            "table": [{"model": "no dropout (20 epochs)", "noisy": 0.99, "test": float(np.mean(plain))},
+                      {"model": "standard dropout p=0.4", "noisy": std_noisy, "test": 0.96},
+                      {"model": "standard dropout p=0.4, BN re-estimated", "noisy": 0.0, "test": 0.97}],
+            "per_example": {"noisy_drop_correct": list(noisy_correct),
+                            "test_correct": {"plain": list(plain), "drop": list(drop)}}}
+
+
+def test_claim5_thresholds(monkeypatch):
+    rng = np.random.default_rng(0)
+    noisy = (rng.random(500) < 0.02).astype(int).tolist()
+    plain = (rng.random(1000) < 0.97).astype(int)
+    drop = plain.copy()
+    drop[:3] = 0  # 0.3 point lower (where plain was right)
+    runs = [_etd(noisy, plain.tolist(), drop.tolist()), _etd(noisy[::-1], plain.tolist(), drop.tolist())]
+    c = claims.tied_dropout(runs)
+    assert c.verdict == "yes" and c.values["seeds"] == 2
+    n_hi = c.values["noisy_ci"][1]
+    d_lo = c.values["test_diff_ci"][0]
+    assert n_hi < 0.05 and d_lo > -0.01
+    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)      # the CI's high end just above the threshold
+    assert claims.tied_dropout(runs).verdict == "partial"
+    monkeypatch.setattr(claims, "DROPPED", n_hi)             # at it: <= holds
+    assert claims.tied_dropout(runs).verdict == "yes"
+    monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo - 1e-9)  # the CI's low end just below -margin
+    assert claims.tied_dropout(runs).verdict == "partial"
+    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)
+    assert claims.tied_dropout(runs).verdict == "no"          # neither holds
+    monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo)
+    assert claims.tied_dropout(runs).verdict == "partial"     # test kept again, noisy still above
+    monkeypatch.setattr(claims, "DROPPED", n_hi)
+    assert claims.tied_dropout(runs).verdict == "yes"
+    monkeypatch.undo()
+    # the control: the ETD model must have memorized (tied mode >= 90%)
+    assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.9)).verdict == "yes"
+    assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.89)).verdict == "inconclusive"
+    # standard dropout in words, either way
+    assert "keeps the network from memorizing" in claims.tied_dropout(runs).values["standard_dropout"]
+    assert "memorizes the noisy labels" in claims.tied_dropout(_etd(noisy, plain, drop, std_noisy=0.8)
+                                                                ).values["standard_dropout"]
+
+
+def test_every_claim_has_a_rule_and_prints_it():
+    c = claims.tied_dropout(_etd([0] * 50, [1] * 50, [1] * 50))
+    line = c.line()
+    assert c.rule in line and "YES" in line
+    assert set(claims.RULES) == set(claims.STATEMENTS) == {1, 2, 3, 4, 5}
+    assert claims.judge("localization_methods", {}) == []   # a section without a claim
