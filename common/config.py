@@ -139,6 +139,23 @@ def identity_keys():
 
 
 def train_config(cfg):
-    """The keys that identify the trained run (saved as config.json in its run directory)."""
+    """The keys that identify the trained run (saved as config.json in its run directory). `amp` is
+    recorded as the precision actually used (bf16 only where it autocasts: amp on CUDA)."""
+    from .precision import precision
     d = vars(cfg)
-    return {k: d[k] for k in identity_keys() if k in d}
+    ident = {k: d[k] for k in identity_keys() if k in d}
+    if "amp" in ident:
+        del ident["amp"]
+        ident["precision"] = precision(cfg)
+    return ident
+
+
+def identity_defaults():
+    """The identity of a run at the scripts' defaults, on a CPU (fp32)."""
+    identity_keys()
+    return train_config(SimpleNamespace(**{**RUN_DEFAULTS, "device": "cpu"}))
+
+
+def with_identity_defaults(saved):
+    """A saved identity with the keys it predates (added later) at their default values."""
+    return {**identity_defaults(), **saved}

@@ -264,12 +264,8 @@ class SyncedBatchNorm2d(_SyncedBN, nn.BatchNorm2d):
     pass
 
 
-class SyncedBatchNorm3d(_SyncedBN, nn.BatchNorm3d):
-    pass
-
-
 class _CudaSyncedBN(nn.SyncBatchNorm):
-    """torch.nn.SyncBatchNorm (its CUDA kernels, NCCL) for a module that stays a BatchNorm{1,2,3}d."""
+    """torch.nn.SyncBatchNorm (its CUDA kernels, NCCL) for a module that stays a BatchNorm{1,2}d."""
     process_group = None  # the default group
 
 
@@ -281,13 +277,9 @@ class CudaSyncedBatchNorm2d(_CudaSyncedBN, nn.BatchNorm2d):
     pass
 
 
-class CudaSyncedBatchNorm3d(_CudaSyncedBN, nn.BatchNorm3d):
-    pass
-
-
-_SYNCED = {nn.BatchNorm1d: SyncedBatchNorm1d, nn.BatchNorm2d: SyncedBatchNorm2d, nn.BatchNorm3d: SyncedBatchNorm3d}
-_CUDA_SYNCED = {nn.BatchNorm1d: CudaSyncedBatchNorm1d, nn.BatchNorm2d: CudaSyncedBatchNorm2d,
-                nn.BatchNorm3d: CudaSyncedBatchNorm3d}
+# 1d for the users' own models (e.g. a BatchNorm1d head); no model here has 3d inputs.
+_SYNCED = {nn.BatchNorm1d: SyncedBatchNorm1d, nn.BatchNorm2d: SyncedBatchNorm2d}
+_CUDA_SYNCED = {nn.BatchNorm1d: CudaSyncedBatchNorm1d, nn.BatchNorm2d: CudaSyncedBatchNorm2d}
 
 
 def sync_batchnorm_(model):

@@ -1,5 +1,5 @@
 """Figures a reader understands without the code: title, axis labels, legend, configuration subtitle."""
-import os
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -32,19 +32,57 @@ def figure(title, cfg, ncols=1, nrows=1, panel=(5.0, 3.8), **kwargs):
     return fig, axes
 
 
+def _wrap(text, renderer, limit):
+    """Re-wrap a title's lines so that none is wider than `limit` pixels."""
+    width = text.get_window_extent(renderer).width
+    if width <= limit:
+        return
+    lines = text.get_text().split("\n")
+    chars = max(20, int(max(map(len, lines)) * limit / width * 0.95))
+    text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+
+
+def fit_text(fig):
+    """Wrap the figure's and the panels' titles to their width, then lay the figure out."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    if fig._suptitle is not None:
+        _wrap(fig._suptitle, renderer, 0.98 * fig.bbox.width)
+    for ax in fig.axes:
+        _wrap(ax.title, renderer, max(ax.bbox.width, 0.3 * fig.bbox.width))
+    fig.tight_layout()
+
+
+def overflowing_text(fig):
+    """What reaches outside the canvas: panels whose drawn text (title, labels, tick labels, legend)
+    does, and the figure's own texts and legends."""
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+
+    def outside(bb):
+        return bb is not None and (bb.x0 < box.x0 - 1 or bb.x1 > box.x1 + 1 or bb.y0 < box.y0 - 1 or bb.y1 > box.y1 + 1)
+    out = [f"panel {i} ({ax.get_title()[:40]!r})" for i, ax in enumerate(fig.axes)
+           if ax.get_visible() and outside(ax.get_tightbbox(renderer))]
+    own = [t for t in [fig._suptitle, *fig.texts] if t is not None and t.get_text().strip()] + list(fig.legends)
+    return out + [getattr(a, "get_text", lambda: "legend")()[:40] for a in own if outside(a.get_window_extent(renderer))]
+
+
+STRICT = False  # tests: raise instead of saving a figure whose text overflows the canvas
+
+
 def save(fig, path):
-    """Save as PNG atomically and close the figure; returns the path."""
+    """Fit the text, save as PNG atomically and close the figure; returns the path."""
+    from . import distributed, runs
     path = Path(path)
-    from . import distributed
     if not distributed.is_main():  # under torchrun rank 0 draws the one copy
         plt.close(fig)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    fit_text(fig)
+    if STRICT and (outside := overflowing_text(fig)):
+        plt.close(fig)
+        raise AssertionError(f"{path.name}: text outside the canvas: {outside[:3]}")
+    runs.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

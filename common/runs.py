@@ -1,6 +1,9 @@
-"""Run directories, atomic files and checkpoints.
+"""Run directories, atomic files, checkpoints and the one-writer lock.
 
-    runs/<dataset>_<model>_noise<p>_seed<s>/     (`_mseed<m>` added when model_seed != seed)
+    runs/<dataset>_<model>[_w<width>]_noise<p>_seed<s>[_mseed<m>][_<key><value> ...]/
+        (every identity key that differs from the scripts' default is in the name, e.g.
+        mnist_5k_resnet9_w1_noise0.1_seed0, ..._e40_lr0.1, ..._bf16; the default run is
+        mnist_5k_resnet9_noise0.1_seed0)
         config.json             the training configuration that identifies the run
         labels.pt               noisy labels, true labels, noise mask (tensors)
         metrics.jsonl           one line per epoch: clean / noisy / test accuracy, loss, lr, time
@@ -11,9 +14,16 @@ Every file is written to a temporary name and renamed into place, so a crash nev
 half-written file under a valid name. Checkpoints load with torch.load(weights_only=True): plain
 tensors and containers, never code.
 
+Only one process trains a run: training holds an exclusive lock on `<run>/.lock` (fcntl.flock;
+the kernel releases it when the process dies, so a dead process's lock is simply taken over). A
+second process that needs the same run waits, says once which process it waits for, then reuses
+the finished run.
+
 Under torchrun only rank 0 writes (every write below is a no-op on the other ranks), and rank 0
 alone opens the run directory and checks its labels (the others get its verdict).
 """
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -25,6 +35,7 @@ import torch
 
 from . import distributed
 from .cli import UserError
+from . import config
 from .config import train_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,11 +43,26 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------- atomic files
 
-def _atomic(path, write):
+def writable_dir(path, knob="runs_dir"):
+    """Create `path` (and parents) or fail with one line naming the knob to change."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UserError(f"cannot write to {path} ({e.strerror or e}); pass --{knob}=<a writable directory>")
+    return path
+
+
+def atomic_write(path, data):
+    """Write `data` (bytes, str, or a function writing to a binary file) to `path` through a temporary
+    file renamed into place: a crash never leaves a half-written file under a valid name."""
     if not distributed.is_main():  # rank 0 writes the one copy
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(path.parent, "runs_dir" if path.suffix != ".md" else "reports_dir")
+    write = data if callable(data) else (lambda f: f.write(data.encode() if isinstance(data, str) else data))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -44,13 +70,15 @@ def _atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); check the directory's permissions and free space")
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 def write_json(path, obj):
-    _atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def read_json(path):
@@ -62,7 +90,7 @@ def read_json(path):
 
 
 def write_jsonl(path, rows):
-    _atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path):
@@ -74,7 +102,7 @@ def read_jsonl(path):
 
 def save_tensors(path, obj):
     """torch.save atomically (dicts of tensors and plain values only)."""
-    _atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_tensors(path, what="checkpoint"):
@@ -106,17 +134,49 @@ def load_state(model, state, source):
 
 # ----------------------------------------------------------------------------- run directories
 
+# Short tags for identity keys in run-directory names ("" = the value alone, e.g. "cosine", "bf16").
+NAME_TAGS = {"width": "w", "epochs": "e", "batch_size": "bs", "lr": "lr", "schedule": "", "warmup": "wu",
+             "momentum": "mom", "weight_decay": "wd", "augment": "", "precision": "", "init_from": "from-"}
+
+
+def _safe(text):
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(text)).strip("._") or "_"
+
+
+def _tag(key, value):
+    tag = NAME_TAGS.get(key, key)
+    if isinstance(value, bool):
+        return key if value else f"no{key}"
+    if key == "init_from":
+        value = Path(str(value).rstrip("/*")).name
+    return f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{_safe(value)}"
+
+
 def run_name(cfg):
+    """dataset_model[_w<width>]_noise<p>_seed<s>[_mseed<m>], then every other identity key whose value
+    differs from the scripts' default (the default run keeps the short name)."""
+    ident, defaults = train_config(cfg), config.identity_defaults()
     data = cfg.dataset
     if data.startswith("npz:"):
-        data = "npz-" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(data[4:]).stem)
-    name = f"{data}_{cfg.model}_noise{cfg.noise:g}_seed{cfg.seed}"
-    return name if cfg.model_seed == cfg.seed else f"{name}_mseed{cfg.model_seed}"
+        data = "npz-" + _safe(Path(data[4:]).stem)
+    from . import models
+    parts = [data, getattr(models, "model_tag", _safe)(cfg.model)]
+    if ident.get("width", defaults["width"]) != defaults["width"]:
+        parts.append(_tag("width", ident["width"]))
+    parts += [f"noise{cfg.noise:g}", f"seed{cfg.seed}"]
+    if cfg.model_seed != cfg.seed:
+        parts.append(f"mseed{cfg.model_seed}")
+    named = {"dataset", "model", "width", "noise", "seed", "model_seed"}
+    parts += [_tag(k, v) for k, v in ident.items() if k not in named and v != defaults.get(k)]
+    return "_".join(parts)
 
 
 def runs_root(cfg):
     root = Path(cfg.runs_dir)
     return root if root.is_absolute() else REPO / root
+
+
+_HELD = set()  # run directories whose lock this process holds
 
 
 class Run:
@@ -148,7 +208,7 @@ class Run:
         saved = self.path("config.json")
         if not saved.is_file():
             return
-        old = read_json(saved)
+        old = config.with_identity_defaults(read_json(saved))
         diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in self.config.items() if old.get(k) != v]
         if diff:
             raise UserError(f"run directory {self.dir} holds a run with another configuration ({'; '.join(diff[:3])}); "
@@ -168,8 +228,37 @@ class Run:
                 shutil.move(str(self.dir), str(aside))
                 print(f"moved the old run aside to {aside}")
         self.check_config()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.dir)
         write_json(self.path("config.json"), self.config)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive right to train this run (re-entrant in a process; rank 0 only under torchrun).
+        Another process holding it: say once that we wait for it, then wait."""
+        key = str(self.dir)
+        if not distributed.is_main() or key in _HELD:  # the other ranks follow rank 0; a nested hold
+            yield
+            return
+        path = writable_dir(self.dir) / ".lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                print(f"{self.dir.name} is being trained by process {holder}: waiting for it to finish", flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            _HELD.add(key)
+            try:
+                yield
+            finally:
+                _HELD.discard(key)
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def save_labels(self, data):
         """Save the noise mask and both label arrays; refuse if a previous run saved different ones."""
@@ -191,7 +280,7 @@ class Run:
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise UserError(f"checkpoint {self.ckpt_path(epoch)} is not one of ours (no model state); "
                             f"delete it and re-run to recreate it")
-        saved = ckpt.get("config", {})
+        saved = config.with_identity_defaults(ckpt.get("config", {}))
         diff = [k for k, v in self.config.items() if k != "epochs" and saved.get(k) != v]
         if diff:
             raise UserError(f"checkpoint {self.ckpt_path(epoch)} is from another configuration "

@@ -24,7 +24,7 @@ from . import config, distributed
 from .cli import UserError
 from .data import load_data
 from .evaluation import accuracies
-from .precision import autocast
+from .precision import autocast, set_deterministic
 from .models import model_for
 from .rng import derive_seed, generator
 from .runs import Run
@@ -94,44 +94,13 @@ def train_epoch(model, data, indices, optimizer, cfg, epoch, step0=0, total_step
     """One epoch over `indices` (training examples) with the lr schedule; returns the mean loss.
 
     `step0`/`total_steps` place the epoch in the schedule; `seed` (default cfg.model_seed) drives
-    batch order, augmentation and dropout; `on_batch(idx)` observes each batch's indices."""
+    batch order, augmentation and dropout; `on_batch(idx)` observes each batch's indices.
+
+    Under torchrun: the same global batches and schedule; this rank trains on its slice of each, on
+    its share of the batch mean loss, and the gradients are summed over the ranks (by DDP when
+    `model` is wrapped and there is no hook, else by one all-reduce after the backward). In a single
+    process the slice is the whole batch and every collective is a no-op."""
     seed = cfg.model_seed if seed is None else seed
-    if distributed.active():
-        return _train_epoch_distributed(model, data, indices, optimizer, cfg, epoch, step0, total_steps, backward,
-                                        seed, desc, on_batch)
-    batches = batch_order(indices, cfg.batch_size, seed, epoch)
-    total_steps = total_steps or len(batches)
-    aug_gen = generator(seed, "augment", epoch)
-    amp = getattr(cfg, "amp", True)
-    devices = [data.device.index or 0] if data.device.type == "cuda" else []
-    model.train()
-    loss_sum = torch.zeros((), device=data.device)
-    with torch.random.fork_rng(devices=devices):  # dropout randomness per (seed, epoch), caller's RNG untouched
-        torch.manual_seed(derive_seed(seed, "dropout", epoch))
-        for i, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None)):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor((step0 + i) / total_steps, cfg.schedule, cfg.warmup)
-            if on_batch:
-                on_batch(idx)
-            x, y = data.batch(idx, augment=getattr(cfg, "augment", False), gen=aug_gen), data.labels(idx)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(data.device, amp):
-                logits = model(x, index=idx)
-            losses = F.cross_entropy(logits.float(), y, reduction="none")
-            if backward is None:
-                losses.mean().backward()
-            else:
-                backward(losses, idx)
-            optimizer.step()
-            loss_sum += losses.detach().sum()
-    return float(loss_sum) / sum(len(b) for b in batches)
-
-
-def _train_epoch_distributed(model, data, indices, optimizer, cfg, epoch, step0, total_steps, backward, seed, desc,
-                             on_batch):
-    """train_epoch under torchrun: the same global batches and schedule; this rank trains on its
-    slice of each, on its share of the batch mean loss; gradients are summed over the ranks (by
-    DDP when `model` is wrapped and there is no hook, else by one all-reduce after the backward)."""
     batches = batch_order(indices, cfg.batch_size, seed, epoch)
     world = distributed.world_size()
     if min(len(b) for b in batches) < world:
@@ -145,10 +114,12 @@ def _train_epoch_distributed(model, data, indices, optimizer, cfg, epoch, step0,
     distributed.sync_batchnorm_(model)
     ddp = net is not model and backward is None
     devices = [data.device.index or 0] if data.device.type == "cuda" else []
+    # Dropout randomness per (seed, epoch), and per rank (the ranks' examples differ); caller's RNG untouched.
+    dropout_seed = derive_seed(seed, "dropout", epoch, *(("rank", distributed.rank()) if distributed.active() else ()))
     net.train()
     loss_sum = torch.zeros((), device=data.device)
-    with torch.random.fork_rng(devices=devices):  # per rank: dropout masks of different examples are independent
-        torch.manual_seed(derive_seed(seed, "dropout", epoch, "rank", distributed.rank()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(dropout_seed)
         for i, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if distributed.is_main() else True)):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor((step0 + i) / total_steps, cfg.schedule, cfg.warmup)
@@ -165,7 +136,7 @@ def _train_epoch_distributed(model, data, indices, optimizer, cfg, epoch, step0,
             with autocast(data.device, amp):
                 logits = (net if ddp else model)(x, index=mine)
             losses = F.cross_entropy(logits.float(), y, reduction="none")
-            shares = losses * (len(mine) / len(idx))  # .mean() = sum(local losses) / B
+            shares = losses * (len(mine) / len(idx)) if distributed.active() else losses  # .mean() = sum(local) / B
             if backward is None:
                 shares.mean().backward()
             else:
@@ -187,17 +158,26 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
     its own directory). Returns (model, data, run) with the final weights loaded.
 
     Under torchrun every rank runs this; rank 0 alone decides on and writes the run directory.
+    Holds the run's lock throughout: one process trains a run directory at a time.
     """
+    run = run or Run(cfg)
+    with run.lock():
+        return _train_run(cfg, data, backward, on_epoch, restart_from, quiet, model, run)
+
+
+def _train_run(cfg, data, backward, on_epoch, restart_from, quiet, model, run):
+    set_deterministic(getattr(cfg, "deterministic", False))
     device = pick_device(cfg.device)
     quiet = quiet or not distributed.is_main()
+    amp = getattr(cfg, "amp", True)
     data = data or load_data(cfg, device)
-    run = (run or Run(cfg)).open(overwrite=getattr(cfg, "overwrite", False))
+    run.open(overwrite=getattr(cfg, "overwrite", False))
     run.save_labels(data)
     model = model or model_for(cfg, data)
     optimizer = make_optimizer(model.parameters(), cfg)
     saved = distributed.on_main(run.saved_epochs)  # one listing for all ranks
     if 0 not in saved:
-        run.save_checkpoint(0, model, optimizer, {"epoch": 0, **accuracies(model, data)})
+        run.save_checkpoint(0, model, optimizer, {"epoch": 0, **accuracies(model, data, amp=amp)})
         saved = [0]
     distributed.barrier()  # checkpoint 0 is on disk before any rank loads it
     start = max(saved) if restart_from is None else restart_from
@@ -219,7 +199,7 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
         loss = train_epoch(net, data, torch.arange(data.n_train, device=data.device), optimizer, cfg, epoch,
                            step0=(epoch - 1) * steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
                            backward=backward, desc=f"epoch {epoch}")
-        metrics = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"], **accuracies(model, data),
+        metrics = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"], **accuracies(model, data, amp=amp),
                    "seconds": round(time.time() - t0, 3)}
         if on_epoch:
             metrics.update(on_epoch(epoch) or {})
@@ -237,17 +217,21 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
 
 
 def trained_run(cfg, data=None, quiet=False):
-    """The configured run's final model (training it first if the run is not complete).
+    """The configured run's final model (training it first if the run is not complete; if another
+    process is training it, waiting for that process and reusing its run).
 
     Returns (model, data, run); `data` defaults to the configured dataset (tests pass a subset)."""
     run = Run(cfg)
-    if distributed.on_main(run.is_complete):
-        run.check_config()
-        data = data or load_data(cfg, pick_device(cfg.device))
-        run.save_labels(data)
-        model = model_for(cfg, data)
-        run.load_model(model, cfg.epochs)
-        return model, data, run
-    if not quiet:
-        print(f"{run.dir} has no finished run yet: training it first")
-    return train_run(cfg, data=data, quiet=quiet)
+    if not distributed.on_main(run.is_complete):
+        with run.lock():
+            if not distributed.on_main(run.is_complete):  # nobody finished it while we waited
+                if not quiet:
+                    print(f"{run.dir} has no finished run yet: training it first")
+                return train_run(cfg, data=data, quiet=quiet, run=run)
+    set_deterministic(getattr(cfg, "deterministic", False))
+    distributed.on_main(run.check_config)
+    data = data or load_data(cfg, pick_device(cfg.device))
+    run.save_labels(data)
+    model = model_for(cfg, data)
+    run.load_model(model, cfg.epochs)
+    return model, data, run

@@ -10,10 +10,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(2)
 
+import layer_rewinding  # noqa: E402,F401  (declares the scripts' shared knob block)
+from common import config, plots  # noqa: E402
+
 # The shared keys every script defines, at their script defaults, shrunk for speed.
-TINY = dict(dataset="mnist_5k", model="cnn", width=0.25, noise=0.1, seed=0, model_seed=0, epochs=2,
-            batch_size=64, lr=0.05, schedule="triangle", warmup=0.25, momentum=0.9, weight_decay=5e-4,
-            augment=False, device="cpu", runs_dir="runs", amp=True, overwrite=False, download=False)
+TINY = {**config.RUN_DEFAULTS, "model": "cnn", "epochs": 2, "batch_size": 64, "device": "cpu", "download": False}
+
+
+@pytest.fixture(autouse=True)
+def strict_figures(monkeypatch):
+    """Every figure a test draws must keep its text inside the canvas (plots.save raises otherwise)."""
+    monkeypatch.setattr(plots, "STRICT", True)
 
 
 @pytest.fixture

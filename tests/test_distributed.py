@@ -59,6 +59,7 @@ def worker(out, npz, root):
     """One rank: train plainly, resume, train with gradient accounting, hit a refused configuration; save what it saw."""
     from common.cli import UserError
     from common.evaluation import predict
+    from common.runs import Run
     import conftest  # noqa: F401  (sets 2 threads: one per rank instead, on 2 cores)
     torch.set_num_threads(1)
     writes = []
@@ -80,8 +81,10 @@ def worker(out, npz, root):
                 run.ckpt_path(cfg.epochs).unlink()  # as if killed during the last epoch
             distributed.barrier()
             result["resumed"] = train(cfg, mode)[0].state_dict()
-    try:
-        train(mode_cfg(npz, root, "plain", lr=0.01), "plain")
+    try:  # another lr forced into the plain run's directory
+        from common.training import train_run
+        other = mode_cfg(npz, root, "plain", lr=0.01)
+        train_run(other, quiet=True, run=Run(other, directory=Run(mode_cfg(npz, root, "plain")).dir))
     except UserError as e:
         result["error"] = str(e)
     result.update(world=distributed.world_size(), writes=writes)

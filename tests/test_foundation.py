@@ -223,10 +223,13 @@ def test_changed_config_is_refused_then_overwritten(make_cfg, mnist_small):
     cfg = make_cfg(epochs=1)
     _, _, run = train_run(cfg, data=mnist_small, quiet=True)
     before = run.ckpt_path(1).read_bytes()
-    with pytest.raises(UserError, match="another configuration"):
-        train_run(make_cfg(epochs=1, lr=0.01), data=mnist_small, quiet=True)
+    assert Run(make_cfg(epochs=1, lr=0.01)).dir != run.dir  # another lr is another run directory
+    other = make_cfg(epochs=1, lr=0.01)
+    with pytest.raises(UserError, match="another configuration"):  # ... unless forced into this one
+        train_run(other, data=mnist_small, quiet=True, run=Run(other, directory=run.dir))
     assert run.ckpt_path(1).read_bytes() == before  # nothing touched
-    train_run(make_cfg(epochs=1, lr=0.01, overwrite=True), data=mnist_small, quiet=True)
+    other = make_cfg(epochs=1, lr=0.01, overwrite=True)
+    train_run(other, data=mnist_small, quiet=True, run=Run(other, directory=run.dir))
     aside = [p for p in run.dir.parent.iterdir() if ".replaced-" in p.name]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "epoch_001.pt").read_bytes() == before
 

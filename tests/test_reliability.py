@@ -35,7 +35,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write .*results.json .disk full"):  # one line, exit 2
         write_json(path, {"a": 2})
     monkeypatch.undo()
     assert read_json(path) == {"a": 1}
