@@ -2,19 +2,24 @@
 
 Trains the run (this script is its trainer: its checkpoints are the ones the other experiments
 reuse) and splits every minibatch gradient exactly into the part of its clean examples and the part
-of its mislabeled ("noisy", memorized) examples. Per layer group and epoch: the norms of the
-epoch's clean, noisy and total gradient sums, the same per example, and the clean/noisy cosine.
+of its mislabeled ("noisy", memorized) examples; a control group (a seeded random subset of the
+clean examples, as large as the noisy set) is accounted as its own part: total = clean-rest +
+control + noisy. Per layer group and epoch: the norms of the epoch's gradient sums of each part,
+the same per example, and the cosines clean/noisy, clean-rest/noisy and control/clean-rest.
 Paper: the 10% noisy examples carry a gradient comparable to the 90% clean ones, in every layer, and
-point against them (negative cosine) while they are being memorized. (PROTOCOLS.md, section 1.)
+point against them (negative cosine) while they are being memorized. The control shows what any
+10% of the data would carry; the claim's rule is in docs/protocol.md ("How each claim is judged").
 
     python gradient_accounting.py [configs/preset.py] [--key=value ...]
 """
 import math
 
 import numpy as np
+import torch
 
-from common import cli, config
-from common.accounting import GradientAccountant, accounted_prefix, epoch_table, memorization_phase, summarize
+from common import claims, cli, config
+from common.accounting import (GradientAccountant, accounted_prefix, control_mask, epoch_table, memorization_phase,
+                               summarize)
 from common.cli import UserError
 from common.data import load_data
 from common.models import model_for
@@ -59,7 +64,10 @@ config.range_check("window", 1, None)
 config.choice_check("keep_checkpoints", ("all", "needed"))
 config.range_check("memorized_at", 0, 1, lo_open=True)
 
-SERIES = ("total", "clean", "noisy")
+SERIES = ("total", "clean", "noisy", "control")
+SERIES_COLORS = {**COLORS, "control": "tab:gray"}
+SERIES_LABELS = {"total": LABELS["total"], "clean": "clean part", "noisy": "noisy part",
+                 "control": "control part (random clean, as many as noisy)"}
 
 
 def restart_epoch(cfg):
@@ -72,7 +80,7 @@ def restart_epoch(cfg):
     except UserError:
         return 0, 0  # another configuration: train_run refuses it, or (overwrite) moves it aside
     saved = set(run.saved_epochs())
-    k = max([e for e in range(accounted_prefix(run.metrics()) + 1) if e in saved], default=0)
+    k = max([e for e in range(accounted_prefix(run.metrics(), control=True) + 1) if e in saved], default=0)
     return k, max(saved, default=0)
 
 
@@ -80,12 +88,14 @@ def main(argv=()):
     cfg = config.parse(KNOBS, argv)
     data = load_data(cfg, pick_device(cfg.device))
     net = model_for(cfg, data)
-    accountant = GradientAccountant(net, data.noisy)
+    control = control_mask(data.noisy, cfg.seed)  # seeded by the data seed: the same examples for every model
+    accountant = GradientAccountant(net, data.noisy, control=control)
     # The accounting of each epoch is returned by on_epoch and stored in that epoch's metrics row
     # and checkpoint: a crash can never separate the numbers from the weights they describe.
     start, trained = restart_epoch(cfg)
     if start < trained:
-        print(f"epochs {start + 1}..{trained} were trained without gradient accounting: re-training them with it"
+        print(f"epochs {start + 1}..{trained} were trained without gradient accounting (with its control group): "
+              f"re-training them with it"
               + (" (bit-identical checkpoints on a CPU)" if data.device.type == "cpu" else
                  f" (on {data.device.type} the new checkpoints may differ slightly: non-deterministic kernels)"))
     net, data, run = train_run(cfg, data=data, model=net, backward=accountant.backward,
@@ -100,13 +110,18 @@ def main(argv=()):
     results = {"run": run.dir.name, "config": {**run.config, "window": cfg.window, "memorized_at": cfg.memorized_at},
                "groups": accountant.groups, "group_params": accountant.sizes,
                "n_train": data.n_train, "n_noisy": int(data.noisy.sum()),
+               "control": torch.nonzero(control).flatten().tolist(),
                "definitions": {
                    "norm_*": "L2 norm, per layer group, of the sum over the epoch's steps of that part of the "
                              "minibatch gradient: clean part = grad of sum_{clean i} l_i / B, noisy part = "
                              "grad of sum_{noisy i} l_i / B, total = their sum = the gradient plain SGD "
-                             "stepped on (loss gradient only, weight decay excluded)",
+                             "stepped on (loss gradient only, weight decay excluded); control part = the same "
+                             "over the control examples (`control`: a seeded random subset of the clean "
+                             "examples, as many as the noisy ones), clean_rest = clean - control",
                    "per_example_*": "norm_* divided by the number of examples of that kind seen in the epoch",
                    "cosine": "cosine similarity of the epoch's clean and noisy sums (null if one is zero)",
+                   "cosine_rest_noisy": "the same for the clean-rest and noisy sums",
+                   "cosine_control_rest": "the same for the control and clean-rest sums",
                    "memorization_phase": "epochs whose training took noisy-train accuracy from its last low "
                                          f"to >= memorized_at ({cfg.memorized_at:g})"},
                "epochs": table, "memorization_phase": phase, "summary": summary}
@@ -142,7 +157,7 @@ def _nanmean(v):
 
 
 def plot_norms(table, prefix, title, ylabel, cfg, path):
-    """(a)/(b): x = layer group (input to output), lines total / clean / noisy; one panel averaging
+    """(a)/(b): x = layer group (input to output), lines total / clean / noisy / control; one panel averaging
     all epochs, then one per window of `cfg.window` epochs (means of the per-epoch norms)."""
     groups = list(table[0]["groups"])
     windows = [("all epochs", table)] + [(f"epochs {w[0]['epoch']}-{w[-1]['epoch']}" if len(w) > 1
@@ -152,10 +167,10 @@ def plot_norms(table, prefix, title, ylabel, cfg, path):
     fig, axes = figure(title, cfg, ncols=ncols, nrows=math.ceil(len(windows) / ncols), panel=(4.6, 3.4))
     for ax, (name, rows) in zip(axes.flat, windows):
         for s in SERIES:
-            v = np.array([[np.nan if r["groups"][g][prefix + s] is None else r["groups"][g][prefix + s]
+            v = np.array([[np.nan if r["groups"][g].get(prefix + s) is None else r["groups"][g][prefix + s]
                            for g in groups] for r in rows], dtype=float)
-            ax.plot(range(len(groups)), _nanmean(v), marker="o",
-                    color=COLORS[s], label=LABELS[s] if s == "total" else f"{s} part")
+            ax.plot(range(len(groups)), _nanmean(v), marker="o", ls="--" if s == "control" else "-",
+                    color=SERIES_COLORS[s], label=SERIES_LABELS[s])
         ax.set_yscale("log")
         ax.set_xticks(range(len(groups)), groups, rotation=60, fontsize=7)
         ax.set_xlabel("layer group (input -> output)")
@@ -168,32 +183,39 @@ def plot_norms(table, prefix, title, ylabel, cfg, path):
     save(fig, path)
 
 
+COSINES = (("cosine", "cosine(clean, noisy)"),
+           ("cosine_control_rest", "cosine(control, clean-rest): the control group"))
+
+
 def plot_cosine(table, phase, cfg, path):
-    """(c): heatmap of cosine(clean sum, noisy sum), layer group x epoch; blue < 0 < red."""
+    """(c): heatmaps of cosine(clean sum, noisy sum) and of cosine(control sum, clean-rest sum),
+    layer group x epoch; blue < 0 < red."""
     groups = list(table[0]["groups"])
     epochs_ = [r["epoch"] for r in table]
-    cos = np.array([[np.nan if r["groups"][g]["cosine"] is None else r["groups"][g]["cosine"] for r in table]
-                    for g in groups], dtype=float)
-    fig, axes = figure("Cosine similarity of the clean and noisy gradient sums per epoch", cfg,
-                       panel=(max(8.0, 0.35 * len(epochs_) + 2), 0.35 * len(groups) + 2.4))
-    ax = axes[0, 0]
-    im = ax.imshow(np.ma.masked_invalid(cos), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    fig.colorbar(im, ax=ax, label="cosine(clean, noisy)")
-    if len(epochs_) <= 40:
-        for i in range(len(groups)):
-            for j in range(len(epochs_)):
-                if np.isfinite(cos[i, j]):
-                    ax.text(j, i, f"{cos[i, j]:.1f}", ha="center", va="center", fontsize=6,
-                            color="white" if abs(cos[i, j]) > 0.6 else "black")
-    step = max(1, len(epochs_) // 20)
-    ax.set_xticks(range(0, len(epochs_), step), epochs_[::step])
-    ax.set_yticks(range(len(groups)), groups, fontsize=8)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("layer group (input at top)")
-    if phase["epochs"]:  # heatmap columns are 0-based epoch positions
-        ax.axvspan(epochs_.index(phase["epochs"][0]) - 0.5, epochs_.index(phase["epochs"][-1]) + 0.5,
-                   fill=False, edgecolor="gold", linewidth=2.5, label="memorization phase")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.1))
+    panels = [(key, label) for key, label in COSINES if key in table[0]["groups"][groups[0]]]
+    fig, axes = figure("Cosine of gradient sums per epoch: clean vs noisy, and the control", cfg,
+                       nrows=len(panels), panel=(max(8.0, 0.35 * len(epochs_) + 2), 0.35 * len(groups) + 1.8))
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        cos = np.array([[np.nan if r["groups"][g][key] is None else r["groups"][g][key] for r in table]
+                        for g in groups], dtype=float)
+        im = ax.imshow(np.ma.masked_invalid(cos), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        fig.colorbar(im, ax=ax, label="cosine")
+        if len(epochs_) <= 40:
+            for i in range(len(groups)):
+                for j in range(len(epochs_)):
+                    if np.isfinite(cos[i, j]):
+                        ax.text(j, i, f"{cos[i, j]:.1f}", ha="center", va="center", fontsize=6,
+                                color="white" if abs(cos[i, j]) > 0.6 else "black")
+        step = max(1, len(epochs_) // 20)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(0, len(epochs_), step), epochs_[::step])
+        ax.set_yticks(range(len(groups)), groups, fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("layer group (input at top)")
+        if phase["epochs"]:  # heatmap columns are 0-based epoch positions
+            ax.axvspan(epochs_.index(phase["epochs"][0]) - 0.5, epochs_.index(phase["epochs"][-1]) + 0.5,
+                       fill=False, edgecolor="gold", linewidth=2.5, label="memorization phase")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.12, 1.0))
     save(fig, path)
 
 
@@ -210,10 +232,15 @@ def print_summary(results):
     print(f"memorization phase: epochs {phase['epochs'][0]}-{phase['epochs'][-1]} (noisy-train accuracy "
           f"{phase['noisy_low']:.1%} after epoch {phase['low']} -> {phase['noisy_end']:.1%} after epoch "
           f"{phase['end']}; {results['config']['memorized_at']:.0%} {how})")
-    print(f"{'group':<10} {'noisy/clean norm':>16} {'per example':>12} {'mean cosine':>12}")
+    print(f"{'group':<10} {'noisy/clean':>11} {'per example':>11} {'cosine':>7} | {'noisy/rest':>10} "
+          f"{'control/rest':>12} {'cos(rest,noisy)':>15} {'cos(control,rest)':>17}")
     for g, s in results["summary"].items():
-        print(f"{g:<10} {_fmt(s['noisy_clean_ratio'], '16.3f')} {_fmt(s['noisy_clean_ratio_per_example'], '12.2f')} "
-              f"{_fmt(s['mean_cosine'], '12.3f')}")
+        print(f"{g:<10} {_fmt(s['noisy_clean_ratio'], '11.3f')} {_fmt(s['noisy_clean_ratio_per_example'], '11.2f')} "
+              f"{_fmt(s['mean_cosine'], '7.3f')} | {_fmt(s.get('noisy_rest_ratio'), '10.3f')} "
+              f"{_fmt(s.get('control_rest_ratio'), '12.3f')} {_fmt(s.get('mean_cosine_rest_noisy'), '15.3f')} "
+              f"{_fmt(s.get('mean_cosine_control_rest'), '17.3f')}")
+    print("(means over the memorization phase; rest = clean examples outside the control group)")
+    claims.print_claims([claims.accounting(results)])
     print(f"written: {results['run']}/gradient_accounting.json and gradient_accounting_*.png")
 
 

@@ -2,11 +2,16 @@
 
     loss = mean_i l_i = (1/B) sum_{clean i} l_i + (1/B) sum_{noisy i} l_i      (B = batch size)
 
+With a control group (a seeded random subset of the clean examples, as large as the noisy set) the
+clean part is split once more: clean = clean-rest + control, so total = clean-rest + control + noisy.
+The control is what any 10% of the data would contribute: the noisy part is judged against it.
+
 `GradientAccountant.backward(losses, idx)` is the training loop's backward hook. It leaves in `.grad`
-exactly what plain training leaves there and, on the side, adds this step's total gradient and its
-clean part to per-parameter sums on the training device (noisy = total - clean). `end_epoch()`
-reduces the epoch's sums to a few scalars per layer group (the only copy to the host), returns them
-for the epoch's metrics row and starts the next epoch's sums from zero.
+exactly what plain training leaves there and, on the side, adds this step's total gradient, its
+clean part and its control part to per-parameter sums on the training device (noisy = total - clean,
+clean-rest = clean - control). `end_epoch()` reduces the epoch's sums to a few scalars per layer
+group (the only copy to the host), returns them for the epoch's metrics row and starts the next
+epoch's sums from zero.
 
 The rest turns metrics rows into the experiment's tables: per-epoch, per-group norms (raw and per
 example), the memorization phase, and its summary.
@@ -17,6 +22,7 @@ import torch
 
 from . import distributed
 from .models import group_params
+from .rng import generator
 
 KEY = "grad_accounting"  # the key of the accounting numbers inside a metrics row
 
@@ -28,16 +34,30 @@ def _add(buffers, grads):
         torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
 
 
+def control_mask(noisy, seed):
+    """The control group: a seeded random subset of the clean examples as large as the noisy set
+    (boolean mask on noisy's device)."""
+    clean = torch.nonzero(~noisy.cpu()).flatten()
+    k = min(int(noisy.sum()), len(clean))
+    pick = clean[torch.randperm(len(clean), generator=generator(seed, "accounting_control"))[:k]]
+    mask = torch.zeros(len(noisy), dtype=torch.bool)
+    mask[pick] = True
+    return mask.to(noisy.device)
+
+
 class GradientAccountant:
-    """Per-group sums over an epoch of the total gradient and of its clean part, kept on the device.
+    """Per-group sums over an epoch of the total gradient, of its clean part and (with `control`) of
+    its control part, kept on the device.
 
     `noisy`: the boolean noise mask of the training set (data.noisy), on the training device.
-    `skip_pure`: skip the second backward for batches with no noisy or no clean example. Deciding
-    that needs the batch's noisy count on the host; free on the CPU, a per-step synchronization on
-    an accelerator, so by default only on the CPU (elsewhere the second backward of such a batch
-    simply returns the total, resp. zeros)."""
+    `control`: None, or the boolean mask of the control group (control_mask), on the same device:
+    one more backward per step that has control examples.
+    `skip_pure`: skip a backward whose part is empty or the whole batch (no noisy or no clean
+    example; no control example). Deciding that needs counts on the host; free on the CPU, a
+    per-step synchronization on an accelerator, so by default only on the CPU (elsewhere such a
+    backward simply returns zeros, resp. the total)."""
 
-    def __init__(self, model, noisy, skip_pure=None):
+    def __init__(self, model, noisy, control=None, skip_pure=None):
         groups = group_params(model)
         self.groups = list(groups)
         self.params, self.slices = [], []
@@ -46,81 +66,123 @@ class GradientAccountant:
             self.slices.append(list(range(len(self.params), len(self.params) + len(mine))))
             self.params += mine
         self.sizes = [sum(self.params[i].numel() for i in s) for s in self.slices]
-        self.noisy = noisy
+        self.noisy, self.control = noisy, control
+        if control is not None and bool((control & noisy).any()):
+            raise ValueError("the control group must hold clean examples only")
         self.skip_pure = noisy.device.type == "cpu" if skip_pure is None else skip_pure
-        self.total = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.clean = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        zeros = lambda: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]  # noqa: E731
+        self.total, self.clean = zeros(), zeros()
+        self.ctrl = zeros() if control is not None else []
         self.n_noisy = torch.zeros((), dtype=torch.long, device=noisy.device)
+        self.n_control = torch.zeros((), dtype=torch.long, device=noisy.device)
         self.n_seen = 0
 
     def backward(self, losses, idx):
         """Backward hook of common.training.train_epoch: `losses` per example, `idx` their indices."""
         noisy = self.noisy[idx]
+        ctrl = self.control[idx] if self.control is not None else None
         b = losses.shape[0]
         self.n_noisy += noisy.sum()
+        if ctrl is not None:
+            self.n_control += ctrl.sum()
         self.n_seen += b
-        pure = None
-        if self.skip_pure and not distributed.active():  # under torchrun every rank runs both backward passes
+        # Which parts need a backward of their own: "all" (the part is the whole batch: its gradient
+        # is the total), "none" (empty: zero), "mixed" (a backward through the retained graph).
+        clean_is, ctrl_is = "mixed", "mixed" if ctrl is not None else "none"
+        if self.skip_pure and not distributed.active():  # under torchrun every rank runs every backward
             # (synced BatchNorm communicates in each; whether a rank's slice is pure differs by rank)
             k = int(noisy.sum())
-            pure = "clean" if k == 0 else "noisy" if k == b else None
+            clean_is = "all" if k == 0 else "none" if k == b else "mixed"
+            if ctrl is not None:
+                c = int(ctrl.sum())
+                ctrl_is = "all" if c == b else "none" if c == 0 else "mixed"
+        parts = [(clean_is, self.clean, ~noisy), (ctrl_is, self.ctrl, ctrl)]
+        mixed = [(buffers, mask) for part, buffers, mask in parts if part == "mixed"]
         # The full backward FIRST, exactly as plain training does it: `.grad` is then bit for bit the
         # plain gradient and the optimizer step is unchanged. (Backwarding the clean part and then the
         # noisy part into `.grad` would leave g_clean + g_noisy there, which in floating point is not
         # bitwise the gradient of the whole loss, so the trajectory would drift from plain training.)
-        losses.mean().backward(retain_graph=pure is None)
+        losses.mean().backward(retain_graph=bool(mixed))
         grads = [p.grad for p in self.params]
         _add(self.total, grads)
-        if pure == "clean":  # the whole gradient is clean; the noisy part is zero
-            _add(self.clean, grads)
-        elif pure is None:
-            # The clean part through the retained graph: autograd.grad returns it without touching
-            # `.grad`. Second and last backward; noisy = total - clean at the end of the epoch.
-            weights = (~noisy).to(losses.dtype)
-            clean = torch.autograd.grad((losses * weights).sum() / b, self.params, allow_unused=True)
-            _add(self.clean, clean)
+        for part, buffers, _ in parts:
+            if part == "all":
+                _add(buffers, grads)
+        # The mixed parts through the retained graph: autograd.grad returns them without touching
+        # `.grad`; noisy = total - clean and clean-rest = clean - control at the end of the epoch.
+        for i, (buffers, mask) in enumerate(mixed):
+            part = torch.autograd.grad((losses * mask.to(losses.dtype)).sum() / b, self.params, allow_unused=True,
+                                       retain_graph=i < len(mixed) - 1)
+            _add(buffers, part)
 
     @torch.no_grad()
     def end_epoch(self, epoch=None):
-        """This epoch's accounting {KEY: {...}} (norms per group, counts, cosine); resets the sums."""
+        """This epoch's accounting {KEY: {...}} (norms per group, counts, cosines); resets the sums."""
         # float64 for the reductions where the device has it (MPS has not)
         dtype = torch.float32 if self.noisy.device.type == "mps" else torch.float64
+        device = self.noisy.device
         if distributed.active():  # each rank summed its shares of every batch: together, a single process's sums
-            for b in self.total + self.clean:
+            for b in self.total + self.clean + self.ctrl:
                 distributed.all_reduce_sum_(b)
             distributed.all_reduce_sum_(self.n_noisy)
-            self.n_seen = int(distributed.all_reduce_sum_(torch.tensor(self.n_seen, device=self.noisy.device)))
+            distributed.all_reduce_sum_(self.n_control)
+            self.n_seen = int(distributed.all_reduce_sum_(torch.tensor(self.n_seen, device=device)))
+        control = self.control is not None
+        width = 8 if control else 4
         stats = []
         for s in self.slices:
             if not s:  # a group without trainable parameters
-                stats.append(torch.zeros(4, dtype=dtype, device=self.noisy.device))
+                stats.append(torch.zeros(width, dtype=dtype, device=device))
                 continue
             t = torch.cat([self.total[i].flatten() for i in s]).to(dtype)
             c = torch.cat([self.clean[i].flatten() for i in s]).to(dtype)
             n = t - c
-            stats.append(torch.stack([t @ t, c @ c, n @ n, c @ n]))
-        stats = torch.stack(stats).cpu().tolist()  # the epoch's only copy to the host: 4 numbers per group
+            row = [t @ t, c @ c, n @ n, c @ n]
+            if control:
+                k = torch.cat([self.ctrl[i].flatten() for i in s]).to(dtype)
+                r = c - k  # clean-rest
+                row += [k @ k, r @ r, r @ n, k @ r]
+            stats.append(torch.stack(row))
+        stats = torch.stack(stats).cpu().tolist()  # the epoch's only copy to the host: a few numbers per group
         n_noisy = int(self.n_noisy)
         out = {"groups": self.groups, "n_clean": self.n_seen - n_noisy, "n_noisy": n_noisy,
                "norm_total": [], "norm_clean": [], "norm_noisy": [], "cosine": []}
-        for tt, cc, nn_, cn in stats:
+        if control:
+            out.update({"n_control": int(self.n_control), "norm_control": [], "norm_clean_rest": [],
+                        "cosine_rest_noisy": [], "cosine_control_rest": []})
+        for row in stats:
+            tt, cc, nn_, cn = row[:4]
             nt, nc, nn_ = math.sqrt(tt), math.sqrt(cc), math.sqrt(nn_)
             out["norm_total"].append(nt)
             out["norm_clean"].append(nc)
             out["norm_noisy"].append(nn_)
-            out["cosine"].append(max(-1.0, min(1.0, cn / (nc * nn_))) if nc > 0 and nn_ > 0 else None)
-        for b in self.total + self.clean:
+            out["cosine"].append(_cosine(cn, nc, nn_))
+            if control:
+                kk, rr, rn, kr = row[4:]
+                nk, nr = math.sqrt(kk), math.sqrt(rr)
+                out["norm_control"].append(nk)
+                out["norm_clean_rest"].append(nr)
+                out["cosine_rest_noisy"].append(_cosine(rn, nr, nn_))
+                out["cosine_control_rest"].append(_cosine(kr, nk, nr))
+        for b in self.total + self.clean + self.ctrl:
             b.zero_()
         self.n_noisy.zero_()
+        self.n_control.zero_()
         self.n_seen = 0
         return {KEY: out}
 
 
+def _cosine(dot, norm_a, norm_b):
+    """Cosine from a dot product and two norms (None if one vector is zero)."""
+    return max(-1.0, min(1.0, dot / (norm_a * norm_b))) if norm_a > 0 and norm_b > 0 else None
+
+
 # ----------------------------------------------------------------------------- from metrics rows
 
-def accounted_prefix(rows):
-    """The last epoch k such that epochs 1..k all have accounting in their metrics rows (0 if none)."""
-    have = {r["epoch"] for r in rows if KEY in r}
+def accounted_prefix(rows, control=False):
+    """The last epoch k such that epochs 1..k all have accounting in their metrics rows (with the
+    control group's part if `control`); 0 if none."""
+    have = {r["epoch"] for r in rows if KEY in r and (not control or "norm_control" in r[KEY])}
     k = 0
     while k + 1 in have:
         k += 1
@@ -137,12 +199,13 @@ def _finite(v):
 
 def epoch_table(rows):
     """One entry per accounted epoch: accuracies, example counts and, per group, the norms of the
-    total / clean / noisy sums, the same per example (divided by the number of examples of that
-    kind seen in the epoch) and the clean/noisy cosine."""
+    total / clean / noisy sums (and, with a control group, control / clean-rest), the same per
+    example (divided by the number of examples of that kind seen in the epoch) and the cosines:
+    clean/noisy, and with a control clean-rest/noisy and control/clean-rest."""
     table = []
     for r in sorted((r for r in rows if KEY in r), key=lambda r: r["epoch"]):
         a = r[KEY]
-        n_clean, n_noisy = a["n_clean"], a["n_noisy"]
+        n_clean, n_noisy, n_control = a["n_clean"], a["n_noisy"], a.get("n_control")
         groups = {}
         for i, g in enumerate(a["groups"]):
             groups[g] = {"norm_total": a["norm_total"][i], "norm_clean": a["norm_clean"][i],
@@ -151,8 +214,16 @@ def epoch_table(rows):
                          "per_example_clean": _per_example(a["norm_clean"][i], n_clean),
                          "per_example_noisy": _per_example(a["norm_noisy"][i], n_noisy),
                          "cosine": a["cosine"][i]}
+            if n_control is not None:
+                groups[g].update({
+                    "norm_control": a["norm_control"][i], "norm_clean_rest": a["norm_clean_rest"][i],
+                    "per_example_control": _per_example(a["norm_control"][i], n_control),
+                    "per_example_clean_rest": _per_example(a["norm_clean_rest"][i], n_clean - n_control),
+                    "cosine_rest_noisy": a["cosine_rest_noisy"][i],
+                    "cosine_control_rest": a["cosine_control_rest"][i]})
         table.append({"epoch": r["epoch"], **{k: _finite(r.get(k)) for k in ("clean", "noisy", "noisy_true", "test", "loss")},
-                      "n_clean": n_clean, "n_noisy": n_noisy, "groups": groups})
+                      "n_clean": n_clean, "n_noisy": n_noisy,
+                      **({"n_control": n_control} if n_control is not None else {}), "groups": groups})
     return table
 
 
@@ -178,9 +249,15 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def summarize(table, epochs):
     """Per group over `epochs` (the memorization phase): mean per-epoch noisy/clean norm ratio of
-    the sums, the same per example, and the mean clean/noisy cosine."""
+    the sums, the same per example, the mean clean/noisy cosine and, with a control group, the mean
+    noisy/clean-rest and control/clean-rest norm ratios and cosines. Descriptive only: the claim's
+    statistic and verdict are common.claims.accounting's."""
     rows = [t for t in table if t["epoch"] in set(epochs)]
     if not rows:
         return {}
@@ -188,9 +265,13 @@ def summarize(table, epochs):
     for g in rows[0]["groups"]:
         v = [t["groups"][g] for t in rows]
         out[g] = {
-            "noisy_clean_ratio": _mean([x["norm_noisy"] / x["norm_clean"] if x["norm_clean"] else None for x in v]),
-            "noisy_clean_ratio_per_example": _mean([x["per_example_noisy"] / x["per_example_clean"]
-                                                    if x["per_example_noisy"] is not None and x["per_example_clean"]
-                                                    else None for x in v]),
+            "noisy_clean_ratio": _mean([_ratio(x["norm_noisy"], x["norm_clean"]) for x in v]),
+            "noisy_clean_ratio_per_example": _mean([_ratio(x["per_example_noisy"], x["per_example_clean"]) for x in v]),
             "mean_cosine": _mean([x["cosine"] for x in v])}
+        if "norm_control" in v[0]:
+            out[g].update({
+                "noisy_rest_ratio": _mean([_ratio(x["norm_noisy"], x["norm_clean_rest"]) for x in v]),
+                "control_rest_ratio": _mean([_ratio(x["norm_control"], x["norm_clean_rest"]) for x in v]),
+                "mean_cosine_rest_noisy": _mean([x["cosine_rest_noisy"] for x in v]),
+                "mean_cosine_control_rest": _mean([x["cosine_control_rest"] for x in v])})
     return out

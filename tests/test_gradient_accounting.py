@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import gradient_accounting
-from common.accounting import KEY, GradientAccountant, accounted_prefix, memorization_phase
+from common.accounting import KEY, GradientAccountant, accounted_prefix, control_mask, memorization_phase
 from common.models import model_for
 from common.runs import Run, load_tensors, read_jsonl, write_jsonl
 from common.training import train_run
@@ -28,43 +28,81 @@ def _part_grads(model, data, idx, weights):
     return torch.autograd.grad((losses * weights).sum() / len(idx), list(model.parameters()), allow_unused=True)
 
 
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
 @pytest.mark.parametrize("skip_pure", [True, False])
 def test_split_is_exact_and_grad_is_plain(make_cfg, mnist_small, skip_pure):
+    """total = clean-rest + control + noisy, each part equal to its own backward; `.grad` (the
+    optimizer's input) bit for bit plain training's."""
     cfg = make_cfg()
     model = model_for(cfg, mnist_small)
     noisy = mnist_small.noisy
+    control = control_mask(noisy, cfg.seed)
+    assert int(control.sum()) == int(noisy.sum()) and not (control & noisy).any()  # as large as the noisy set
+    assert torch.equal(control, control_mask(noisy, cfg.seed)) and not torch.equal(control, control_mask(noisy, 1))
     mixed = torch.arange(64)
-    assert 0 < int(noisy[mixed].sum()) < 64
+    assert 0 < int(noisy[mixed].sum()) < 64 and 0 < int(control[mixed].sum())
     # plain training's gradient, bit for bit
     _losses(model, mnist_small, mixed).mean().backward()
     plain = [p.grad.clone() for p in model.parameters()]
-    acct = GradientAccountant(model, noisy, skip_pure=skip_pure)
+    acct = GradientAccountant(model, noisy, control=control, skip_pure=skip_pure)
     assert acct.params == list(model.parameters())  # every parameter is in some layer group
     acct.backward(_losses(model, mnist_small, mixed), mixed)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
     clean_ref = _part_grads(model, mnist_small, mixed, (~noisy[mixed]).float())
     noisy_ref = _part_grads(model, mnist_small, mixed, noisy[mixed].float())
-    for t, c, g, cr, nr in zip(acct.total, acct.clean, plain, clean_ref, noisy_ref):
+    control_ref = _part_grads(model, mnist_small, mixed, control[mixed].float())
+    rest_ref = _part_grads(model, mnist_small, mixed, (~noisy[mixed] & ~control[mixed]).float())
+    for t, c, k, g, cr, nr, kr, rr in zip(acct.total, acct.clean, acct.ctrl, plain, clean_ref, noisy_ref,
+                                          control_ref, rest_ref):
+        tol = dict(rtol=1e-3, atol=1e-3 * g.abs().max())
         assert torch.equal(t, g)
-        assert torch.equal(c, cr)                       # the same computation: bitwise
-        assert torch.allclose(t - c, nr, rtol=1e-3, atol=1e-3 * g.abs().max())
-        assert torch.allclose(cr + nr, g, rtol=1e-3, atol=1e-3 * g.abs().max())  # the split is exact
-        assert not torch.equal(c, torch.zeros_like(c)) and not torch.equal(t - c, torch.zeros_like(c))
-    # the epoch's numbers are the norms and cosine of those sums, per layer group
+        assert torch.equal(c, cr) and torch.equal(k, kr)  # the same computations: bitwise
+        assert torch.allclose(t - c, nr, **tol)
+        assert torch.allclose(c - k, rr, **tol)
+        assert torch.allclose(rr + kr + nr, g, **tol)    # the split is exact: clean-rest + control + noisy = total
+        assert all(not torch.equal(x, torch.zeros_like(x)) for x in (c - k, k, t - c))
+    # the epoch's numbers are the norms and cosines of those sums, per layer group
     out = acct.end_epoch(1)[KEY]
     assert out["n_noisy"] == int(noisy[mixed].sum()) and out["n_clean"] + out["n_noisy"] == 64
+    assert out["n_control"] == int(control[mixed].sum())
     params = list(model.parameters())
+    flat = lambda grads, ids: torch.cat([grads[i].flatten() for i in ids]).double()  # noqa: E731
     for gi, group in enumerate(acct.groups):
         ids = acct.slices[gi]
-        c = torch.cat([clean_ref[i].flatten() for i in ids]).double()
-        n = torch.cat([noisy_ref[i].flatten() for i in ids]).double()
+        c, n, k, r = (flat(x, ids) for x in (clean_ref, noisy_ref, control_ref, rest_ref))
         assert math.isclose(out["norm_clean"][gi], float(c.norm()), rel_tol=1e-6)
         assert math.isclose(out["norm_noisy"][gi], float(n.norm()), rel_tol=1e-3)
-        assert math.isclose(out["norm_total"][gi], float(torch.cat([plain[i].flatten() for i in ids]).double().norm()),
-                            rel_tol=1e-9)
-        assert math.isclose(out["cosine"][gi], float(c @ n / (c.norm() * n.norm())), abs_tol=1e-3)
+        assert math.isclose(out["norm_control"][gi], float(k.norm()), rel_tol=1e-6)
+        assert math.isclose(out["norm_clean_rest"][gi], float(r.norm()), rel_tol=1e-3)
+        assert math.isclose(out["norm_total"][gi], float(flat(plain, ids).norm()), rel_tol=1e-9)
+        assert math.isclose(out["cosine"][gi], _cos(c, n), abs_tol=1e-3)
+        assert math.isclose(out["cosine_rest_noisy"][gi], _cos(r, n), abs_tol=1e-3)
+        assert math.isclose(out["cosine_control_rest"][gi], _cos(k, r), abs_tol=1e-3)
     assert sum(acct.sizes) == sum(p.numel() for p in params)
-    assert all(torch.equal(b, torch.zeros_like(b)) for b in acct.total + acct.clean)  # reset for the next epoch
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in acct.total + acct.clean + acct.ctrl)  # next epoch: zero
+    assert int(acct.n_control) == 0
+
+
+@pytest.mark.parametrize("skip_pure", [True, False])
+def test_control_only_and_control_free_batches(make_cfg, mnist_small, skip_pure):
+    model = model_for(make_cfg(), mnist_small)
+    noisy = mnist_small.noisy
+    control = control_mask(noisy, 0)
+    acct = GradientAccountant(model, noisy, control=control, skip_pure=skip_pure)
+    only = torch.nonzero(control).flatten()[:16]
+    free = torch.nonzero(~control & ~noisy).flatten()[:16]
+    for idx, is_control in ((only, True), (free, False)):
+        acct.backward(_losses(model, mnist_small, idx), idx)
+        out = acct.end_epoch()[KEY]
+        assert out["n_control"] == (16 if is_control else 0)
+        part, zero = ("norm_control", "norm_clean_rest") if is_control else ("norm_clean_rest", "norm_control")
+        for t, p, z in zip(out["norm_total"], out[part], out[zero]):
+            assert t > 0 and math.isclose(p, t, rel_tol=1e-5) and z <= 1e-5 * t
+    with pytest.raises(ValueError):
+        GradientAccountant(model, noisy, control=noisy)
 
 
 @pytest.mark.parametrize("skip_pure", [True, False])
@@ -96,6 +134,8 @@ def test_memorization_phase():
     assert memorization_phase([{"epoch": 0, "noisy": float("nan")}, {"epoch": 1, "noisy": float("nan")}])["epochs"] == []
     assert accounted_prefix([{"epoch": 0}, {"epoch": 1, KEY: {}}, {"epoch": 2, KEY: {}}, {"epoch": 3},
                              {"epoch": 4, KEY: {}}]) == 2
+    with_control = {"norm_control": []}  # accounted without the control group: not accounted for the claim
+    assert accounted_prefix([{"epoch": 1, KEY: with_control}, {"epoch": 2, KEY: {}}], control=True) == 1
 
 
 def _states_equal(a, b):
@@ -125,17 +165,22 @@ def test_accounts_a_plain_run_bit_identically(tiny_trained, tiny_argv, tmp_path)
     assert groups == ["conv1", "conv2", "conv3", "head"]
     assert [t["epoch"] for t in results["epochs"]] == list(range(1, cfg.epochs + 1))
     metrics = {r["epoch"]: r for r in read_jsonl(run.path("metrics.jsonl"))}
+    assert len(results["control"]) == 51 and not set(results["control"]) & set(data.noisy_idx.tolist())
     for t in results["epochs"]:
         assert set(t["groups"]) == set(groups)
-        assert (t["n_clean"], t["n_noisy"]) == (512 - 51, 51)
+        assert (t["n_clean"], t["n_noisy"], t["n_control"]) == (512 - 51, 51, 51)
         assert t["noisy"] == metrics[t["epoch"]]["noisy"] and t["test"] == metrics[t["epoch"]]["test"]
         for g in t["groups"].values():
             assert -1 <= g["cosine"] <= 1 and g["norm_total"] > 0
             assert math.isclose(g["per_example_noisy"], g["norm_noisy"] / 51)
+            assert math.isclose(g["per_example_control"], g["norm_control"] / 51)
+            assert -1 <= g["cosine_rest_noisy"] <= 1 and -1 <= g["cosine_control_rest"] <= 1
+            assert g["norm_clean"] <= (g["norm_clean_rest"] + g["norm_control"]) * (1 + 1e-6)
             # triangle inequality: the parts add up to the total
             assert g["norm_total"] <= (g["norm_clean"] + g["norm_noisy"]) * (1 + 1e-6)
     phase = results["memorization_phase"]
     assert phase["reached"] and phase["epochs"] and set(results["summary"]) == set(groups)
+    assert all("control_rest_ratio" in s for s in results["summary"].values())
     for name in ("norms", "per_example", "cosine", "accuracy"):
         assert run.path(f"gradient_accounting_{name}.png").stat().st_size > 10_000
 
@@ -169,6 +214,7 @@ def test_fresh_run_without_noise_matches_plain_training(tiny_argv, tiny_npz, tmp
         assert t["n_noisy"] == 0
         for g in t["groups"].values():
             assert g["norm_noisy"] == 0 and g["cosine"] is None and g["per_example_noisy"] is None
+            assert g["norm_control"] == 0 and g["cosine_control_rest"] is None and g["per_example_control"] is None
             assert g["norm_clean"] == g["norm_total"] > 0
     assert results["memorization_phase"]["epochs"] == [] and results["summary"] == {}
 
