@@ -15,10 +15,14 @@ Evaluation modes (`set_mode`, used when the model is in eval mode):
         authors' code multiplied them by (p_gen + p_mem) / p_gen, see `drop_rescale`)
 
 Models take these modules through `common.models.build_model(..., dropout=factory)`, where
-`factory(layer_name, channels, channel_dim)` returns the module for one layer.
+`factory(layer_name, channels, channel_dim)` returns the module for one layer. The zoo builds them
+into its blocks; any other model (torchvision, a user's factory), or a zoo model given other
+places, gets them from `place`: after chosen modules, by forward hooks, so the model's code, its
+state_dict keys and its layer groups stay as they are (see `place` and docs/own_model.md).
 """
 import contextlib
 import copy
+import fnmatch
 import math
 
 import torch
@@ -244,3 +248,154 @@ def evaluate(model, data, mode_name, amp=True):
         acc = split_accuracy(train_pred, test_pred, data)
     acc["gap"] = None if acc["test"] is None else acc["train"] - acc["test"]
     return acc, train_pred
+
+
+# ----------------------------------------------------------------------------- placing dropout in any model
+
+AFTER_AUTO = "auto"
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Tanh)
+PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)  # skipped when looking for the calls in a row
+
+
+def check_after(value):
+    """The config check of a `dropout_after` knob: "auto" or a non-empty list of names / patterns."""
+    if value == AFTER_AUTO or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value)):
+        return None
+    return (f"dropout_after={value!r} must be 'auto' or a list of module type names or module-name patterns, "
+            f"e.g. --dropout_after=['ReLU'] or --dropout_after=['layer*.0.relu']")
+
+
+class _After(nn.Module):
+    """A forward hook: dropout on the output of chosen calls of one module (call k of n per forward)."""
+
+    def __init__(self, drops, n_calls):
+        super().__init__()
+        self.drops = nn.ModuleDict({str(k): d for k, d in drops.items()})
+        self.n_calls, self.calls = n_calls, 0
+
+    def hook(self, module, inputs, output):
+        k = str(self.calls % self.n_calls)  # modulo: a module run once per forward needs no reset
+        self.calls += 1
+        return self.drops[k](output) if k in self.drops else output
+
+
+class _Placed(nn.Module):
+    """The dropout modules placed in a model (no tensors: state_dict and layer groups are unchanged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.after = nn.ModuleDict()
+
+    def reset(self, module, args):
+        """Forward pre-hook of the model: call counters start at 0 with every forward."""
+        for a in self.after.values():
+            a.calls = 0
+
+
+def trace(model, example_shape):
+    """The module calls of one forward of a batch of 2 zero inputs (eval mode, nothing changed):
+    [(path below the model's root, module, call number of that module, output shape or None)] in
+    the order the calls finish (a module after the modules it contains)."""
+    from .models import root
+    _, top = root(model)
+    calls, count, hooks = [], {}, []
+
+    def record(path):
+        def hook(module, inputs, output):
+            k = count[id(module)] = count.get(id(module), -1) + 1
+            calls.append((path, module, k, tuple(output.shape) if isinstance(output, torch.Tensor) else None))
+        return hook
+
+    for path, m in top.named_modules():
+        if path:
+            hooks.append(m.register_forward_hook(record(path)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *example_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _auto_positions(calls):
+    """Default places, in the order the calls run: after the activation of every conv block
+    (Conv2d + norm + activation calls in a row; in a model without such a triple, Conv2d +
+    activation), and on the hidden units of every transformer MLP (Linear + activation on tokens or
+    channels-last maps, 3-D or more, features last); a model with neither: the hidden units of its
+    MLPs (Linear + activation, 2-D)."""
+    leaves = [c for c in calls if not any(True for _ in c[1].children()) and not isinstance(c[1], PASS_THROUGH)]
+    conv_norm, conv, tokens, flat = [], [], [], []
+    for i, (path, m, k, shape) in enumerate(leaves):
+        if not isinstance(m, ACTIVATIONS) or shape is None or i == 0:
+            continue
+        prev, prev2 = leaves[i - 1][1], leaves[i - 2][1] if i >= 2 else None
+        if len(shape) == 4 and isinstance(prev, NORMS) and isinstance(prev2, nn.Conv2d):
+            conv_norm.append((path, m, k, shape, 1))
+        elif len(shape) == 4 and isinstance(prev, nn.Conv2d):
+            conv.append((path, m, k, shape, 1))
+        elif len(shape) >= 3 and isinstance(prev, nn.Linear):  # tokens (B, N, D), or channels-last maps
+            tokens.append((path, m, k, shape, -1))
+        elif len(shape) == 2 and isinstance(prev, nn.Linear):
+            flat.append((path, m, k, shape, 1))
+    found = (conv_norm or conv) + tokens
+    return sorted(found, key=lambda c: leaves.index(next(x for x in leaves if x[1] is c[1] and x[2] == c[2]))) \
+        if found else flat
+
+
+def _named_positions(calls, after):
+    out = []
+    for pattern in after:
+        hit = [c for c in calls if type(c[1]).__name__ == pattern or fnmatch.fnmatchcase(c[0], pattern)]
+        if not hit:
+            raise UserError(f"dropout_after: {pattern!r} matches no module type or module name of the model; give "
+                            f"a class name (e.g. 'ReLU') or a name pattern below the model (e.g. '{calls[0][0]}')")
+        for path, m, k, shape in hit:
+            if shape is None or len(shape) < 2:
+                raise UserError(f"dropout_after: cannot put dropout after {path} ({type(m).__name__}): its output is "
+                                f"{'not a tensor' if shape is None else f'of shape {shape}'}; choose a module whose "
+                                f"output is (batch, channels, ...) or (batch, tokens, features)")
+            out.append((path, m, k, shape, -1 if len(shape) == 3 else 1))
+    return out
+
+
+def place(model, factory, after=AFTER_AUTO, example_shape=None):
+    """Put `factory(layer_name, channels, channel_dim)` after modules of `model`, in place, by forward
+    hooks; returns the placed layer names. `after`: "auto" (see _auto_positions) or a list of module
+    class names (e.g. "ReLU") and module-name patterns below the model's root (fnmatch, e.g.
+    "layer*.1.relu"); every call of a chosen module gets its own dropout layer, named by the
+    module's path (and "#k" for the k-th call of a module run more than once). Channels are dim 1,
+    or the last dim of a 3-D output (tokens). `example_shape`: (C, H, W) of one input."""
+    problem = check_after(after)
+    if problem:
+        raise UserError(problem)
+    calls = trace(model, example_shape)
+    positions = _auto_positions(calls) if after == AFTER_AUTO else _named_positions(calls, after)
+    if not positions:
+        raise UserError("dropout_after='auto' found no place for dropout in this model (no Conv2d [+ norm] + "
+                        "activation module, no Linear + activation module); name the modules with "
+                        "--dropout_after=[...] (class names or module-name patterns), see docs/own_model.md")
+    n_calls = {}
+    for path, m, k, _ in calls:
+        n_calls[id(m)] = max(n_calls.get(id(m), 0), k + 1)
+    by_module, names = {}, []
+    for path, m, k, shape, dim in positions:
+        name = path if n_calls[id(m)] == 1 else f"{path}#{k}"
+        if name in names:
+            continue  # matched twice (by type and by name)
+        names.append(name)
+        by_module.setdefault(id(m), (path, m, {}))[2][k] = factory(name, shape[dim], dim)
+    placed = getattr(model, "dropouts", None)
+    if placed is None:
+        placed = model.dropouts = _Placed()
+        model.register_forward_pre_hook(placed.reset)
+    for path, m, drops in by_module.values():
+        a = _After(drops, n_calls[id(m)])
+        placed.after[str(len(placed.after))] = a
+        m.register_forward_hook(a.hook)
+    return names
