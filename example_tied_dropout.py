@@ -59,12 +59,16 @@ etd_epochs = 0          # epochs of the dropout variants; 0 = `epochs`, the plai
                         # baseline, same schedule, lr and initial weights); the issue's reference used 30
 p_mem_sweep = []        # optional extra p_mem values: one more ETD model each, e.g. [0.1, 0.3]
 gallery_size = 8        # examples per gallery row
+dropout_after = "auto"  # where the dropout layers go: auto (zoo: its blocks; other models: after every
+                        # Conv2d+norm+activation and on transformer MLP hidden units) | a list of module
+                        # class names or name patterns, e.g. ["ReLU"] (docs/own_model.md)
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())   # the constants above; overridden by config files and --key=value
 config.range_check("p_gen", 0, 1, lo_open=True, hi_open=True)
 config.range_check("p_mem", 0, 1, lo_open=True, hi_open=True)
 config.range_check("etd_epochs", 0, None)
 config.range_check("gallery_size", 0, None)
+config.register_check("dropout_after", lambda v, cfg: dropout.check_after(v))
 config.register_check("p_mem_sweep", lambda v, cfg: None if all(
     type(p) in (int, float) and 0 < p < 1 for p in v) else f"p_mem_sweep={v!r} must list values in (0, 1); "
                                                          f"e.g. --p_mem_sweep=[0.1,0.3]")
@@ -80,6 +84,8 @@ def variant_epochs(cfg):
 def train_variant(cfg, data, plain_run, name, factory, identity, on_epoch=None):
     """Train (or reuse) a dropout variant in <run>/example_tied_dropout/<name>/ for variant_epochs(cfg);
     `identity` (its dropout settings) joins the training keys in its config.json."""
+    if cfg.dropout_after != dropout.AFTER_AUTO:  # other places train another model: its own directory
+        identity, name = {**identity, "dropout_after": cfg.dropout_after}, f"{name}_{dropout.after_tag(cfg.dropout_after)}"
     vcfg = SimpleNamespace(**{**vars(cfg), "epochs": variant_epochs(cfg), **identity})
     run = Run(vcfg, directory=plain_run.dir / "example_tied_dropout" / name, extra_keys=tuple(identity))
     model = model_for(vcfg, data, dropout=factory)       # same initial weights as the plain run

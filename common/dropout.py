@@ -24,6 +24,7 @@ import contextlib
 import copy
 import fnmatch
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -265,6 +266,11 @@ def check_after(value):
         return None
     return (f"dropout_after={value!r} must be 'auto' or a list of module type names or module-name patterns, "
             f"e.g. --dropout_after=['ReLU'] or --dropout_after=['layer*.0.relu']")
+
+
+def after_tag(after):
+    """A short filesystem-safe name of a `dropout_after` value, for variant directories."""
+    return "after-" + re.sub(r"[^A-Za-z0-9_.-]", "_", after if isinstance(after, str) else "+".join(after))[:60]
 
 
 class _After(nn.Module):
