@@ -1,20 +1,23 @@
-"""Layer rewinding: which single layers does memorization need? (PROTOCOLS.md, section 2)
+"""Layer rewinding: which single layers does memorization need? (docs/protocol.md)
 
 Take the final model of a run. For every layer group and every earlier checkpoint (0 = initialization),
 put only that group back to the checkpoint's weights and measure accuracy on clean training examples,
 on the mislabeled ones w.r.t. their noisy label (still memorized?) and their true label, and on the
 test set. A group is *critical* for memorization if rewinding it alone makes the model stop predicting
-the noisy labels. The paper finds most layers redundant and the critical ones not the last.
+the noisy labels (the rule and its threshold: common/claims.py, docs/protocol.md). The paper finds
+most layers redundant and the critical ones not the last. The rewound group's BatchNorm statistics
+are a choice the paper leaves open: the authors' (the final model's) is the primary result, and a
+re-estimate for the rewound network is computed in the same run, side by side.
 
     python layer_rewinding.py [configs/preset.py] [--key=value ...]
 """
 import time
 
-from common import cli, config, plots
+from common import claims, cli, config, plots
 from common.evaluation import accuracies
 from common.models import group_params
-from common.rewinding import (BN_MODES, Rewinder, load_rewind_states, resolve_rewind_epochs, rewind_keys,
-                              rewind_sweep)
+from common.rewinding import (BN_MODES, Rewinder, clone_states, load_rewind_states, resolve_rewind_epochs,
+                              rewind_keys, rewind_sweep)
 from common.runs import write_json
 from common.training import trained_run
 
@@ -45,20 +48,22 @@ init_from = ""          # the user's own per-epoch state dicts (a directory or g
 RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
 # ----------------------------------------------------------------------------- this experiment
 rewind_epochs = None          # checkpoints to rewind to (0 = initialization); None: 0, 10/25/50/75% of epochs, epochs-1
-rewind_bn_stats = "recompute"  # BatchNorm statistics of the rewound group: recompute (re-estimated on the training
-                              # images for the network it now sits in) | checkpoint (the checkpoint's, with its
-                              # weights) | final (parameters only, as the authors: old weights, final statistics)
-critical_threshold = 0.5      # critical group: rewound alone to the earliest rewind epoch, it leaves fewer than this
-                              # fraction of the noisy examples predicted with their noisy label
+rewind_bn_stats = "final"     # BatchNorm statistics of the rewound group in the primary result (figures, `accuracy`):
+                              # final (parameters only, as the authors: old weights, final statistics) | recompute
+                              # (re-estimated on the training images for the network it now sits in) | checkpoint
+                              # (the checkpoint's, with its weights)
+compare_bn_stats = ["recompute"]  # further BatchNorm modes computed in the same run, reported side by side ([]: none)
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())   # the constants above; overridden by config files and --key=value
 config.choice_check("rewind_bn_stats", BN_MODES)
-config.range_check("critical_threshold", 0, 1)
+config.register_check("compare_bn_stats", lambda v, cfg: None if all(m in BN_MODES for m in v) else
+                      f"compare_bn_stats={v!r} must list BatchNorm modes among {', '.join(BN_MODES)}; "
+                      f"e.g. --compare_bn_stats=['recompute']")
 
 SUBSETS = ("clean", "noisy", "noisy_true", "test")
-BN_TEXT = {"recompute": "weights; BatchNorm statistics re-estimated on the training images",
-           "checkpoint": "weights and the checkpoint's BatchNorm statistics",
-           "final": "parameters only; the final model's BatchNorm statistics (the authors' way)"}
+BN_TEXT = {"final": "parameters only; the final model's BatchNorm statistics (the authors' way)",
+           "recompute": "weights; BatchNorm statistics re-estimated on the training images",
+           "checkpoint": "weights and the checkpoint's BatchNorm statistics"}
 
 
 def main(argv=()):
@@ -66,82 +71,94 @@ def main(argv=()):
     # Checked here, before any training, not with config.register_check: those checks are global and
     # would also judge other scripts' (or tests') keys of the same name.
     epochs = resolve_rewind_epochs(cfg.rewind_epochs, cfg.epochs)
+    modes = list(dict.fromkeys([cfg.rewind_bn_stats, *cfg.compare_bn_stats]))  # the primary first
     model, data, run = trained_run(cfg)                       # the final model (trained first if missing)
-    keys = rewind_keys(model, cfg.rewind_bn_stats)            # per group: parameters (+ BatchNorm buffers)
-    groups = list(keys)
-    states = load_rewind_states(run, epochs, keys, model, data.device)   # each checkpoint read once
-    rewinder = Rewinder(model, states, keys)
+    keys = {m: rewind_keys(model, m) for m in modes}          # per group: parameters (+ BatchNorm buffers)
+    groups = list(keys[modes[0]])
+    widest = max(modes, key=lambda m: sum(map(len, keys[m].values())))
+    states = load_rewind_states(run, epochs, keys[widest], model, data.device)  # each checkpoint read once
     final = accuracies(model, data, amp=cfg.amp)              # the baseline row: nothing rewound
 
-    # The sweep: one model, one group's tensors swapped in and back per (group, epoch); the layers
-    # before the group run once per batch, not once per rewind epoch.
-    t0, cpu0 = time.time(), time.process_time()
-    acc = rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp, recompute_bn=cfg.rewind_bn_stats == "recompute")
-    seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
-    if rewinder.changed_keys():  # cheap insurance: every number below is about the final model plus one group
-        raise RuntimeError(f"the final model was not restored after rewinding: {rewinder.changed_keys()[:3]}")
-
-    # Critical groups: memorization (noisy examples predicted with their noisy label) does not survive
-    # rewinding the group alone to the earliest rewind point (initialization by default).
-    first = epochs[0]
-    critical = [g for g in groups if acc[g][first]["noisy"] < cfg.critical_threshold]
-    print_table(run, cfg, groups, epochs, acc, final, critical, seconds)
+    # The sweep, once per BatchNorm mode: one model, one group's tensors swapped in and back per (group,
+    # epoch); the layers before the group run once per batch, not once per rewind epoch.
+    by_mode = {}
+    for mode in modes:
+        rewinder = Rewinder(model, clone_states(states) if mode == "recompute" else states, keys[mode])
+        t0, cpu0 = time.time(), time.process_time()
+        acc = rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp, recompute_bn=mode == "recompute")
+        seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
+        if rewinder.changed_keys():  # cheap insurance: every number is about the final model plus one group
+            raise RuntimeError(f"the final model was not restored after rewinding: {rewinder.changed_keys()[:3]}")
+        by_mode[mode] = {"bn_stats": BN_TEXT[mode], "rewound_keys": keys[mode],
+                         "accuracy": {g: {str(e): acc[g][e] for e in epochs} for g in groups},
+                         "sweep_seconds": round(seconds, 2), "sweep_cpu_seconds": round(cpu_seconds, 2)}
+    primary = by_mode[modes[0]]
 
     results = {
         "experiment": "layer_rewinding", "run": run.dir.name, "config": vars(cfg),
-        "rewind_bn_stats": cfg.rewind_bn_stats, "bn_stats": BN_TEXT[cfg.rewind_bn_stats], "rewound_keys": keys,
+        "rewind_bn_stats": modes[0], "bn_stats": primary["bn_stats"], "rewound_keys": primary["rewound_keys"],
         "groups": groups, "group_params": {g: sum(p.numel() for p in ps) for g, ps in group_params(model).items()},
         "rewind_epochs": epochs, "subsets": list(SUBSETS), "final": final,
-        "accuracy": {g: {str(e): acc[g][e] for e in epochs} for g in groups},
-        "critical": {"rule": f"noisy-example accuracy w.r.t. the noisy label after rewinding the group alone to "
-                             f"epoch {first} < critical_threshold", "epoch": first,
-                     "threshold": cfg.critical_threshold, "groups": critical},
-        "sweep_seconds": round(seconds, 2), "sweep_cpu_seconds": round(cpu_seconds, 2),
-        "evaluations": len(groups) * len(epochs),
+        "accuracy": primary["accuracy"],                      # the primary BatchNorm mode's, as bn_modes[mode]
+        "bn_modes": by_mode,
+        "sweep_seconds": round(sum(m["sweep_seconds"] for m in by_mode.values()), 2),
+        "sweep_cpu_seconds": round(sum(m["sweep_cpu_seconds"] for m in by_mode.values()), 2),
+        "evaluations": len(groups) * len(epochs) * len(modes),
     }
     write_json(run.path("layer_rewinding.json"), results)
-    plot_by_depth(cfg, groups, epochs, acc, final, run.path("layer_rewinding_depth.png"))
-    plot_heatmap(cfg, groups, epochs, acc, final, critical, first, run.path("layer_rewinding_heatmap.png"))
+    print_table(run, results)
+    judged = claims.rewinding(results)                        # claim 2, one verdict per BatchNorm mode
+    for claim in judged:
+        print(claim.line())
+    plot_by_depth(cfg, results, run.path("layer_rewinding_depth.png"))
+    plot_heatmaps(cfg, results, {c.values["mode"]: c for c in judged}, run.path("layer_rewinding_heatmap.png"))
     print(f"wrote {run.path('layer_rewinding.json')} and layer_rewinding_{{depth,heatmap}}.png")
     return results
 
 
-def print_table(run, cfg, groups, epochs, acc, final, critical, seconds):
-    first = epochs[0]
-    bn = BN_TEXT[cfg.rewind_bn_stats]
-    print(f"\nlayer rewinding of {run.dir.name}: {len(groups)} groups x {len(epochs)} rewind epochs "
-          f"in {seconds:.1f} s; rewound: {bn}")
-    print(f"accuracy (%) with one group rewound to epoch {first}" + (" (initialization)" if first == 0 else "")
-          + f"; then noisy accuracy per rewind epoch")
-    head = f"{'group':<10} {'clean':>6} {'noisy':>6} {'n.true':>6} {'test':>6}  |" + "".join(f"{e:>6}" for e in epochs)
-    print(head + "  critical")
+def print_table(run, res):
+    groups, epochs, final, modes = res["groups"], res["rewind_epochs"], res["final"], list(res["bn_modes"])
+    first = str(epochs[0])
+    acc = res["accuracy"]
+    print(f"\nlayer rewinding of {run.dir.name}: {len(groups)} groups x {len(epochs)} rewind epochs x "
+          f"{len(modes)} BatchNorm modes in {res['sweep_seconds']:.1f} s; primary: {res['bn_stats']}")
+    print(f"accuracy (%) with one group rewound to epoch {first}" + (" (initialization)" if first == "0" else "")
+          + "; then noisy accuracy per rewind epoch")
+    print(f"{'group':<10} {'clean':>6} {'noisy':>6} {'n.true':>6} {'test':>6}  |" + "".join(f"{e:>6}" for e in epochs))
     row = lambda a: "".join(f"{100 * a[s]:>7.1f}" for s in SUBSETS)
     print(f"{'final':<10}{row(final)}  |" + "".join(f"{100 * final['noisy']:>6.1f}" for _ in epochs))
     for g in groups:
-        print(f"{g:<10}{row(acc[g][first])}  |" + "".join(f"{100 * acc[g][e]['noisy']:>6.1f}" for e in epochs)
-              + ("  CRITICAL" if g in critical else ""))
-    print(f"critical (noisy accuracy < {cfg.critical_threshold:.0%} after rewinding to epoch {first}): "
-          f"{', '.join(critical) or 'none'}\n")
+        print(f"{g:<10}{row(acc[g][first])}  |" + "".join(f"{100 * acc[g][str(e)]['noisy']:>6.1f}" for e in epochs))
+    if len(modes) > 1:
+        print(f"\nnoisy / clean accuracy (%) rewound to epoch {first}, per BatchNorm mode")
+        print(f"{'group':<10}" + "".join(f"{m:>18}" for m in modes))
+        for g in groups:
+            print(f"{g:<10}" + "".join(f"{100 * res['bn_modes'][m]['accuracy'][g][first]['noisy']:>11.1f} /"
+                                       f"{100 * res['bn_modes'][m]['accuracy'][g][first]['clean']:>5.1f}"
+                                       for m in modes))
+    print()
 
 
 def epoch_label(e):
     return "epoch 0 (init)" if e == 0 else f"epoch {e}"
 
 
-def plot_by_depth(cfg, groups, epochs, acc, final, path):
-    """The paper's view: x = layer depth, one line per rewind epoch, one panel per subset."""
+def plot_by_depth(cfg, res, path):
+    """The paper's view, primary BatchNorm mode: x = layer depth, one line per rewind epoch, one panel per subset."""
+    groups, epochs, final, acc = res["groups"], res["rewind_epochs"], res["final"], res["accuracy"]
     fig, axes = plots.figure(f"Layer rewinding: accuracy with one layer group rewound to an earlier checkpoint "
-                             f"(BatchNorm statistics: {cfg.rewind_bn_stats})", cfg,
+                             f"(BatchNorm statistics: {res['rewind_bn_stats']})", cfg,
                              ncols=len(SUBSETS), panel=(4.6, 4.0))
     cmap = plots.plt.get_cmap("viridis")
     x = range(1, len(groups) + 1)
     for ax, subset in zip(axes[0], SUBSETS):
         for i, e in enumerate(epochs):
-            ax.plot(x, [100 * acc[g][e][subset] for g in groups], marker="o", ms=4,
+            ax.plot(x, [100 * acc[g][str(e)][subset] for g in groups], marker="o", ms=4,
                     color=cmap(i / max(1, len(epochs) - 1)), label=f"rewound to {epoch_label(e)}")
         ax.axhline(100 * final[subset], color="black", ls="--", lw=1, label=f"final model (epoch {cfg.epochs})")
         if subset == "noisy":
-            ax.axhline(100 * cfg.critical_threshold, color="tab:red", ls=":", lw=1.2, label="critical threshold")
+            ax.axhline(100 * claims.CRITICAL_NOISY, color="tab:red", ls=":", lw=1.2,
+                       label="critical below this at epoch 0 (claim 2's rule)")
         ax.set_title(plots.LABELS[subset], fontsize=9)
         ax.set_xticks(list(x), groups, rotation=45, ha="right", fontsize=8)
         ax.set_xlabel("layer group (input -> output)")
@@ -153,30 +170,38 @@ def plot_by_depth(cfg, groups, epochs, acc, final, path):
     return plots.save(fig, path)
 
 
-def plot_heatmap(cfg, groups, epochs, acc, final, critical, first, path):
-    """Noisy-example accuracy (noisy label) per group x rewind epoch; critical groups boxed in red."""
+def plot_heatmaps(cfg, res, judged, path):
+    """Noisy-example accuracy (noisy label) per group x rewind epoch, one panel per BatchNorm mode
+    (the primary first): the compact comparison of the modes. Groups that claim 2's rule (`judged`:
+    {mode: Claim}) finds critical are boxed: red for memorization only, gray for everything."""
     from matplotlib.patches import Patch, Rectangle
-    fig, axes = plots.figure(f"Layer rewinding: is memorization still there? (noisy train accuracy, noisy label; "
-                             f"BatchNorm statistics: {cfg.rewind_bn_stats})", cfg,
-                             panel=(1.1 * len(epochs) + 3.5, 0.45 * len(groups) + 1.6))
-    ax = axes[0][0]
-    grid = [[100 * acc[g][e]["noisy"] for e in epochs] for g in groups]
-    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
-    ax.set_xticks(range(len(epochs)), [epoch_label(e).replace("epoch ", "") for e in epochs])
-    ax.set_yticks(range(len(groups)), [f"{g} (critical)" if g in critical else g for g in groups])
-    for i, g in enumerate(groups):
-        if g in critical:
-            ax.get_yticklabels()[i].set_color("tab:red")
-            ax.add_patch(Rectangle((-0.5, i - 0.5), len(epochs), 1, fill=False, ec="tab:red", lw=2.5))
-    ax.set_xlabel("rewound to checkpoint of epoch")
-    ax.set_ylabel("layer group (input -> output)")
-    fig.colorbar(im, ax=ax, label=f"noisy train accuracy (%); final model {100 * final['noisy']:.0f}%")
-    ax.legend(handles=[Patch(fill=False, ec="tab:red", lw=2.5,
-                             label=f"critical: < {cfg.critical_threshold:.0%} after rewinding to epoch {first}")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
+    groups, epochs, modes = res["groups"], res["rewind_epochs"], list(res["bn_modes"])
+    boxes = {"memorization": ("tab:red", "critical for memorization"), "everything": ("tab:gray", "critical for everything")}
+    fig, axes = plots.figure("Layer rewinding: is memorization still there? (noisy train accuracy w.r.t. the "
+                             "noisy label, %)", cfg, ncols=len(modes),
+                             panel=(1.1 * len(epochs) + 3.0, 0.45 * len(groups) + 1.9))
+    for k, (ax, mode) in enumerate(zip(axes[0], modes)):
+        acc = res["bn_modes"][mode]["accuracy"]
+        grid = [[100 * acc[g][str(e)]["noisy"] for e in epochs] for g in groups]
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+        ax.set_xticks(range(len(epochs)), [epoch_label(e).replace("epoch ", "") for e in epochs])
+        ax.set_yticks(range(len(groups)), groups)
+        ax.set_xlabel("rewound to checkpoint of epoch")
+        ax.set_ylabel("layer group (input -> output)")
+        ax.set_title(f"BatchNorm statistics: {mode}" + (" (primary)" if k == 0 else "") + f"\n{BN_TEXT[mode]}",
+                     fontsize=8)
+        classes = judged[mode].values["classes"] if mode in judged else {}
+        col = epochs.index(judged[mode].values["epoch"]) if mode in judged else 0
+        for i, g in enumerate(groups):
+            if classes.get(g) in boxes:
+                ax.add_patch(Rectangle((col - 0.5, i - 0.5), 1, 1, fill=False, ec=boxes[classes[g]][0], lw=2.5))
+    fig.colorbar(im, ax=axes[0][-1], label=f"noisy train accuracy (%); final model {100 * res['final']['noisy']:.0f}%")
+    axes[0][0].legend(handles=[Patch(fill=False, ec=c, lw=2.5, label=f"{text} (claim 2's rule)")
+                               for c, text in boxes.values()],
+                      loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, fontsize=8, frameon=False)
     return plots.save(fig, path)
 
 

@@ -6,8 +6,9 @@ The first three evaluate the same (group, epoch) pairs of the default run and mu
 - forward: the same in-place swap, then common.evaluation.accuracies (a full forward per pair).
 - reload:  per pair, a fresh model gets the final checkpoint and the group's tensors from the rewind
            checkpoint, both read from disk again (the authors' way, minus their GPU-only paths), then accuracies.
-The first three take the checkpoint's BatchNorm statistics (rewind_bn_stats=checkpoint). A fourth arm,
-recompute, is the sweep with the default rewind_bn_stats=recompute: what re-estimating the statistics costs.
+The first three rewind parameters only, as the authors and layer_rewinding.py's primary mode (rewind_bn_stats=final).
+A fourth arm, recompute, is the sweep with the statistics re-estimated: the second mode layer_rewinding.py
+computes by default (compare_bn_stats), and what re-estimating them costs.
 Timed alternately in one process; medians reported as ratios (the default run must exist: `make train`).
 
     python bench/bench_layer_rewinding.py [--repeats=1] [--rewind_epochs=[0,10]]
@@ -26,12 +27,10 @@ from common.models import model_for  # noqa: E402
 from common.rewinding import Rewinder, load_rewind_states, rewind_keys, rewind_sweep  # noqa: E402
 from common.runs import Run  # noqa: E402
 from common.training import trained_run  # noqa: E402
+import layer_rewinding  # noqa: E402  (the shared knob block)
 
 # The shared keys at the scripts' defaults (the default run), plus this benchmark's own.
-KNOBS = dict(dataset="mnist_5k", model="resnet9", width=0.25, noise=0.1, seed=0, model_seed=0, epochs=20,
-             batch_size=128, lr=0.05, schedule="triangle", warmup=0.25, momentum=0.9, weight_decay=5e-4,
-             augment=False, amp=True, device="cpu", runs_dir="runs", download=False, overwrite=False,
-             repeats=1, rewind_epochs=[0, 10])
+KNOBS = {**layer_rewinding.RUN_KNOBS, "device": "cpu", "download": False, "repeats": 1, "rewind_epochs": [0, 10]}
 
 
 def main(argv):
@@ -40,10 +39,11 @@ def main(argv):
         from common.cli import UserError
         raise UserError(f"the default run {Run(cfg).dir} is not trained yet; run `make train` first")
     model, data, run = trained_run(cfg, quiet=True)
-    keys, epochs = rewind_keys(model, "checkpoint"), cfg.rewind_epochs
+    keys, epochs = rewind_keys(model, "final"), cfg.rewind_epochs
     rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
-    # recompute mode overwrites the stored statistics: a rewinder of its own
-    recomputer = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
+    # recompute mode rewinds the BatchNorm buffers too and overwrites their stored statistics: a rewinder of its own
+    rkeys = rewind_keys(model, "recompute")
+    recomputer = Rewinder(model, load_rewind_states(run, epochs, rkeys, model, data.device), rkeys)
 
     def sweep():
         return rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp)
@@ -81,9 +81,9 @@ def main(argv):
             t = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - t)
-    assert results["sweep"] == results["forward"] == results["reload"], "the three checkpoint-mode arms disagree"
+    assert results["sweep"] == results["forward"] == results["reload"], "the three final-mode arms disagree"
     med = {name: statistics.median(t) for name, t in times.items()}
-    print("identical accuracies in sweep, forward and reload (BatchNorm statistics from the checkpoint)")
+    print("identical accuracies in sweep, forward and reload (parameters only: the final model's BatchNorm statistics)")
     for name in arms:
         print(f"{name:9s} {med[name]:7.2f}s  ({med[name] / (len(keys) * len(epochs)):.3f}s per pair)  "
               f"x{med[name] / med['sweep']:.2f} the time of sweep")

@@ -7,14 +7,16 @@ touched, nothing is re-allocated) and copies the final ones back on exit, so the
 bit-identical to the final model between rewinds.
 
 `rewind_sweep` evaluates every (group, epoch) pair. Rewinding a group leaves every layer before it
-unchanged, so each batch's activations entering the group's top-level block of `model.layers` are
-computed once with the final weights, and only the rest of the network runs per rewind epoch: the
-same modules on the same tensors as `model(x)`, hence the same predictions as
-common.evaluation.predict, with about 1.6x fewer FLOPs on ResNet-9 (bench/bench_layer_rewinding.py).
+unchanged, so where the model is a plain sequence of stages (`common.models.stages`), each batch's
+activations entering the stage that holds the group are computed once with the final weights, and
+only the rest of the network runs per rewind epoch: the same modules on the same tensors as
+`model(x)`, hence the same predictions as common.evaluation.predict (bench/bench_layer_rewinding.py).
+Models whose forward is not such a sequence (torchvision, the user's own) get one whole forward per
+(group, epoch) instead, with the same answers.
 
-BatchNorm statistics of the rewound group (BN_MODES): `recompute` re-estimates them on the training
-images for the network the rewound group now sits in (final layers before it); `checkpoint` takes the
-checkpoint's, with its weights; `final` keeps the final model's (parameters only, as the authors did).
+BatchNorm statistics of the rewound group (BN_MODES): `final` keeps the final model's (parameters
+only, as the authors did); `recompute` re-estimates them on the training images for the network the
+rewound group now sits in (final layers before it); `checkpoint` takes the checkpoint's, with its weights.
 
 Epoch 0 is the checkpoint saved at initialization; epoch e the one saved after e epochs.
 """
@@ -25,11 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cli import UserError
-from .evaluation import split_accuracy
+from .evaluation import predict, split_accuracy
+from .models import group_keys, layer_groups, stages
 from .precision import autocast
-from .models import group_keys, layer_groups
 
-BN_MODES = ("recompute", "checkpoint", "final")
+BN_MODES = ("final", "recompute", "checkpoint")  # "final" first: the authors' way
 
 # Fractions of training at which the automatic rewind points sit (besides 0 and the last-but-one).
 AUTO_FRACTIONS = (0.1, 0.25, 0.5, 0.75)
@@ -65,7 +67,7 @@ def resolve_rewind_epochs(value, epochs):
     return auto_rewind_epochs(epochs) if value is None else sorted(set(value))
 
 
-def rewind_keys(model, bn_stats="recompute"):
+def rewind_keys(model, bn_stats):
     """Ordered {group: [state_dict keys a rewind replaces]}: the group's parameters and, unless
     bn_stats == "final", its buffers too (BatchNorm running_mean, running_var, num_batches_tracked)."""
     params = {name for name, _ in model.named_parameters()}
@@ -104,6 +106,11 @@ def load_rewind_states(run, epochs, keys, model, device):
     return states
 
 
+def clone_states(states):
+    """A private copy of load_rewind_states' tensors (recompute mode writes its statistics into them)."""
+    return {e: {k: t.clone() for k, t in state.items()} for e, state in states.items()}
+
+
 class Rewinder:
     """Swaps one group's tensors of `model` for a checkpoint's, in place, and back."""
 
@@ -140,8 +147,29 @@ class Rewinder:
         return [k for k, t in self.model.state_dict().items() if not torch.equal(t, self.final[k])]
 
 
+def split_at(model, group):
+    """(front, back): lists of the model's stages, the group inside back[0], such that running front
+    then back equals model(x); None where the model is not a plain sequence of stages or the group
+    does not lie inside one stage (then whole forwards are the way)."""
+    seq = stages(model)
+    if seq is None:
+        return None
+    module = dict(layer_groups(model))[group]
+    for k, stage in enumerate(seq):
+        if any(m is module for m in stage.modules()):
+            return seq[:k], seq[k:]
+    return None
+
+
+def _run(modules, h):
+    for m in modules:
+        h = m(h)
+    return h
+
+
 def _set_index(model, index):
-    """What Net.forward does before running `layers`: hand the example indices to the modules that want them."""
+    """What a zoo model's forward does before running its stages: hand the example indices to the
+    modules that want them (example-tied dropout)."""
     for m in model.modules():
         if getattr(m, "wants_index", False):
             m.index = index
@@ -152,21 +180,25 @@ def _batches(data, split, batch_size):
     return torch.arange(n, device=data.device).split(batch_size)
 
 
+def batchnorms(module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
-def recompute_bn_stats(model, data, rewinder, group, epochs, amp=True, batch_size=1024):
+def recompute_bn_stats(model, data, rewinder, group, epochs, *, amp, batch_size=1024):
     """Re-estimate the BatchNorm statistics of `group` rewound to each epoch, in place of the
     checkpoint's (stored into rewinder.states, which must hold the group's buffers).
 
     The statistics are those of the training images as they reach the rewound group through the
     final layers before it: PyTorch's cumulative average over batches (momentum=None, as
     torch.optim.swa_utils.update_bn), the group's BatchNorm layers in train mode, everything else in
-    eval mode. Label-free. Per batch the layers before the group's top-level block run once for all
-    epochs. Returns the number of BatchNorm layers updated (0: nothing to do, e.g. a linear head)."""
-    bns = [m for m in dict(layer_groups(model))[group].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    eval mode. Label-free. Per batch the stages before the group's stage run once for all epochs
+    (whole forwards where split_at is None). Returns the number of BatchNorm layers updated (0:
+    nothing to do, e.g. a linear head)."""
+    bns = batchnorms(dict(layer_groups(model))[group])
     if not bns:
         return 0
-    k = list(model.layers._modules).index(group.split(".")[0])  # group names are paths under model.layers
-    prefix, block = model.layers[:k], model.layers[k]
+    split = split_at(model, group)
     momenta = [m.momentum for m in bns]
     model.eval()
     try:
@@ -177,14 +209,18 @@ def recompute_bn_stats(model, data, rewinder, group, epochs, amp=True, batch_siz
                 for m in bns:
                     m.reset_running_stats()
         for idx in _batches(data, "train", batch_size):
-            _set_index(model, idx)
             with autocast(data.device, amp):
-                h = prefix(data.batch(idx))
+                if split is not None:
+                    _set_index(model, idx)
+                    h = _run(split[0], data.batch(idx))
                 for e in epochs:
                     with rewinder.rewound(group, e, keep=True):
                         for m in bns:
                             m.train()
-                        block(h.clone())  # only the statistics matter; the layers after the block are not needed
+                        if split is not None:
+                            split[1][0](h.clone())  # only the statistics matter: the later stages are not needed
+                        else:
+                            model(data.batch(idx), index=idx)
                         for m in bns:
                             m.eval()
     finally:
@@ -195,31 +231,38 @@ def recompute_bn_stats(model, data, rewinder, group, epochs, amp=True, batch_siz
 
 
 @torch.no_grad()
-def rewind_sweep(model, data, rewinder, epochs, groups=None, amp=True, batch_size=1024, recompute_bn=False):
+def rewind_sweep(model, data, rewinder, epochs, groups=None, *, amp, batch_size=1024, recompute_bn=False):
     """{group: {epoch: split_accuracy}} with each group rewound alone to each epoch (eval mode).
 
-    Per group and batch, the layers before the group's top-level block run once (final weights);
-    the block and everything after it run once per rewind epoch. `recompute_bn`: first
+    Per group and batch, the stages before the group's stage run once (final weights); that stage
+    and everything after it run once per rewind epoch; a model that is not a plain sequence of
+    stages runs whole (common.evaluation.predict) per (group, epoch). `recompute_bn`: first
     re-estimate the group's BatchNorm statistics (recompute_bn_stats). The model is left final."""
-    names = list(model.layers._modules)
     was_training = model.training
     out = {}
     for group in tqdm(list(groups or rewinder.keys), desc="rewind groups", disable=None):
         if recompute_bn:
-            recompute_bn_stats(model, data, rewinder, group, epochs, amp, batch_size)
+            recompute_bn_stats(model, data, rewinder, group, epochs, amp=amp, batch_size=batch_size)
         model.eval()
-        k = names.index(group.split(".")[0])
-        prefix, suffix = model.layers[:k], model.layers[k:]
-        preds = {(split, e): [] for split in ("train", "test") for e in epochs}
-        for split in ("train", "test"):
-            for idx in _batches(data, split, batch_size):
-                _set_index(model, idx if split == "train" else None)
+        split = split_at(model, group)
+        if split is None:
+            out[group] = {}
+            for e in epochs:
+                with rewinder.rewound(group, e):
+                    out[group][e] = split_accuracy(predict(model, data, "train", batch_size=batch_size, amp=amp),
+                                                   predict(model, data, "test", batch_size=batch_size, amp=amp), data)
+            continue
+        front, back = split
+        preds = {(s, e): [] for s in ("train", "test") for e in epochs}
+        for s in ("train", "test"):
+            for idx in _batches(data, s, batch_size):
+                _set_index(model, idx if s == "train" else None)
                 with autocast(data.device, amp):
-                    h = prefix(data.batch(idx, split))
+                    h = _run(front, data.batch(idx, s))
                     for e in epochs:
                         with rewinder.rewound(group, e):
                             # a clone: no module may edit the shared activations in place
-                            preds[split, e].append(suffix(h.clone()).argmax(1))
+                            preds[s, e].append(_run(back, h.clone()).argmax(1))
         out[group] = {e: split_accuracy(torch.cat(preds["train", e]), torch.cat(preds["test", e]), data)
                       for e in epochs}
     model.train(was_training)

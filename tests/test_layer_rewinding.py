@@ -1,4 +1,5 @@
-"""layer_rewinding.py: one group swapped in place and restored, exact baseline, outputs, bad inputs."""
+"""layer_rewinding.py: one group swapped in place and restored, exact baseline, both BatchNorm modes, outputs,
+bad inputs, models without stages."""
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import torch
 import layer_rewinding
 from common.cli import UserError
 from common.evaluation import accuracies, predict
-from common.models import group_keys, layer_groups
+from common.models import group_keys, layer_groups, model_for
 from common.rewinding import (Rewinder, auto_rewind_epochs, load_rewind_states, resolve_rewind_epochs, rewind_keys,
                               rewind_sweep)
 from conftest import REPO
@@ -72,7 +73,7 @@ def test_rewinding_to_the_final_epoch_reproduces_the_final_model_exactly(tiny_tr
     keys = rewind_keys(model, "checkpoint")
     rewinder = Rewinder(model, load_rewind_states(run, [cfg.epochs], keys, model, data.device), keys)
     final, final_pred = accuracies(model, data), predict(model, data, "train")
-    acc = rewind_sweep(model, data, rewinder, [cfg.epochs])
+    acc = rewind_sweep(model, data, rewinder, [cfg.epochs], amp=cfg.amp)
     assert set(acc) == set(keys)
     for group in keys:
         assert acc[group][cfg.epochs] == final, group
@@ -86,7 +87,7 @@ def test_sweep_matches_a_full_forward_per_rewind(tiny_trained):
     keys = rewind_keys(model, "checkpoint")
     epochs = [0, 3]
     rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
-    acc = rewind_sweep(model, data, rewinder, epochs)
+    acc = rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp)
     for group in keys:
         for e in epochs:
             with rewinder.rewound(group, e):
@@ -101,18 +102,62 @@ def test_main_writes_json_plots_and_table(tiny_copy, tiny_argv, capsys):
     saved = json.loads((run_dir / "layer_rewinding.json").read_text())
     assert saved["rewind_epochs"] == [0, 2, 5, 10, 15, 19] == out["rewind_epochs"]
     assert saved["groups"] == ["conv1", "conv2", "conv3", "head"]
-    assert saved["final"]["noisy"] == 1.0 and saved["rewind_bn_stats"] == "recompute"
-    for g in saved["groups"]:
-        for e in saved["rewind_epochs"]:
-            assert set(saved["accuracy"][g][str(e)]) >= {"clean", "noisy", "noisy_true", "test"}
-    crit = saved["critical"]
-    assert crit["epoch"] == 0 and crit["threshold"] == 0.5
-    assert crit["groups"] == [g for g in saved["groups"] if saved["accuracy"][g]["0"]["noisy"] < 0.5]
+    assert saved["final"]["noisy"] == 1.0 and saved["rewind_bn_stats"] == "final"  # the authors' way by default
+    assert list(saved["bn_modes"]) == ["final", "recompute"]  # both modes in one run, the primary first
+    assert saved["accuracy"] == saved["bn_modes"]["final"]["accuracy"]
+    assert saved["evaluations"] == 4 * 6 * 2 and "critical" not in saved  # the verdict lives in common/claims.py
+    for mode in ("final", "recompute"):
+        for g in saved["groups"]:
+            for e in saved["rewind_epochs"]:
+                assert set(saved["bn_modes"][mode]["accuracy"][g][str(e)]) >= {"clean", "noisy", "noisy_true", "test"}
+    # the two modes differ where a group has BatchNorm, and agree where it has none (the linear head)
+    assert saved["bn_modes"]["final"]["accuracy"]["head"] == saved["bn_modes"]["recompute"]["accuracy"]["head"]
+    assert saved["bn_modes"]["final"]["accuracy"]["conv1"] != saved["bn_modes"]["recompute"]["accuracy"]["conv1"]
     for png in ("layer_rewinding_depth.png", "layer_rewinding_heatmap.png"):
         assert (run_dir / png).stat().st_size > 10_000
     table = capsys.readouterr().out
-    assert "critical (noisy accuracy < 50% after rewinding to epoch 0)" in table
+    assert "noisy / clean accuracy (%) rewound to epoch 0, per BatchNorm mode" in table
     assert all(f"\n{g:<10}" in table for g in saved["groups"])
+
+
+def test_final_mode_equals_a_direct_computation(tiny_copy, tiny_argv):
+    """bn_modes.final: a fresh model holding the final checkpoint with only the group's parameters taken from
+    the rewind checkpoint (BatchNorm buffers stay the final model's), evaluated with whole forwards."""
+    from common.runs import Run
+    from common import config
+    runs, name = tiny_copy
+    argv = tiny_argv(runs_dir=runs, rewind_epochs=[0, 7], compare_bn_stats=[])
+    out = layer_rewinding.main(argv)
+    assert list(out["bn_modes"]) == ["final"]
+    cfg = config.parse(layer_rewinding.KNOBS, argv)
+    model, data, run = layer_rewinding.trained_run(cfg)
+    params = {n for n, _ in model.named_parameters()}
+    for g, keys in group_keys(model).items():
+        for e in (0, 7):
+            fresh = model_for(cfg, data)
+            state = run.load_checkpoint(cfg.epochs)["model"]
+            old = run.load_checkpoint(e)["model"]
+            state.update({k: old[k] for k in keys if k in params})
+            fresh.load_state_dict(state)
+            assert out["bn_modes"]["final"]["accuracy"][g][str(e)] == accuracies(fresh, data, amp=cfg.amp), (g, e)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_models_without_stages_get_whole_forwards_with_the_same_answers(tiny_trained, monkeypatch, recompute):
+    """Where common.models.stages(model) is None (torchvision and user models), no prefix is reused."""
+    import common.rewinding as rewinding
+    cfg, model, data, run = tiny_trained
+    epochs = [0, 4]
+    keys = rewind_keys(model, "recompute" if recompute else "final")
+    states = load_rewind_states(run, epochs, keys, model, data.device)
+    fast = rewind_sweep(model, data, Rewinder(model, rewinding.clone_states(states), keys), epochs, amp=cfg.amp,
+                        recompute_bn=recompute)
+    calls = []
+    monkeypatch.setattr(rewinding, "stages", lambda m: calls.append(m) or None)
+    slow_rewinder = Rewinder(model, rewinding.clone_states(states), keys)
+    slow = rewind_sweep(model, data, slow_rewinder, epochs, amp=cfg.amp, recompute_bn=recompute)
+    assert calls and slow == fast
+    assert slow_rewinder.changed_keys() == []
 
 
 def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tiny_copy, tiny_argv):
@@ -165,7 +210,7 @@ def test_recomputed_bn_statistics_match_a_direct_estimate(tiny_trained):
     keys = rewind_keys(model, "recompute")
     assert keys == group_keys(model)
     rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
-    acc = rewind_sweep(model, data, rewinder, epochs, recompute_bn=True)
+    acc = rewind_sweep(model, data, rewinder, epochs, amp=cfg.amp, recompute_bn=True)
     assert rewinder.changed_keys() == []
     reference = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
     groups = dict(layer_groups(model))
@@ -192,5 +237,5 @@ def test_recomputed_bn_statistics_match_a_direct_estimate(tiny_trained):
                 assert acc[group][e] == accuracies(model, data), (group, e)
     assert all(m.momentum == 0.1 and not m.training for m in _batchnorms(model))
     plain = rewind_sweep(model, data, Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys),
-                         epochs, groups=["head"])
+                         epochs, groups=["head"], amp=cfg.amp)
     assert plain["head"] == acc["head"]  # no BatchNorm in the head: nothing to recompute
