@@ -1,0 +1,73 @@
+"""bench/gpu_check.py: its smoke mode runs every part on a CPU, and its image preparation."""
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_check  # noqa: E402
+
+from common.cli import UserError  # noqa: E402
+
+
+def test_smoke_runs_every_part(tmp_path):
+    """`--smoke`: every part reports ok, the JSON has them all with their results, and the
+    flipping part found identical unit sequences."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", f"--out={out}",
+                           "--images=mnist_5k", "--device=cpu"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["parts"]) == set(gpu_check.PARTS)
+    for name, part in report["parts"].items():
+        assert part["status"] == "ok", (name, part["reason"])
+        assert part["result"], name
+    assert report["smoke"] is True and report["torch"] == torch.__version__ and report["date"]
+    assert report["images"]["source"].startswith("mnist_5k") and report["images"]["shape"] == [3, 32, 32]
+    flipping = report["parts"]["flipping"]["result"]
+    assert flipping["identical"] and flipping["targets"] and all(t["identical"] for t in flipping["targets"])
+    throughput = report["parts"]["throughput"]["result"]
+    assert {"ours", "ours_augment", "loader_augment"} <= set(throughput)
+    assert report["parts"]["torchrun"]["result"]["checkpoint"].endswith("checkpoints/epoch_001.pt")
+    for name in gpu_check.PARTS:  # the table names every part
+        assert name in proc.stdout
+
+
+def write_idx(path, array):
+    """An IDX file (MNIST format), gzipped: magic 0 0 8 ndim, big-endian dims, uint8 data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def images_cfg(**overrides):
+    return SimpleNamespace(**{"images": "auto", "fashion_dir": "", "n_images": 6, "seed": 0, **overrides})
+
+
+def test_fashion_idx_padded_to_32_and_3_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    x, xt = rng.integers(1, 256, (5, 28, 28)), rng.integers(1, 256, (3, 28, 28))
+    for name, a in zip(gpu_check.IDX_FILES, (x, np.arange(5) % 10, xt, np.arange(3))):
+        write_idx(tmp_path / f"{name}.gz", a)
+    xs, y, xts, yt, source = gpu_check.check_images(images_cfg(fashion_dir=str(tmp_path), images="fashion_mnist"))
+    assert xs.shape == (6, 3, 32, 32) and xts.shape == (3, 3, 32, 32) and xs.dtype == torch.uint8
+    assert str(tmp_path) in source and "repeated x2" in source  # 5 images repeated up to n_images=6
+    assert torch.equal(xs[:5, 1, 2:30, 2:30], torch.from_numpy(x).to(torch.uint8))  # centred, every channel
+    assert torch.equal(xs[:, 0], xs[:, 2]) and torch.equal(xs[5], xs[0])
+    assert int(xs[:, :, :2].sum()) == 0 and int(xs[:, :, :, 30:].sum()) == 0  # zero border
+    assert y.tolist() == [0, 1, 2, 3, 4, 0] and yt.tolist() == [0, 1, 2]
+
+
+def test_fallback_and_bad_folder(tmp_path):
+    x, y, xt, yt, source = gpu_check.check_images(images_cfg(images="mnist_5k", n_images=5000))
+    assert x.shape == (5000, 3, 32, 32) and source.startswith("mnist_5k") and "repeated x2" in source
+    with pytest.raises(UserError, match="fashion_dir"):
+        gpu_check.check_images(images_cfg(fashion_dir=str(tmp_path)))  # an empty folder named explicitly
