@@ -60,10 +60,12 @@ def test_fashion_idx_padded_to_32_and_3_channels(tmp_path):
     xs, y, xts, yt, source = gpu_check.check_images(images_cfg(fashion_dir=str(tmp_path), images="fashion_mnist"))
     assert xs.shape == (6, 3, 32, 32) and xts.shape == (3, 3, 32, 32) and xs.dtype == torch.uint8
     assert str(tmp_path) in source and "repeated x2" in source  # 5 images repeated up to n_images=6
-    assert torch.equal(xs[:5, 1, 2:30, 2:30], torch.from_numpy(x).to(torch.uint8))  # centred, every channel
-    assert torch.equal(xs[:, 0], xs[:, 2]) and torch.equal(xs[5], xs[0])
+    # each output is one of the files' images, centred, in every channel, with its own label
+    source_of = [next(j for j in range(5) if np.array_equal(xs[i, 0, 2:30, 2:30].numpy(), x[j])) for i in range(6)]
+    assert sorted(set(source_of)) == [0, 1, 2, 3, 4] and y.tolist() == source_of
+    assert torch.equal(xs[:, 0], xs[:, 1]) and torch.equal(xs[:, 0], xs[:, 2])
     assert int(xs[:, :, :2].sum()) == 0 and int(xs[:, :, :, 30:].sum()) == 0  # zero border
-    assert y.tolist() == [0, 1, 2, 3, 4, 0] and yt.tolist() == [0, 1, 2]
+    assert torch.equal(xts[:, 2, 2:30, 2:30], torch.from_numpy(xt).to(torch.uint8)) and yt.tolist() == [0, 1, 2]
 
 
 def test_fallback_and_bad_folder(tmp_path):
