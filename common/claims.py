@@ -267,10 +267,11 @@ def accounting(results):
     worst = min(groups, key=lambda g: per_group[g]["ci"][0] if np.isfinite(per_group[g]["ci"][0]) else -np.inf)
     least_negative = min(groups, key=lambda g: per_group[g]["negative_share"])
     n_epochs = sum(len(rs) for rs in rows)
-    statistic = (f"factor >= {per_group[worst]['factor']:.2f} in every group (lowest CI: {worst}); cosine(clean-rest, "
-                 f"noisy) < 0 in >= {per_group[least_negative]['negative_share']:.0%} of {n_epochs} phase epochs "
-                 f"({least_negative}); {len(passed)}/{len(groups)} groups pass")
-    ci = f"{_interval(*per_group[worst]['ci'])} (factor, {worst})"
+    low, high = (f(groups, key=lambda g: per_group[g]["factor"]) for f in (min, max))
+    statistic = (f"factor {per_group[low]['factor']:.2f} ({low}) to {per_group[high]['factor']:.2f} ({high}); "
+                 f"cosine(clean-rest, noisy) < 0 in >= {per_group[least_negative]['negative_share']:.0%} of "
+                 f"{n_epochs} phase epochs ({least_negative}); {len(passed)}/{len(groups)} groups pass")
+    ci = f"{_interval(*per_group[worst]['ci'])} (factor, {worst}: the lowest CI)"
     bad_control = [g for g in groups if not per_group[g]["control_cosine"] > 0]
     if bad_control:
         verdict, reason = "inconclusive", (f"the control's mean cosine with clean-rest is not positive in "

@@ -9,7 +9,8 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     argv = ["--seeds=[0]", "--name=smoke", f"--reports_dir={tmp_path / 'reports'}",
             f"--dataset=npz:{tiny_npz}", "--model=cnn", "--width=0.5", "--epochs=3", "--device=cpu",
             f"--runs_dir={tmp_path / 'runs'}", "--rewind_epochs=[0,1]", "--retrain_epochs=1",
-            "--n_examples=2", "--max_units=5", "--collateral_n=50", "--etd_epochs=2", "--gallery_size=2"]
+            "--n_examples=2", "--max_units=5", "--ref_batch=15", "--n_eot=1", "--collateral_n=50",
+            "--etd_epochs=2", "--gallery_size=2"]
     path = reproduce.main(argv)
     text = path.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -17,20 +18,34 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     run_dir = tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir())
     for exp in reproduce.EXPERIMENTS:
         assert (run_dir / f"{exp}.json").is_file(), exp
-    # the claims table: five rows, each with a measured value and a verdict
-    claims = text.split("## Paper claims")[1].split("##")[0]
-    rows = [r for r in claims.splitlines() if r.startswith("| ") and "claim" not in r]
-    assert len(rows) == 5 and all(r.rstrip().endswith(("| yes |", "| **no** |")) for r in rows)
-    # a number in the claims table comes from the JSON: the ETD drop-mode noisy accuracy
+    # the variants the claims need ran beside the defaults (first seed)
+    assert (run_dir / "neuron_flipping_channel_out.json").is_file() and (run_dir / "neuron_flipping_bntrain.json").is_file()
+    assert read_json(run_dir / "layer_retraining.json")["ablation"]
+    # the claims table: one row per judged claim and variant, each with statistic, CI, rule and a verdict
+    claims_md = text.split("## Paper claims")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in claims_md.splitlines()
+            if r.startswith("| ") and not r.startswith("| #")]
+    header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
+    assert [c.strip() for c in header.strip("| ").split(" | ")][3:6] == ["statistic", "95% CI", "rule"]
+    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5"]  # BN modes, ablation, flip variants
+    for r in rows:
+        assert len(r) == 8 and r[3] and r[4] and len(r[5]) > 40 and r[7] in ("yes", "partial", "no", "inconclusive")
+    assert {r[2] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
+                                                  "unit: channel, BatchNorm re-estimated (train pass)"}
+    # a number in the claims table comes from the JSON: noisy accuracy after the ETD drop
     etd = read_json(run_dir / "example_tied_dropout.json")
-    assert f"{100 * etd['etd']['modes']['drop']['noisy']:.1f}% (drop)" in claims
+    noisy = etd["per_example"]["noisy_drop_correct"]
+    assert f"noisy accuracy after the drop {100 * sum(noisy) / len(noisy):.1f}%" in claims_md
+    assert len(read_json(path.parent / "claims.json")) == len(rows)
     timings = read_json(path.parent / "timings.json")
-    assert set(timings) == {f"{e}/seed0" for e in reproduce.EXPERIMENTS}
+    n_runs = 4 + len(reproduce.VARIANTS)  # the retraining ablation replaces seed 0's default retraining
+    assert len(timings) == n_runs and all(k.endswith("/seed0") for k in timings)
 
     # a second invocation reuses every result and only rebuilds the report
-    mtimes = {e: (run_dir / f"{e}.json").stat().st_mtime_ns for e in reproduce.EXPERIMENTS}
+    files = [p for p in run_dir.glob("*.json")]
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
     capsys.readouterr()
     reproduce.main(argv)
     out = capsys.readouterr().out
-    assert out.count("reusing") == 5
-    assert mtimes == {e: (run_dir / f"{e}.json").stat().st_mtime_ns for e in reproduce.EXPERIMENTS}
+    assert out.count("reusing") == n_runs
+    assert mtimes == {p: p.stat().st_mtime_ns for p in files}
