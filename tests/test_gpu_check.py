@@ -41,6 +41,23 @@ def test_smoke_runs_every_part(tmp_path):
         assert name in proc.stdout
 
 
+def test_a_failing_part_is_reported_and_the_others_run(tmp_path):
+    """The torchrun part's script rejects its arguments: that part is failed with the reason, the
+    dropout part still ran, the JSON has both, and the exit status says a part failed."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", f"--out={out}",
+                           "--images=mnist_5k", "--device=cpu", "--parts=['torchrun','dropout']",
+                           "--torchrun_args=['--width=-1']"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert list(parts) == ["torchrun", "dropout"]
+    reason = parts["torchrun"]["reason"]  # the script's own one-line error, through torchrun
+    assert parts["torchrun"]["status"] == "failed" and "result" not in parts["torchrun"]
+    assert reason.startswith("RuntimeError: exit status") and "error: width=-1.0 is outside" in reason
+    assert parts["dropout"]["status"] == "ok" and parts["dropout"]["result"]["dropout_over_plain"] > 0
+    assert "failed" in proc.stdout and "width=-1.0" in proc.stdout
+
+
 def write_idx(path, array):
     """An IDX file (MNIST format), gzipped: magic 0 0 8 ndim, big-endian dims, uint8 data."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
