@@ -37,12 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# Deterministic cuBLAS (the flipping part) needs its workspace setting before the first cuBLAS call.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -83,7 +80,7 @@ KNOBS = {
     "repeats": 3,             # timed passes per arm (alternating arms), medians reported
     "flip_targets": 2,        # targets of each kind (noisy, clean)
     "flip_train_epochs": 1,   # epochs of the briefly trained model searched by the flipping part
-    "max_units": 100,         # neuron_flipping.py's cap on units zeroed per target
+    "max_units": flip_script.max_units,
     "ref_batch": flip_script.ref_batch,
     "n_eot": flip_script.n_eot,
     "eot_noise": flip_script.eot_noise,
@@ -92,7 +89,7 @@ KNOBS = {
     "torchrun_args": [],      # extra arguments for the torchrun part's script
     "threads": 0,             # torch CPU threads, also for the torchrun child (0: torch's default)
     # time budgets in seconds, per part (checked between measurements, so a part may overrun by one)
-    "budget_throughput": 90, "budget_accounting": 60, "budget_dropout": 45, "budget_flipping": 120,
+    "budget_throughput": 90, "budget_accounting": 60, "budget_dropout": 45, "budget_flipping": 100,
     "budget_precision": 90, "budget_torchrun": 60,
 }
 # --smoke: every size tiny, so all parts run on a CPU in seconds (the command line still overrides these).
@@ -539,6 +536,8 @@ def parse_args(argv):
 
 def main(argv=()):
     cfg = parse_args(list(argv))
+    # Deterministic cuBLAS (the flipping part) needs its workspace setting before the first cuBLAS call.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # on a shared CPU, more threads than free cores can be ~100x slower
     out_path = Path(cfg.out) if Path(cfg.out).is_absolute() else REPO / cfg.out
