@@ -46,6 +46,7 @@ gpu_preset = "configs/fashion_mnist_resnet9_paper.py"  # its report gives the GP
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 GPU_ROW = "GPU: Fashion-MNIST at paper scale"
+NOT_RESULTS = reproduce.IGNORED  # keys that cannot change a number (where it ran, what it may download)
 
 # The number that stands for each claim in the figures: (label, {number: values -> (value, low, high)},
 # the rule's thresholds to draw, percent?). Every number is common/claims.py's; nothing is judged here.
@@ -88,7 +89,7 @@ def _abs(path):
 def fingerprint(modules, presets, rest, cfg_repro):
     """What a value's report was made from: every experiment's resolved configuration (seeds aside,
     and keys that cannot change a number), the reproduction's own knobs and what it adds to them."""
-    skip = set(reproduce.IGNORED) | {"seed", "model_seed", "config_file"}
+    skip = set(NOT_RESULTS) | {"seed", "model_seed", "config_file"}
     exps = {}
     for exp, m in modules.items():
         resolved = vars(config.parse(m.KNOBS, presets + [a for a in rest if _key(a) in m.KNOBS]))
@@ -276,8 +277,8 @@ def main(argv=()):
     _, presets, rest = reproduce.split_argv(passed)
     modules = {e: importlib.import_module(e) for e in reproduce.EXPERIMENTS}
     known = set().union(*(m.KNOBS for m in modules.values()))
-    if cfg.key in reproduce.IGNORED or cfg.key in ("seed", "model_seed") or cfg.key not in known:
-        valid = sorted(known - set(reproduce.IGNORED) - {"seed", "model_seed"})
+    if cfg.key in NOT_RESULTS or cfg.key in ("seed", "model_seed") or cfg.key not in known:
+        valid = sorted(known - set(NOT_RESULTS) - {"seed", "model_seed"})
         raise UserError(f"--key={cfg.key}: not a knob whose value can change the results; valid: {', '.join(valid)}")
     if any(_key(a) == cfg.key for a in rest):
         raise UserError(f"--{cfg.key} given beside --key={cfg.key}; the sweep sets it: pass its values as --values")
