@@ -55,7 +55,7 @@ from common.flipping import Flipper, Units, candidates, flip_sequential, referen
 from common.models import model_for  # noqa: E402
 from common.precision import autocast, strict_fp32  # noqa: E402
 from common.rng import generator  # noqa: E402
-from common.runs import write_json  # noqa: E402
+from common.runs import writable_dir, write_json  # noqa: E402
 from common.training import batch_order, make_optimizer, pick_device, train_epoch  # noqa: E402
 
 MAX_PASSED_OVER = 20  # flipping: candidates of a kind tried beyond flip_targets (those found already flipped)
@@ -96,15 +96,9 @@ KNOBS = {
 SMOKE = dict(threads=1, width=0.125, batch_size=32, n_images=256, loader_workers=0, steps=3, repeats=1, flip_targets=1,
              flip_train_epochs=3, max_units=5, ref_batch=7, n_eot=2, precision_epochs=1,
              torchrun_args=["--model=cnn", "--width=0.125", "--batch_size=256"])
-config.choice_check("images", ("auto", "fashion_mnist", "mnist_5k"))
-config.register_check("parts", lambda v, cfg: None if v and all(p in PARTS for p in v) else
-                      f"parts={v!r} must list parts among {', '.join(PARTS)}; e.g. --parts=['throughput']")
-config.range_check("n_images", 2, None)
-config.range_check("steps", 1, None)
-config.range_check("repeats", 1, None)
-config.range_check("flip_targets", 1, None)
-config.range_check("precision_epochs", 1, None)
-config.range_check("threads", 0, None)
+IMAGES = ("auto", "fashion_mnist", "mnist_5k")
+MINIMA = {"n_images": 2, "steps": 1, "repeats": 1, "flip_targets": 1, "flip_train_epochs": 1, "precision_epochs": 1,
+          "threads": 0, **{f"budget_{p}": 1 for p in PARTS}}
 
 
 # ----------------------------------------------------------------------------- images
@@ -531,7 +525,16 @@ def parse_args(argv):
     argv = ["--smoke=True" if a == "--smoke" else a for a in argv]
     smoke = any(a in ("--smoke=True", "--smoke=1") for a in argv)
     sizes = [f"--{k}={v!r}" for k, v in SMOKE.items()] if smoke else []
-    return config.parse(KNOBS, [str(REPO / PRESET), *sizes, *argv])
+    cfg = config.parse(KNOBS, [str(REPO / PRESET), *sizes, *argv])
+    # checked here, not with config.register_check, whose checks would also judge other scripts' keys
+    if cfg.images not in IMAGES:
+        raise UserError(f"unknown images {cfg.images!r}; valid: {', '.join(IMAGES)}")
+    if not cfg.parts or not all(p in PARTS for p in cfg.parts):
+        raise UserError(f"parts={cfg.parts!r} must list parts among {', '.join(PARTS)}; e.g. --parts=['throughput']")
+    for key, lo in MINIMA.items():
+        if getattr(cfg, key) < lo:
+            raise UserError(f"{key}={getattr(cfg, key)!r} is below {lo}; pass --{key}=<{lo} or more>")
+    return cfg
 
 
 def main(argv=()):
@@ -541,6 +544,7 @@ def main(argv=()):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # on a shared CPU, more threads than free cores can be ~100x slower
     out_path = Path(cfg.out) if Path(cfg.out).is_absolute() else REPO / cfg.out
+    writable_dir(out_path.parent, "out")  # before any work
     device = pick_device(cfg.device)
     cfg.device = str(device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: autotune once per shape (warm-ups run first)

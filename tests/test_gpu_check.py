@@ -90,3 +90,10 @@ def test_fallback_and_bad_folder(tmp_path):
     assert x.shape == (5000, 3, 32, 32) and source.startswith("mnist_5k") and "repeated x2" in source
     with pytest.raises(UserError, match="fashion_dir"):
         gpu_check.check_images(images_cfg(fashion_dir=str(tmp_path)))  # an empty folder named explicitly
+
+
+@pytest.mark.parametrize("arg, match", [("--images=cifar", "unknown images"), ("--parts=['speed']", "parts="),
+                                        ("--steps=0", "steps=0"), ("--budget_flipping=0", "budget_flipping")])
+def test_bad_knobs_are_one_line_errors(arg, match):
+    with pytest.raises(UserError, match=match):
+        gpu_check.parse_args(["--smoke", arg])
