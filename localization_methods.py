@@ -55,11 +55,11 @@ init_from = ""          # the user's own per-epoch state dicts (a directory or g
 RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
 # ----------------------------------------------------------------------------- this experiment
 n_examples = 10         # targets of each kind (noisy, clean) on the plain model; noisy targets on the ETD model
-ref_batch = 15          # other training examples in each target's batch (fixed per target, seeded); at least 1
+ref_batch = 31          # other training examples in each target's batch (fixed per target, seeded); at least 1
 unit = "channel"        # channel: a conv filter is one unit, other parameters per element | weight: every element
 max_k = 20              # K: every ranking is judged by zeroing its top k units, k = 1..K
 methods = list(METHODS) # the methods compared, in this order in tables and figures
-ig_steps = 8            # integrated gradients: points on each layer group's path (midpoint rule)
+ig_steps = 16           # integrated gradients: points on each layer group's path (midpoint rule)
 mask_steps = 50         # Adam steps of each learned mask, per target
 hc_lr = 0.1             # Adam learning rate of the HardConcrete mask's log_alpha
 slim_lr = 0.02          # Adam learning rate of the slimming mask

@@ -499,29 +499,30 @@ def _ms(values, scale=100, digits=1):
 
 def report_section(results_per_seed, cfg, out_dir):
     """The reproduction report's section from localization_methods.json of each seed: one figure (flip
-    rate of noisy targets, test-accuracy drop, ETD precision, cost; mean ± std over seeds, ddof=1) and a
-    markdown table. Returns (figure path, markdown text)."""
+    rate of noisy targets, test-accuracy drop after their edits, ETD precision, cost; mean ± std over
+    seeds, ddof=1) and a markdown table. Returns (figure path, markdown text)."""
     from pathlib import Path
     res = results_per_seed
     methods = [m for m in res[0]["methods"] if all(m in r["summary"]["plain"] for r in res)]
     k_max = res[0]["config"]["max_k"]
-    ks = list(range(1, k_max + 1))
+    k5, ks = min(5, k_max), list(range(1, k_max + 1))
+    ck = [int(k) for k in res[0]["collateral_k"]]
     has_etd = all(r.get("etd") for r in res)
+    plain = lambda r, m, kind="noisy": r["summary"]["plain"][m][kind]
+    etd = lambda r, m: r["summary"]["etd"][m]["noisy"]
     fig, axes = figure("Localization methods: zeroing each method's top-k units (mean ± std over seeds)", cfg,
                        ncols=4 if has_etd else 3, panel=(4.4, 3.6))
     for m in methods:
         color, label = COLORS[m], LABELS[m]
-        _band(axes[0, 0], ks, [r["summary"]["plain"][m]["noisy"]["flip_rate"] for r in res], color, label)
-        _band(axes[0, 1], ks, [r["summary"]["plain"][m]["clean"]["flip_rate"] for r in res], color, label)
-        drops = [r["summary"]["plain"][m]["noisy"]["collateral_drop"] for r in res]
-        cks = sorted(drops[0], key=int)
-        _band(axes[0, 2], [int(k) for k in cks], [[d[k]["test"] for k in cks] for d in drops], color, label)
+        _band(axes[0, 0], ks, [plain(r, m)["flip_rate"] for r in res], color, label)
+        _band(axes[0, 1], ks, [plain(r, m, "clean")["flip_rate"] for r in res], color, label)
+        _band(axes[0, 2], ck, [[plain(r, m)["collateral_drop"][str(k)]["test"] for k in ck] for r in res], color, label)
         if has_etd:
-            _band(axes[0, 3], ks, [r["summary"]["etd"][m]["noisy"]["precision"] for r in res], color, label)
+            _band(axes[0, 3], ks, [etd(r, m)["precision"] for r in res], color, label)
     titles = [("noisy targets flipped (plain model)", "targets flipped (%)"),
               ("clean targets flipped (plain model)", "targets flipped (%)"),
               ("collateral: test accuracy drop\n(after a noisy target's edit)", "accuracy drop (points)"),
-              ("ETD model: precision of own\nmemorization channels", "top-k units in them (%)")]
+              ("ETD model: top-k units writing the\ntarget's own memorization channels", "precision (%)")]
     for ax, (title, ylabel) in zip(axes[0], titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("k (top-k units zeroed)")
@@ -530,32 +531,24 @@ def report_section(results_per_seed, cfg, out_dir):
     axes[0, 0].legend(fontsize=7)
     fig_path = save(fig, Path(out_dir) / "localization_methods.png")
 
-    def at(r, model, m, kind, key, k):
-        v = r["summary"][model][m][kind][key]
-        return v[k - 1] if isinstance(v, list) else v[str(k)]["test"]
-    rows = []
-    for m in methods:
-        row = [LABELS[m], _ms([at(r, "plain", m, "noisy", "flip_rate", 1) for r in res]),
-               _ms([at(r, "plain", m, "noisy", "flip_rate", min(5, k_max)) for r in res]),
-               _ms([at(r, "plain", m, "noisy", "flip_rate", k_max) for r in res]),
-               _ms([at(r, "plain", m, "clean", "flip_rate", k_max) for r in res])]
-        last = max(res[0]["summary"]["plain"][m]["noisy"]["collateral_drop"], key=int)
-        row.append(_ms([r["summary"]["plain"][m]["noisy"]["collateral_drop"][last]["test"] for r in res]))
-        if has_etd:
-            row += [_ms([at(r, "etd", m, "noisy", "precision", min(5, k_max)) for r in res]),
-                    _ms([at(r, "etd", m, "noisy", "recall", k_max) for r in res])]
-        row.append(_ms([r["summary"]["plain"][m]["seconds_mean"] for r in res], scale=1, digits=2))
-        rows.append(row)
-    k5 = min(5, k_max)
-    header = ["method", "noisy flipped @1 (%)", f"noisy flipped @{k5} (%)", f"noisy flipped @{k_max} (%)",
-              f"clean flipped @{k_max} (%)", "test drop @k (points)"]
+    header = ["method", "noisy flipped @1 (%)", f"@{k5} (%)", f"@{k_max} (%)", f"clean flipped @{k_max} (%)"]
+    header += [f"test drop @{ck[-1]} (points)"] if ck else []
     header += [f"ETD precision @{k5} (%)", f"ETD recall @{k_max} (%)"] if has_etd else []
     header += ["seconds per target"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    last_k = max((int(k) for k in res[0]["summary"]["plain"][methods[0]]["noisy"]["collateral_drop"]), default=k_max)
-    text = (f"{len(res)} seed(s); {res[0]['config']['n_examples']} noisy + {res[0]['config']['n_examples']} clean "
-            f"targets per seed on the plain model; test drop at k = {last_k}; ETD: noisy targets of the "
-            f"example-tied dropout model evaluated tied (chance precision "
-            f"{_ms([r['etd']['chance_precision'] for r in res]) if has_etd else 'n/a'} %).\n\n" + "\n".join(table))
+    for m in methods:
+        row = [LABELS[m]] + [_ms([plain(r, m)["flip_rate"][k - 1] for r in res]) for k in (1, k5, k_max)]
+        row.append(_ms([plain(r, m, "clean")["flip_rate"][-1] for r in res]))
+        if ck:
+            row.append(_ms([plain(r, m)["collateral_drop"][str(ck[-1])]["test"] for r in res]))
+        if has_etd:
+            row += [_ms([etd(r, m)["precision"][k5 - 1] for r in res]), _ms([etd(r, m)["recall"][-1] for r in res])]
+        row.append(_ms([r["cost_seconds"][m] for r in res], scale=1, digits=3))
+        table.append("| " + " | ".join(row) + " |")
+    n = res[0]["config"]["n_examples"]
+    chance = f"; chance precision {_ms([r['etd']['chance_precision'] for r in res])} %" if has_etd else ""
+    text = (f"{len(res)} seed(s); per seed {n} noisy + {n} clean targets on the plain model"
+            + (f", {n} noisy targets on the example-tied dropout model evaluated tied{chance}" if has_etd else "")
+            + ". Flipped: the target's prediction leaves its training label with the ranking's top k units "
+              "zeroed.\n\n" + "\n".join(table))
     return fig_path, text

@@ -99,7 +99,16 @@ def hand_built():
     return model, x, torch.tensor(feature)
 
 
-def test_hand_built_unit_is_found_by_every_method_but_random():
+@pytest.fixture
+def one_thread():
+    """Toy tensors: a second thread's hand-offs cost more than the work (5x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_hand_built_unit_is_found_by_every_method_but_random(one_thread):
     model, x, y = hand_built()
     assert torch.equal(model(x).argmax(1), y)
     units = Units(model, "channel")
@@ -109,7 +118,8 @@ def test_hand_built_unit_is_found_by_every_method_but_random():
     edges = {head + 2 * 8 + 4, head + 2 * 8 + 5}  # the head weights from filter 2 to class 2
     options = {**OPTIONS, "mask_steps": 50}
     for method in METHODS:
-        ranks = [Localizer(model, units, seed, **options).rank(method, x, y, 0)[0] for seed in range(10)]
+        seeds = range(10 if method in ("hardconcrete", "random") else 3)  # 10 where seeds make a difference
+        ranks = [Localizer(model, units, seed, **options).rank(method, x, y, 0)[0] for seed in seeds]
         tops = [set(r[:3].tolist()) for r in ranks]
         firsts = [int(r[0]) for r in ranks]
         if method == "activation":
@@ -125,7 +135,7 @@ def test_hand_built_unit_is_found_by_every_method_but_random():
         elif method == "random":
             assert len(set(map(tuple, (r.tolist() for r in ranks)))) == 10  # no answer, another per seed
         else:
-            assert firsts == [filter2] * 10, (method, firsts)
+            assert firsts == [filter2] * 3, (method, firsts)
 
 
 def test_integrated_gradients_are_complete_per_layer_group(tiny_trained):
