@@ -160,6 +160,9 @@ def train_run(cfg, data=None, backward=None, on_epoch=None, restart_from=None, q
     Under torchrun every rank runs this; rank 0 alone decides on and writes the run directory.
     Holds the run's lock throughout: one process trains a run directory at a time.
     """
+    if getattr(cfg, "init_from", ""):
+        raise UserError(f"init_from={cfg.init_from!r}: this experiment trains its models here; the user's own "
+                        f"checkpoints serve layer_rewinding, layer_retraining and neuron_flipping (drop --init_from)")
     run = run or Run(cfg)
     with run.lock():
         return _train_run(cfg, data, backward, on_epoch, restart_from, quiet, model, run)
@@ -220,7 +223,11 @@ def trained_run(cfg, data=None, quiet=False):
     """The configured run's final model (training it first if the run is not complete; if another
     process is training it, waiting for that process and reusing its run).
 
-    Returns (model, data, run); `data` defaults to the configured dataset (tests pass a subset)."""
+    Returns (model, data, run); `data` defaults to the configured dataset (tests pass a subset).
+    With init_from: the user's own checkpoints, nothing trained (common/checkpoints.py)."""
+    if getattr(cfg, "init_from", ""):
+        from .checkpoints import imported_run
+        return imported_run(cfg, data)
     run = Run(cfg)
     if not distributed.on_main(run.is_complete):
         with run.lock():
