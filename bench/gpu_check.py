@@ -176,6 +176,8 @@ def timed(fn, device):
 
 
 class Budget:
+    """A part's time budget, counted from its start."""
+
     def __init__(self, seconds):
         self.seconds, self.t0 = seconds, time.perf_counter()
 
@@ -333,6 +335,10 @@ def step_arms(cfg, data, arms, budget):
     return per_step, n_steps, rounds
 
 
+def passes_skipped(cfg, rounds):
+    return [f"{cfg.repeats - rounds} of {cfg.repeats} timed passes"] if rounds < cfg.repeats else []
+
+
 def part_accounting(cfg, data, budget):
     control = control_mask(data.noisy, cfg.seed)
     arms = {}
@@ -345,7 +351,7 @@ def part_accounting(cfg, data, budget):
             "accounting_over_plain": round(per_step["accounting"] / per_step["plain"], 3),
             "accounting_no_control_over_plain": round(per_step["accounting_no_control"] / per_step["plain"], 3),
             "note": "accounting = GradientAccountant with its control group, as gradient_accounting.py runs it "
-                    "(end_epoch's reduction included)"}, []
+                    "(end_epoch's reduction included)"}, passes_skipped(cfg, rounds)
 
 
 def part_dropout(cfg, data, budget):
@@ -353,9 +359,10 @@ def part_dropout(cfg, data, budget):
     etd, etd_opt = fresh(cfg, data, dropout=etd_factory(etd_script.p_gen, etd_script.p_mem, cfg.model_seed))
     per_step, n_steps, rounds = step_arms(cfg, data, {"plain": (plain, opt, None, None),
                                                       "example_tied_dropout": (etd, etd_opt, None, None)}, budget)
-    return {"steps_per_pass": n_steps, "rounds": rounds, "p_gen": etd_script.p_gen, "p_mem": etd_script.p_mem,
-            "step_ms": {k: round(1e3 * v, 3) for k, v in per_step.items()},
-            "dropout_over_plain": round(per_step["example_tied_dropout"] / per_step["plain"], 3)}, []
+    result = {"steps_per_pass": n_steps, "rounds": rounds, "p_gen": etd_script.p_gen, "p_mem": etd_script.p_mem,
+              "step_ms": {k: round(1e3 * v, 3) for k, v in per_step.items()},
+              "dropout_over_plain": round(per_step["example_tied_dropout"] / per_step["plain"], 3)}
+    return result, passes_skipped(cfg, rounds)
 
 
 # ----------------------------------------------------------------------------- (d) flipping
