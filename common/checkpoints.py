@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .cli import UserError
-from .runs import Run, load_tensors, write_json
+from .runs import Run, write_json
 
 SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # "epoch", "ep" or "e" (not inside a word), an optional _ - = separator, the digits; or a name of digits only.
@@ -119,7 +119,9 @@ def _first_mismatch(keys, own, base):
     mapped = best[1]
     missing = [k for k in own if k not in mapped]
     extra = sorted(mapped - set(own))
-    return f"model key {missing[0]} is missing" if missing else f"{extra[0]} is not in the model"
+    if missing:
+        return f"model key {missing[0]} is missing" + (f" (the file has {extra[0]}, not in the model)" if extra else "")
+    return f"{extra[0]} is not in the model"
 
 
 def fit(state, model, path):
@@ -142,7 +144,13 @@ def fit(state, model, path):
 
 def load(path, model):
     """One of the user's checkpoint files as a state dict with `model`'s keys."""
-    return fit(state_dict_of(load_tensors(path, "checkpoint"), path), model, path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} cannot be loaded safely with torch.load(weights_only=True) (truncated, "
+                        f"corrupt or not plain tensors: {reason}); re-save it with torch.save(model.state_dict(), path)")
+    return fit(state_dict_of(obj, path), model, path)
 
 
 class ImportedRun(Run):
