@@ -435,7 +435,11 @@ def _torchvision(name, in_channels, num_classes, image_size):
         kwargs["image_size"] = image_size  # position embeddings for the data's size
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)  # one output tensor
-    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)  # never a download
+    try:
+        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)  # never a download
+    except Exception as e:
+        raise UserError(f"torchvision:{name} cannot be built for {num_classes} classes and {image_size} px images "
+                        f"({_reason(e)}); pick another model for this data")
     adapt_torchvision(net, name, in_channels, image_size)
     return net
 
