@@ -1,11 +1,16 @@
 """Layer retraining: reset one layer to its initialization and retrain it alone on clean examples only;
-do the memorized (mislabeled) examples come back although none of them is ever shown? (PROTOCOLS §3)
+do the memorized (mislabeled) examples come back although none of them is ever shown? (docs/protocol.md)
 
 For every layer group: start from the final model, reset the group (weights and BatchNorm
-statistics) to epoch 0, freeze every other parameter for real and hold the other BatchNorm layers'
-statistics fixed, then train the group on the clean training examples. Before retraining and after
-every epoch: clean, noisy (w.r.t. the noisy label: memorized again?), noisy w.r.t. the true label,
-and test accuracy. If the noisy examples come back, their labels are stored elsewhere in the network.
+statistics) to epoch 0, freeze every other parameter for real, then train the group on the clean
+training examples with the authors' budget (up to 20 epochs, triangle schedule peaking at lr 0.01
+halfway, early stop after 3 epochs at 100% training accuracy). Right after the reset and after every
+epoch: clean, noisy (w.r.t. the noisy label: memorized again?), noisy w.r.t. the true label, and test
+accuracy. If the noisy examples come back, their labels are stored elsewhere in the network.
+Positive control, per group: the same reset group retrained on ALL examples (noisy included) with
+the same budget; a group whose control does not re-memorize the noisy examples cannot tell us
+anything (the rule: common/claims.py). The frozen BatchNorm layers stay in train mode as in the
+authors' loop; holding them in eval mode is an optional ablation, reported side by side.
 
     python layer_retraining.py [configs/preset.py] [--key=value ...]
 """
@@ -15,11 +20,12 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
-from common import cli, config, plots
+from common import claims, cli, config, plots
 from common.cli import UserError
 from common.evaluation import accuracies
-from common.models import build_model
-from common.retraining import changed_outside, freeze_except, group_names, hold_eval, reset_group, unfreeze
+from common.models import MODELS, build_model
+from common.retraining import (FROZEN_BN, RunningAccuracy, changed_outside, freeze_except, group_names, hold_eval,
+                               reset_group, unfreeze)
 from common.rng import derive_seed
 from common.runs import write_json
 from common.training import SCHEDULES, batch_order, make_optimizer, train_epoch, trained_run
@@ -51,12 +57,19 @@ init_from = ""          # the user's own per-epoch state dicts (a directory or g
 RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
 # ----------------------------------------------------------------------------- this experiment
 retrain_groups = []         # layer groups to retrain, e.g. ["conv1", "head"]; [] = every group
-retrain_epochs = 3          # at most this many epochs per group (the authors: up to 20; 3 keeps CPU runs short)
-retrain_lr = 0.01           # the authors' retraining lr (momentum and weight decay: the run's)
+retrain_epochs = 20         # at most this many epochs per group (the authors' budget)
+retrain_lr = 0.01           # peak lr, the authors' (momentum and weight decay: the run's)
 retrain_batch_size = 128
-retrain_schedule = "constant"  # constant | cosine | triangle over retrain_epochs (an early stop cuts it short)
-retrain_warmup = 0.1        # warm-up fraction for cosine/triangle
-stop_after = 3              # stop once clean train accuracy has been 100% this many epochs in a row (0: never)
+retrain_schedule = "triangle"  # triangle | cosine | constant over retrain_epochs (an early stop cuts it short)
+retrain_warmup = 0.5        # warm-up fraction: the authors' triangle peaks after 10 of 20 epochs
+stop_after = 3              # stop after this many epochs (not necessarily in a row) at 100% training accuracy on
+                            # the retraining set, as the authors (0: never)
+frozen_bn = "train"         # BatchNorm outside the group while retraining: train (the authors' loop: batch statistics,
+                            # running statistics follow the retraining data) | eval (held fixed, as at test time)
+control = True              # positive control: each reset group also retrained on ALL examples (noisy included)
+bn_ablation = False         # also run every group (and its control) with the other frozen_bn mode, side by side
+curve_every = 1             # accuracies measured every this many epochs (always right after the reset and at the end;
+                            # 0: only those two): a cost knob, the early stop and the results do not depend on it
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.range_check("retrain_epochs", 1, None)
@@ -65,84 +78,126 @@ config.range_check("retrain_batch_size", 2, None)
 config.choice_check("retrain_schedule", SCHEDULES)
 config.range_check("retrain_warmup", 0, 1)
 config.range_check("stop_after", 0, None)
+config.choice_check("frozen_bn", FROZEN_BN)
+config.range_check("curve_every", 0, None)
 config.register_check("retrain_groups", lambda v, cfg: None if all(isinstance(g, str) for g in v) else
                       f"retrain_groups={v!r} must be a list of group names, e.g. --retrain_groups=['conv1','head']")
 
+ACC_KEYS = ("clean", "noisy", "noisy_true", "train", "test")
 
-def retrain_config(cfg, name):
+
+def retrain_config(cfg, name, purpose="retrain"):
     """The namespace train_epoch and make_optimizer read, with the retraining knobs substituted and a
     seed of this group's own (batch order), so every group's result is reproducible on its own."""
     return SimpleNamespace(**{**vars(cfg), "lr": cfg.retrain_lr, "batch_size": cfg.retrain_batch_size,
                               "schedule": cfg.retrain_schedule, "warmup": cfg.retrain_warmup,
-                              "model_seed": derive_seed(cfg.model_seed, "retrain", name)})
+                              "model_seed": derive_seed(cfg.model_seed, purpose, name)})
 
 
-def retrain_group(model, data, name, init_state, cfg, seen=None):
+def retrain_group(model, data, name, init_state, cfg, seen=None, indices=None, purpose="retrain"):
     """Reset group `name` of `model` (holding the final weights) to `init_state` and train it alone on
-    the clean training examples. Returns one row of accuracies per epoch (epoch 0: right after the
-    reset). `seen` (a list) receives every training batch's example indices."""
+    `indices` (default: the clean training examples), the BatchNorm layers outside it as cfg.frozen_bn
+    says. Returns one row of accuracies per epoch (epoch 0: right after the reset; `fit`: the training
+    accuracy on the retraining set during the epoch); epochs between cfg.curve_every's have only
+    epoch, loss and fit. `seen` (a list) receives every batch's indices."""
     seen = [] if seen is None else seen
+    indices = data.clean_idx if indices is None else indices
     reset_group(model, name, init_state)
     params, frozen_norms = freeze_except(model, name)
-    rcfg = retrain_config(cfg, name)
+    rcfg = retrain_config(cfg, name, purpose)
     optimizer = make_optimizer(params, rcfg)  # the group's parameters only
-    steps = len(batch_order(data.clean_idx, rcfg.batch_size, rcfg.model_seed, 0))
+    steps = len(batch_order(indices, rcfg.batch_size, rcfg.model_seed, 0))
 
     def on_batch(idx):  # runs after train_epoch's model.train(), before every forward
-        hold_eval(frozen_norms)
+        if cfg.frozen_bn == "eval":
+            hold_eval(frozen_norms)
         seen.append(idx.detach().cpu())
 
-    rows, perfect = [{"epoch": 0, "loss": None, **accuracies(model, data, amp=cfg.amp)}], 0
+    rows, perfect = [{"epoch": 0, "loss": None, "fit": None, **accuracies(model, data, amp=cfg.amp)}], 0
     for epoch in range(1, cfg.retrain_epochs + 1):
-        loss = train_epoch(model, data, data.clean_idx, optimizer, rcfg, epoch, step0=(epoch - 1) * steps,
-                           total_steps=cfg.retrain_epochs * steps, on_batch=on_batch, desc=f"{name} epoch {epoch}")
-        rows.append({"epoch": epoch, "loss": loss, **accuracies(model, data, amp=cfg.amp)})
-        perfect = perfect + 1 if rows[-1]["clean"] == 1.0 else 0
-        if cfg.stop_after and perfect >= cfg.stop_after:  # the authors' early stop
+        with RunningAccuracy(model, data) as fit:
+            loss = train_epoch(model, data, indices, optimizer, rcfg, epoch, step0=(epoch - 1) * steps,
+                               total_steps=cfg.retrain_epochs * steps, on_batch=on_batch, desc=f"{name} epoch {epoch}")
+        rows.append({"epoch": epoch, "loss": loss, "fit": fit.value()})
+        perfect += rows[-1]["fit"] == 1.0
+        stop = cfg.stop_after and perfect >= cfg.stop_after  # the authors' early stop
+        if stop or epoch == cfg.retrain_epochs or (cfg.curve_every and epoch % cfg.curve_every == 0):
+            rows[-1].update(accuracies(model, data, amp=cfg.amp))
+        if stop:
             break
     unfreeze(model)
     return rows
 
 
+def retrain_checked(model, data, name, init_state, final_state, cfg, control=False):
+    """retrain_group from the final model on the clean examples (or on all of them: the control), with the
+    guarantees the authors' script broke checked on every run: no parameter outside the group moves, no
+    noisy example is shown (clean retraining), and with frozen_bn=eval no BatchNorm statistic outside moves."""
+    t0 = time.time()
+    model.load_state_dict(final_state)  # every retraining starts from the final model
+    seen = []
+    indices = torch.arange(data.n_train, device=data.device) if control else data.clean_idx
+    rows = retrain_group(model, data, name, init_state, cfg, seen, indices,
+                         purpose="retrain-control" if control else "retrain")
+    shown = torch.cat(seen).to(data.noisy.device)
+    noisy_shown = int(data.noisy[shown].sum())
+    params_changed, buffers_changed = changed_outside(model, name, final_state)
+    if params_changed or (noisy_shown and not control) or (buffers_changed and cfg.frozen_bn == "eval"):
+        raise RuntimeError(f"retraining {name}: {noisy_shown} noisy examples shown, changed outside: "
+                           f"{(params_changed + buffers_changed)[:3]}")
+    acc = lambda r: {k: r[k] for k in ACC_KEYS}  # noqa: E731
+    return {"reset": acc(rows[0]), "curve": [r for r in rows if "clean" in r], "final": acc(rows[-1]),
+            "fit": [r["fit"] for r in rows[1:]], "epochs_trained": rows[-1]["epoch"],
+            "stopped_early": rows[-1]["epoch"] < cfg.retrain_epochs, "examples_shown": len(shown),
+            "noisy_examples_shown": noisy_shown, "frozen_state_unchanged": not params_changed,
+            "frozen_bn_stats_moved": bool(buffers_changed), "seconds": round(time.time() - t0, 2)}
+
+
+def retrain_all(model, data, groups, init_state, final_state, cfg):
+    """{group: clean retraining result + "control"} for cfg.frozen_bn."""
+    out = {}
+    for name in tqdm(groups, desc=f"groups (frozen BatchNorm: {cfg.frozen_bn})", disable=None):
+        out[name] = retrain_checked(model, data, name, init_state, final_state, cfg)
+        if cfg.control:
+            out[name]["control"] = retrain_checked(model, data, name, init_state, final_state, cfg, control=True)
+        g, c = out[name], out[name].get("control")
+        tqdm.write(f"{name:<10} noisy after reset {g['reset']['noisy']:.3f} -> retrained on clean data "
+                   f"{g['final']['noisy']:.3f} in {g['epochs_trained']} epochs (clean {g['final']['clean']:.3f}, test "
+                   f"{g['final']['test']:.3f})" + (f"; control (all data) {c['final']['noisy']:.3f}" if c else ""))
+    model.load_state_dict(final_state)
+    return out
+
+
 def main(argv=()):
     cfg = config.parse(KNOBS, argv)
-    names = group_names(build_model(cfg.model, 1, 10, 32, width=0.1))  # names depend on the architecture only
-    unknown = [g for g in cfg.retrain_groups if g not in names]
-    if unknown:  # before any training or writing
-        raise UserError(f"unknown layer group {unknown[0]!r} for {cfg.model}; valid: {', '.join(names)}")
-    groups = cfg.retrain_groups or names
+    if cfg.model in MODELS and cfg.groups is None:  # a zoo model's groups are known before any training
+        check_groups(cfg, group_names(build_model(cfg.model, 1, 10, 32, width=0.1)))
     model, data, run = trained_run(cfg)
+    names = group_names(model)
+    check_groups(cfg, names)
+    groups = cfg.retrain_groups or names
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
-    init_state = run.load_checkpoint(0)["model"]
+    init_state = {k: v.to(data.device) for k, v in run.load_checkpoint(0)["model"].items()}
     final_acc = accuracies(model, data, amp=cfg.amp)
     print(f"{run.dir.name}: final model  clean {final_acc['clean']:.3f}  noisy {final_acc['noisy']:.3f}  "
-          f"test {final_acc['test']:.3f}; retraining {len(groups)} groups on {len(data.clean_idx)} clean examples")
+          f"test {final_acc['test']:.3f}; retraining {len(groups)} groups on {len(data.clean_idx)} clean examples"
+          + (" (and on all examples: the control)" if cfg.control else ""))
 
-    results = {"config": vars(cfg), "final_model": final_acc, "n_clean": len(data.clean_idx),
-               "n_noisy": len(data.noisy_idx), "groups": {}}
     t_start = time.time()
-    for name in tqdm(groups, desc="groups", disable=None):
-        t0 = time.time()
-        model.load_state_dict(final_state)  # every group starts from the final model
-        seen = []
-        rows = retrain_group(model, data, name, init_state, cfg, seen)
-        # The two guarantees the authors' script broke, checked on every run, not only in tests.
-        shown = torch.cat(seen).to(data.noisy.device)
-        noisy_shown = int(data.noisy[shown].sum())
-        changed = changed_outside(model, name, final_state)
-        if noisy_shown or changed:
-            raise RuntimeError(f"retraining {name}: {noisy_shown} noisy examples shown, changed outside: {changed[:3]}")
-        results["groups"][name] = {
-            "curve": rows, "epochs_trained": rows[-1]["epoch"],
-            "stopped_early": rows[-1]["epoch"] < cfg.retrain_epochs,
-            "examples_shown": len(shown), "noisy_examples_shown": noisy_shown,
-            "frozen_state_unchanged": not changed, "seconds": round(time.time() - t0, 2)}
-        tqdm.write(f"{name:<10} noisy after reset {rows[0]['noisy']:.3f} -> after {rows[-1]['epoch']} epochs "
-                   f"{rows[-1]['noisy']:.3f}  (clean {rows[-1]['clean']:.3f}, test {rows[-1]['test']:.3f})")
+    results = {"config": vars(cfg), "final_model": final_acc, "n_clean": len(data.clean_idx),
+               "n_noisy": len(data.noisy_idx), "frozen_bn": cfg.frozen_bn,
+               "groups": retrain_all(model, data, groups, init_state, final_state, cfg), "ablation": None}
+    if cfg.bn_ablation:
+        other = next(m for m in FROZEN_BN if m != cfg.frozen_bn)
+        acfg = SimpleNamespace(**{**vars(cfg), "frozen_bn": other})
+        results["ablation"] = {"frozen_bn": other,
+                               "groups": retrain_all(model, data, groups, init_state, final_state, acfg)}
     results["seconds"] = round(time.time() - t_start, 2)
     write_json(run.path("layer_retraining.json"), results)
 
     print_summary(results)
+    for claim in claims.retraining(results):  # claim 3 (and its ablation), with the positive control
+        print(claim.line())
     plot_curves(results, cfg, run.path("layer_retraining_curves.png"))
     plot_final_noisy(results, cfg, run.path("layer_retraining_noisy.png"))
     print(f"wrote {run.path('layer_retraining.json')} and layer_retraining_{{curves,noisy}}.png "
@@ -150,34 +205,55 @@ def main(argv=()):
     return results
 
 
+def check_groups(cfg, names):
+    unknown = [g for g in cfg.retrain_groups if g not in names]
+    if unknown:  # before anything is written
+        raise UserError(f"unknown layer group {unknown[0]!r} for {cfg.model}; valid: {', '.join(names)}")
+
+
 def print_summary(results):
     print(f"\nnoisy-example accuracy w.r.t. the noisy label (final model: {results['final_model']['noisy']:.3f}); "
-          f"no noisy example was shown during retraining")
-    print(f"{'group':<10} {'after reset':>12} {'retrained':>10} {'epochs':>7} {'clean':>7} {'noisy_true':>11} {'test':>6}")
-    for name, g in results["groups"].items():
-        first, last = g["curve"][0], g["curve"][-1]
-        print(f"{name:<10} {first['noisy']:>12.3f} {last['noisy']:>10.3f} {g['epochs_trained']:>7d} "
-              f"{last['clean']:>7.3f} {last['noisy_true']:>11.3f} {last['test']:>6.3f}")
+          f"no noisy example was shown during the clean retraining; control = retrained on all examples")
+    sections = [(results["frozen_bn"], results["groups"])]
+    if results["ablation"]:
+        sections.append((results["ablation"]["frozen_bn"], results["ablation"]["groups"]))
+    for frozen, groups in sections:
+        print(f"frozen BatchNorm in {frozen} mode")
+        print(f"{'group':<10} {'after reset':>12} {'retrained':>10} {'control':>8} {'epochs':>7} {'clean':>7} "
+              f"{'noisy_true':>11} {'test':>6}")
+        for name, g in groups.items():
+            control = f"{g['control']['final']['noisy']:>8.3f}" if "control" in g else f"{'-':>8}"
+            print(f"{name:<10} {g['reset']['noisy']:>12.3f} {g['final']['noisy']:>10.3f} {control} "
+                  f"{g['epochs_trained']:>7d} {g['final']['clean']:>7.3f} {g['final']['noisy_true']:>11.3f} "
+                  f"{g['final']['test']:>6.3f}")
 
 
 def retrain_note(cfg):
-    return (f"retrained alone on clean examples only: lr {cfg.retrain_lr:g} {cfg.retrain_schedule}, "
-            f"batch {cfg.retrain_batch_size}, at most {cfg.retrain_epochs} epochs")
+    return (f"retrained alone: lr {cfg.retrain_lr:g} {cfg.retrain_schedule}, batch {cfg.retrain_batch_size}, "
+            f"at most {cfg.retrain_epochs} epochs (stop after {cfg.stop_after} at 100% training accuracy), "
+            f"frozen BatchNorm in {cfg.frozen_bn} mode")
 
 
 def plot_curves(results, cfg, path):
-    """One panel per group: accuracies over retraining epochs (epoch 0 = right after the reset)."""
+    """One panel per group: accuracies over retraining epochs on clean data (epoch 0 = right after the
+    reset), and the control's noisy accuracy (retrained on all examples)."""
     names = list(results["groups"])
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
     # an extra thin row holds the one legend of the figure
-    legend_cols = {1: 1, 2: 2}.get(ncols, 5)
-    fig, axes = plots.figure(f"Layer retraining: does memorization come back?\n{retrain_note(cfg)}", cfg,
-                             ncols=ncols, nrows=nrows + 1, panel=(4.2 if ncols > 1 else 8.0, 2.9),
-                             gridspec_kw={"height_ratios": [1] * nrows + [0.07 * -(-5 // legend_cols)]})
+    legend_cols = {1: 1, 2: 2}.get(ncols, 3)
+    fig, axes = plots.figure(f"Layer retraining on clean examples only: does memorization come back?\n"
+                             f"{retrain_note(cfg)}", cfg, ncols=ncols, nrows=nrows + 1,
+                             panel=(4.2 if ncols > 1 else 8.0, 2.9),
+                             gridspec_kw={"height_ratios": [1] * nrows + [0.07 * -(-7 // legend_cols)]})
     for ax, name in zip(axes.flat, names):
-        plots.accuracy_curves(ax, results["groups"][name]["curve"], keys=("clean", "noisy", "noisy_true", "test"),
+        g = results["groups"][name]
+        plots.accuracy_curves(ax, g["curve"], keys=("clean", "noisy", "noisy_true", "test"),
                               xlabel="retraining epoch (0 = after reset)")
+        if "control" in g:
+            ax.plot([r["epoch"] for r in g["control"]["curve"]], [100 * r["noisy"] for r in g["control"]["curve"]],
+                    color=plots.COLORS["noisy"], ls="--", marker="x", ms=4,
+                    label="noisy train, control (retrained on all examples)")
         ax.axhline(100 * results["final_model"]["noisy"], color=plots.COLORS["noisy"], ls=":", lw=1,
                    label="noisy, final model (before reset)")
         ax.set_title(f"retrain {name}", fontsize=10)
@@ -190,25 +266,35 @@ def plot_curves(results, cfg, path):
 
 
 def plot_final_noisy(results, cfg, path):
-    """Per group: noisy-example accuracy (noisy label) right after the reset and after retraining."""
+    """Per group: noisy-example accuracy (noisy label) right after the reset, after retraining on clean
+    data, after the control's retraining on all data (and with the other frozen-BatchNorm mode)."""
     names = list(results["groups"])
+    groups, ablation = results["groups"], results["ablation"]
+    bars = [("right after reset", [g["reset"]["noisy"] for g in groups.values()], "tab:red", 0.3),
+            (f"retrained on clean data (frozen BN {results['frozen_bn']})", [g["final"]["noisy"] for g in groups.values()],
+             "tab:red", 1.0)]
+    if ablation:
+        bars.append((f"retrained on clean data (frozen BN {ablation['frozen_bn']})",
+                     [ablation["groups"][n]["final"]["noisy"] for n in names], "tab:purple", 1.0))
+    if all("control" in g for g in groups.values()):
+        bars.append(("control: retrained on all data", [g["control"]["final"]["noisy"] for g in groups.values()],
+                     "tab:gray", 1.0))
     fig, axes = plots.figure(f"Memorized examples after retraining one layer\n{retrain_note(cfg)}", cfg,
-                             panel=(max(5.0, 0.75 * len(names) + 1.5), 4.0))
-    ax = axes[0, 0]
-    x = list(range(len(names)))
-    after_reset = [100 * results["groups"][n]["curve"][0]["noisy"] for n in names]
-    retrained = [100 * results["groups"][n]["curve"][-1]["noisy"] for n in names]
-    ax.bar([i - 0.2 for i in x], after_reset, 0.4, color="tab:red", alpha=0.35, label="right after reset")
-    ax.bar([i + 0.2 for i in x], retrained, 0.4, color="tab:red", label="after retraining")
+                             panel=(max(6.5, 0.3 * len(bars) * len(names) + 4.0), 4.2))
+    ax, w = axes[0, 0], 0.8 / len(bars)
+    for k, (label, values, color, alpha) in enumerate(bars):
+        ax.bar([i + (k - (len(bars) - 1) / 2) * w for i in range(len(names))], [100 * v for v in values], w,
+               color=color, alpha=alpha, label=label)
     ax.axhline(100 * results["final_model"]["noisy"], color="black", ls=":", lw=1, label="final model")
-    ax.set_xticks(x)
+    ax.axhline(100 * claims.MEMORIZED, color="tab:gray", ls="--", lw=1, label="control must reach (claim 3's rule)")
+    ax.axhline(100 * claims.RETAINED, color="tab:red", ls="--", lw=1, label="memorized from here (claim 3's rule)")
+    ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30)
     ax.set_xlabel("retrained layer group (input -> output)")
     ax.set_ylabel("noisy examples predicted with\ntheir noisy label (%)")
-    ax.set_ylim(0, 122)
-    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylim(0, 105)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, off the data
     return plots.save(fig, path)
 
 

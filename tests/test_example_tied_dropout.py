@@ -187,6 +187,17 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path):
     saved = json.loads((runs / run.dir.name / "example_tied_dropout.json").read_text())
     assert [r["mode"] for r in saved["table"]] == ["-", "-", "-", "tied", "keep", "drop"]
     assert saved["table"][0]["noisy"] >= 0.95  # the plain run memorized them
+    # per-example results (paired statistics in common/claims.py): right lengths, means = the table's accuracies
+    per = saved["per_example"]
+    n_test, n_noisy = len(per["test_correct"]["plain"]), len(per["noisy_drop_correct"])
+    assert n_test == len(per["test_correct"]["drop"]) == 256 and n_noisy == len(per["noisy_index"]) == 51
+    assert set(per["test_correct"]["plain"]) | set(per["test_correct"]["drop"]) | set(per["noisy_drop_correct"]) \
+        <= {0, 1}
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert mean(per["test_correct"]["plain"]) == pytest.approx(saved["plain_test"], abs=1e-6)
+    assert mean(per["test_correct"]["drop"]) == pytest.approx(modes["drop"]["test"], abs=1e-6)
+    assert mean(per["noisy_drop_correct"]) == pytest.approx(modes["drop"]["noisy"], abs=1e-6)
+    assert "default_claim" not in saved  # the verdict is common/claims.py's
     for what in ("bars", "curves", "gallery"):
         assert (runs / run.dir.name / f"example_tied_dropout_{what}.png").stat().st_size > 10_000
     variant = runs / run.dir.name / "example_tied_dropout" / "etd_pgen0.5_pmem0.2_ep12"

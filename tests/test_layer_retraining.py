@@ -30,12 +30,14 @@ def bn_buffers(model, skip=None):
             if k not in keys and k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
 
 
-def test_retrain_group_freezes_for_real_and_shows_clean_only(tiny_trained):
+@pytest.mark.parametrize("frozen_bn", ["train", "eval"])
+def test_retrain_group_freezes_for_real_and_shows_clean_only(tiny_trained, frozen_bn):
     cfg, trained, data, run = tiny_trained
     model = copy.deepcopy(trained)
     final = {k: v.clone() for k, v in model.state_dict().items()}
     init = run.load_checkpoint(0)["model"]
-    rcfg = retrain_cfg(cfg)
+    rcfg = retrain_cfg(cfg, frozen_bn=frozen_bn)
+    params = {n for n, _ in model.named_parameters()}
     for name, _ in layer_groups(model):
         model.load_state_dict(final)
         bn_before = bn_buffers(model, skip=name)
@@ -44,11 +46,14 @@ def test_retrain_group_freezes_for_real_and_shows_clean_only(tiny_trained):
         rows = script.retrain_group(model, data, name, init, rcfg, seen)
         state = model.state_dict()
         inside = set(group_keys(model)[name])
-        for k, v in state.items():  # every tensor outside the group, parameters and buffers, bit-identical
-            if k not in inside:
+        for k, v in state.items():  # every parameter outside the group bit-identical (and every buffer in eval mode)
+            if k not in inside and (k in params or frozen_bn == "eval"):
                 assert torch.equal(v, final[k]), f"retraining {name} changed {k}"
-        for k, v in bn_before.items():  # frozen BatchNorm statistics did not move
-            assert torch.equal(state[k], v), f"retraining {name} moved {k}"
+        moved = [k for k, v in bn_before.items() if not torch.equal(state[k], v)]
+        if frozen_bn == "eval":
+            assert not moved, f"retraining {name} moved {moved[:3]}"
+        else:  # the authors' loop: the frozen layers' BatchNorm statistics follow the retraining data
+            assert moved
         # the group itself was reset and then trained: it differs from both the final and the initial weights
         weights = [k for k in inside if k.endswith("weight")]
         assert any(not torch.equal(state[k], final[k]) for k in weights)
@@ -58,7 +63,24 @@ def test_retrain_group_freezes_for_real_and_shows_clean_only(tiny_trained):
         per_epoch = len(shown) // (len(rows) - 1)
         assert set(shown.tolist()) == set(data.clean_idx.tolist()) and per_epoch >= len(data.clean_idx) - 1
         assert [r["epoch"] for r in rows][0] == 0 and {"clean", "noisy", "noisy_true", "test"} <= set(rows[-1])
+        assert rows[0]["fit"] is None and 0 <= rows[1]["fit"] <= 1
         assert all(p.requires_grad for p in model.parameters())  # unfrozen for the next user
+
+
+def test_running_accuracy_counts_the_training_forwards(tiny_trained):
+    """fit (the authors' stop criterion) = accuracy of the epoch's training forwards w.r.t. the labels trained on."""
+    from common.retraining import RunningAccuracy
+    cfg, trained, data, run = tiny_trained
+    model = copy.deepcopy(trained)
+    idx = data.noisy_idx[:20]
+    with RunningAccuracy(model, data) as fit:
+        model.train()
+        with torch.no_grad():
+            logits = model(data.batch(idx), index=idx)
+        model.eval()
+        model(data.batch(idx), index=idx)  # eval forwards are not counted
+    assert fit.value() == float((logits.argmax(1) == data.labels(idx)).float().mean())
+    assert int(fit.seen) == 20
 
 
 def test_without_holding_eval_batchnorm_statistics_would_move(tiny_trained):
@@ -75,17 +97,56 @@ def test_without_holding_eval_batchnorm_statistics_would_move(tiny_trained):
     assert any(not torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_early_stop_counts_consecutive_perfect_epochs(tiny_trained, monkeypatch):
+class FakeFit:
+    """Stands in for RunningAccuracy: the next training accuracy of a scripted sequence per epoch."""
+    values = iter(())
+
+    def __init__(self, model, data):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def value(self):
+        return next(FakeFit.values)
+
+
+def test_early_stop_counts_perfect_epochs_as_the_authors(tiny_trained, monkeypatch):
+    """The authors' patience: epochs at 100% training accuracy counted, not necessarily in a row."""
     cfg, trained, data, run = tiny_trained
-    clean = iter([0.5, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0])  # epoch 0 (after the reset), 1, 2, ...
-    monkeypatch.setattr(script, "accuracies", lambda *a, **k: {"clean": next(clean), "noisy": 0.0})
+    monkeypatch.setattr(script, "RunningAccuracy", FakeFit)
+    monkeypatch.setattr(script, "accuracies", lambda *a, **k: {"clean": 0.5, "noisy": 0.0})
+    FakeFit.values = iter([0.5, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0])  # epochs 1, 2, ...
     rows = script.retrain_group(copy.deepcopy(trained), data, "head", run.load_checkpoint(0)["model"],
-                                retrain_cfg(cfg, retrain_epochs=6, stop_after=2))
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]  # the streak restarts after epoch 2's 0.9
-    clean = iter([0.5] + [1.0] * 6)
+                                retrain_cfg(cfg, retrain_epochs=8, stop_after=3))
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5]  # the third perfect epoch is epoch 5 (epoch 3's 0.9 between)
+    FakeFit.values = iter([1.0] * 6)
     rows = script.retrain_group(copy.deepcopy(trained), data, "head", run.load_checkpoint(0)["model"],
                                 retrain_cfg(cfg, retrain_epochs=3, stop_after=0))
     assert len(rows) == 4  # stop_after=0: never stop early
+
+
+def test_curve_every_only_skips_measurements(tiny_trained):
+    """curve_every is a cost knob: the same training, fits and final accuracies, fewer curve points."""
+    cfg, trained, data, run = tiny_trained
+    init = run.load_checkpoint(0)["model"]
+    every = script.retrain_group(copy.deepcopy(trained), data, "conv2", init,
+                                 retrain_cfg(cfg, retrain_epochs=3, stop_after=0, curve_every=1))
+    ends = script.retrain_group(copy.deepcopy(trained), data, "conv2", init,
+                                retrain_cfg(cfg, retrain_epochs=3, stop_after=0, curve_every=0))
+    assert [r["epoch"] for r in every] == [0, 1, 2, 3] == [r["epoch"] for r in ends]
+    assert [r for r in ends if "clean" in r] == [every[0], every[3]]
+    assert [r["fit"] for r in ends] == [r["fit"] for r in every]
+    assert "clean" not in ends[1] and "clean" in every[1]
+
+
+def test_defaults_are_the_authors_budget():
+    k = script.KNOBS
+    assert (k["retrain_epochs"], k["retrain_lr"], k["retrain_schedule"], k["retrain_warmup"], k["stop_after"],
+            k["frozen_bn"], k["control"]) == (20, 0.01, "triangle", 0.5, 3, "train", True)
 
 
 def checkpoint_digests(run_dir):
@@ -104,21 +165,46 @@ def run_copy(tiny_trained, tmp_path):
 def test_main_writes_json_and_plots(tiny_argv, run_copy):
     runs, run_dir = run_copy
     digests = checkpoint_digests(run_dir)
-    results = script.main(tiny_argv(runs_dir=runs, retrain_epochs=3, stop_after=1))
+    results = script.main(tiny_argv(runs_dir=runs, retrain_epochs=4, stop_after=1))
     assert checkpoint_digests(run_dir) == digests  # the trained run is read, never rewritten
     saved = json.loads((run_dir / "layer_retraining.json").read_text())
     assert list(saved["groups"]) == ["conv1", "conv2", "conv3", "head"] == list(results["groups"])
     assert saved["n_noisy"] == 51 and saved["final_model"]["noisy"] >= 0.95
+    assert saved["frozen_bn"] == "train" and saved["ablation"] is None
     for name, g in saved["groups"].items():
         assert g["noisy_examples_shown"] == 0 and g["frozen_state_unchanged"] is True
         assert g["examples_shown"] >= g["epochs_trained"] * (saved["n_clean"] - 1)
-        curve = g["curve"]
-        assert [r["epoch"] for r in curve] == list(range(g["epochs_trained"] + 1))
-        # early stop (stop_after=1): it stops at the first epoch with 100% clean accuracy, never before
-        assert all(r["clean"] < 1.0 for r in curve[1:-1])
-        assert g["stopped_early"] == (curve[-1]["clean"] == 1.0 and g["epochs_trained"] < 3)
+        for run in (g, g["control"]):
+            curve = run["curve"]
+            assert [r["epoch"] for r in curve] == list(range(run["epochs_trained"] + 1))
+            assert run["reset"] == {k: curve[0][k] for k in run["reset"]}  # right after the reset, before retraining
+            assert run["final"] == {k: curve[-1][k] for k in run["final"]}
+            assert set(run["reset"]) >= {"clean", "noisy", "noisy_true", "test"}
+            # early stop (stop_after=1): at the first epoch with 100% training accuracy, never before
+            assert all(r["fit"] < 1.0 for r in curve[1:-1])
+            assert run["stopped_early"] == (curve[-1]["fit"] == 1.0 and run["epochs_trained"] < 4)
+        assert g["control"]["reset"] == g["reset"]  # the same reset model
+        assert g["control"]["noisy_examples_shown"] >= 51  # the control trains on every example, noisy ones too
     for png in ("layer_retraining_curves.png", "layer_retraining_noisy.png"):
         assert (run_dir / png).stat().st_size > 10_000
+
+
+def test_positive_control_re_memorizes_with_the_authors_budget(tiny_argv, run_copy):
+    """The control (the reset head retrained on all examples, the default budget) brings the noisy labels back."""
+    runs, _ = run_copy
+    g = script.main(tiny_argv(runs_dir=runs) + ["--retrain_groups=['head']"])["groups"]["head"]
+    assert g["control"]["final"]["noisy"] >= 0.9, g["control"]["final"]
+    assert g["control"]["noisy_examples_shown"] > 0 and g["noisy_examples_shown"] == 0
+
+
+def test_bn_ablation_runs_the_other_mode_side_by_side(tiny_argv, run_copy):
+    runs, run_dir = run_copy
+    res = script.main(tiny_argv(runs_dir=runs, retrain_epochs=1, bn_ablation=True) + ["--retrain_groups=['conv2']"])
+    assert res["frozen_bn"] == "train" and res["ablation"]["frozen_bn"] == "eval"
+    main, ablation = res["groups"]["conv2"], res["ablation"]["groups"]["conv2"]
+    assert set(ablation) == set(main) and set(ablation["control"]) == set(main["control"])
+    assert main["frozen_bn_stats_moved"] and not ablation["frozen_bn_stats_moved"]
+    assert ablation["reset"] == main["reset"] and ablation["curve"][1] != main["curve"][1]
 
 
 def test_deterministic_per_group(tiny_argv, run_copy):
