@@ -92,7 +92,7 @@ def is_done(module, argv):
     if not path.is_file():
         return False, path
     saved = read_json(path).get("config", {})
-    mine = vars(cfg)
+    mine = {**vars(cfg), **config.train_config(cfg)}  # a run's config records derived keys too (precision)
     same = all(mine.get(k) == v for k, v in saved.items() if k not in IGNORED)
     return bool(saved) and same, path
 

@@ -22,11 +22,21 @@ def _finite(values):
 
 
 def _sd(a, axis=0):
-    """Standard deviation over seeds with ddof=1 (zeros for a single seed)."""
+    """Standard deviation over seeds (axis 0) with ddof=1, ignoring NaN (0 where fewer than 2 values)."""
     a = np.asarray(a, dtype=float)
-    if a.shape[axis] < 2:
-        return np.zeros(np.delete(a.shape, axis)) if a.ndim > 1 else 0.0
-    return np.nanstd(a, axis=axis, ddof=1)
+    ok = np.isfinite(a)
+    n = ok.sum(axis)
+    m = np.where(ok, a, 0).sum(axis) / np.maximum(n, 1)
+    dev = np.where(ok, a - np.expand_dims(m, axis), 0)
+    return np.where(n > 1, np.sqrt((dev ** 2).sum(axis) / np.maximum(n - 1, 1)), 0.0)
+
+
+def _nanmean(a, axis=0):
+    """Mean over seeds ignoring NaN (NaN where there is no value), without numpy's empty-slice warning."""
+    a = np.asarray(a, dtype=float)
+    ok = np.isfinite(a)
+    n = ok.sum(axis)
+    return np.where(n > 0, np.where(ok, a, 0).sum(axis) / np.maximum(n, 1), np.nan)
 
 
 def _ms(values, pct=True, digits=1):
@@ -41,7 +51,7 @@ def _ms(values, pct=True, digits=1):
 def _band(ax, xs, runs, color, label, pct=True, **kwargs):
     """Mean line with a ± std band over seeds (runs: seeds x points; std with ddof=1)."""
     a = np.array(runs, dtype=float) * (100 if pct else 1)
-    m = np.nanmean(a, 0)
+    m = _nanmean(a, 0)
     ax.plot(xs, m, marker="o", color=color, label=label, **kwargs)
     if len(a) > 1:
         s = _sd(a)
@@ -186,7 +196,7 @@ def retraining(res, cfg, out, variants):
                  lambda s, g: s[g]["control"]["final"]["noisy"] if s[g].get("control") else np.nan))
         for k, (label, color, get) in enumerate(bars):
             a = 100 * np.array([[get(s, g) for g in groups] for s in seeds], dtype=float)
-            ax.bar(x + (k - 1) * w, np.nanmean(a, 0), w, yerr=_sd(a) if len(a) > 1 else None, color=color,
+            ax.bar(x + (k - 1) * w, _nanmean(a, 0), w, yerr=_sd(a) if len(a) > 1 else None, color=color,
                    label=label, capsize=2)
         ax.axhline(100 * claims.RETAINED, color="black", ls=":", lw=1, label="threshold (memorized)")
         ax.set_title(variant if "seeds" in variant else f"{variant} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
@@ -284,7 +294,7 @@ def tied_dropout(res, cfg, out, variants):
     ax, x, w = axes[0, 0], np.arange(len(labels)), 0.2
     for j, k in enumerate(keys):
         a = vals[k]
-        ax.bar(x + (j - 1.5) * w, np.nanmean(a, 0), w, yerr=_sd(a) if len(a) > 1 else None, color=COLORS[k],
+        ax.bar(x + (j - 1.5) * w, _nanmean(a, 0), w, yerr=_sd(a) if len(a) > 1 else None, color=COLORS[k],
                label=LABELS[k], capsize=2)
     ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
     ax.set_ylabel("accuracy (%)")
@@ -310,8 +320,19 @@ def claims_table(judged):
     return _table(["#", "claim", "variant", "statistic", "95% CI", "rule", "why", "verdict"], rows)
 
 
-def _jsonable(x):
-    return float(x) if isinstance(x, (np.floating, np.integer)) else bool(x) if isinstance(x, np.bool_) else str(x)
+def _plain(x):
+    """JSON-ready: numpy scalars as Python numbers, tuples as lists, NaN and infinities as None (JSON has none)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
 
 
 def write_report(out, label, cfg, seeds, results, timings, machine, command, variants=None, notes=()):
@@ -350,7 +371,7 @@ def write_report(out, label, cfg, seeds, results, timings, machine, command, var
                       f"{sum(s for s in v if s is not None):.0f}") for e, v in walls.items()]
                     + [("all", "", f"{total:.0f}")]), "",
              *body, "## Configuration", "", _table(["key", "value"], cfg_rows), ""]
-    atomic_write(out / "claims.json", json.dumps([c.as_dict() for c in judged], indent=1, default=_jsonable) + "\n")
+    atomic_write(out / "claims.json", json.dumps(_plain([c.as_dict() for c in judged]), indent=1, allow_nan=False) + "\n")
     path = out / "REPORT.md"
     atomic_write(path, "\n".join(lines))
     return path
