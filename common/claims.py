@@ -225,6 +225,12 @@ def _mean(values):
     return float(np.mean(v)) if v else float("nan")
 
 
+def _colmean(a):
+    """Column means of a seeds x items array over its finite entries (NaN for a column without any)."""
+    ok = np.isfinite(a)
+    return np.where(ok.any(0), np.where(ok, a, 0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+
+
 # ----------------------------------------------------------------------------- claim 1
 
 def accounting(results):
@@ -399,7 +405,7 @@ def _retraining_variant(seeds, variant, name):
     final_noisy = _mean([fm["noisy"] for _, fm in seeds])
 
     def classes(idx):
-        ctrl = control[idx].mean(0)
+        ctrl = _colmean(control[idx])  # over the seeds that ran the control (it may run for fewer seeds)
         return [classify_retrained(reset[idx, i].mean(), final[idx, i].mean()) if ctrl[i] >= MEMORIZED
                 else "inconclusive" for i in range(len(groups))]
 
@@ -416,6 +422,9 @@ def _retraining_variant(seeds, variant, name):
     statistic = (f"kept + back in {counts['kept'] + counts['back']}/{conclusive} conclusive groups ({_pct(s, 0)}): "
                  f"kept {counts['kept']}, back {counts['back']} (the strong form), not back {counts['not back']}, "
                  f"erased {counts['erased']}, inconclusive {counts['inconclusive']}")
+    n_control = int((~np.isnan(control).all(1)).sum())
+    if 0 < n_control < len(seeds):
+        statistic += f"; positive control from {n_control} of {len(seeds)} seeds"
     if counts["back"] + counts["not back"] == 0 and conclusive:
         statistic += "; no group lost memorization at the reset"
     ci = f"{_pct_interval(lo, hi)} (share)" if len(seeds) > 1 else "n/a (1 seed)"
@@ -433,7 +442,8 @@ def _retraining_variant(seeds, variant, name):
                                           else "; positive control passed in every group")
     return _claim(3, variant, statistic, ci, verdict, reason, classes=dict(zip(groups, cls)), share=s,
                   reset=dict(zip(groups, reset.mean(0).tolist())), retrained=dict(zip(groups, final.mean(0).tolist())),
-                  control=dict(zip(groups, control.mean(0).tolist())), seeds=len(seeds), counts=counts)
+                  control=dict(zip(groups, _colmean(control).tolist())), seeds=len(seeds), counts=counts,
+                  control_seeds=int((~np.isnan(control).all(1)).sum()))
 
 
 # ----------------------------------------------------------------------------- claim 4

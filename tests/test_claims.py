@@ -149,6 +149,14 @@ def test_claim3_classes_and_thresholds():
     assert c.values["classes"]["c"] == "inconclusive" and c.values["share"] == 1.0 and c.verdict == "yes"
     assert claims.retraining(_retraining(p, control={"a": 0.5, "b": 0.5}))[0].verdict == "inconclusive"
     assert claims.retraining(_retraining(p, final_noisy=0.5))[0].verdict == "inconclusive"
+    # a control that ran for some seeds only is judged on those seeds
+    no_control = _retraining(p)
+    for g in no_control["groups"].values():
+        g["control"] = None
+    c = claims.retraining([_retraining(p, control={"c": 0.89}), no_control])[0]
+    assert c.values["classes"]["c"] == "inconclusive" and c.values["control_seeds"] == 1
+    assert "control from 1 of 2 seeds" in c.statistic
+    assert claims.retraining(no_control)[0].verdict == "inconclusive"
     # nothing lost at the reset: said in the statistic
     assert "no group lost" in claims.retraining(_retraining({"a": (0.6, 0.6), "b": (0.7, 0.7)}))[0].statistic
     # the ablation is its own row
