@@ -64,7 +64,7 @@ def test_five_experiments(spec, tiny8_npz, tmp_path):
     ret = layer_retraining.main(base + ["--retrain_epochs=1", f"--retrain_groups=['{groups[0]}','{groups[-1]}']"])
     assert list(ret["groups"]) == [groups[0], groups[-1]]
     flip = neuron_flipping.main(base + ["--n_examples=1", "--ref_batch=3", "--n_eot=0", "--max_units=5",
-                                        "--collateral_n=16", "--n_show=1"])
+                                        "--collateral_n=16"])
     assert len(flip["records"]) == 2 and all(u["group"] in groups for r in flip["records"] for u in r["units"])
     etd = example_tied_dropout.main(base + ["--gallery_size=1"])
     assert set(etd["etd"]["modes"]) == {"tied", "keep", "drop"}
@@ -317,6 +317,17 @@ def test_init_from_gives_the_rewinding_numbers_of_the_same_weights_trained_here(
     accuracy = lambda r: {mode: v["accuracy"] for mode, v in r["bn_modes"].items()}
     assert accuracy(mine) == accuracy(here) and mine["final"] == here["final"]
     assert mine["final"]["train"] > 0.5  # the plain loop learned: the numbers are not those of a constant model
+    # retraining and flipping analyze the same imported run; nothing is trained into it
+    import layer_retraining
+    import neuron_flipping
+    own = base[:-1] + [f"--init_from={ckpts}"]
+    ret = layer_retraining.main(own + ["--retrain_epochs=1", "--retrain_groups=['head']"])
+    assert ret["final_model"] == mine["final"]
+    flip = neuron_flipping.main(own + ["--n_examples=2", "--ref_batch=3", "--n_eot=0", "--max_units=5",
+                                       "--collateral_n=16"])
+    assert flip["baseline"] and len(flip["records"]) == 4
+    imported = tmp_path / "runs" / mine["run"]
+    assert not (imported / "checkpoints").exists() and (imported / "sources.json").is_file()
 
 
 def test_checkpoint_formats_and_names(tmp_path):
