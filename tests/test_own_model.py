@@ -218,6 +218,21 @@ def test_groups_of_a_nested_user_model_and_overrides():
         config.parse(__import__("layer_rewinding").KNOBS, ["--groups=[1,2]"])
 
 
+def test_wrapped_model_hands_indices_to_modules_that_want_them():
+    class Spy(nn.Module):
+        wants_index = True
+
+        def forward(self, x):
+            self.seen = self.index
+            return x
+
+    net = models.External(nn.Sequential(Spy(), nn.Flatten(), nn.Linear(64, 10)), "spy")
+    idx = torch.tensor([4, 7])
+    assert net(torch.zeros(2, 1, 8, 8), index=idx).shape == (2, 10) and net.net[0].seen is idx
+    net(torch.zeros(2, 1, 8, 8))
+    assert net.net[0].seen is None
+
+
 def test_stages_only_for_the_zoo():
     assert models.stages(models.build_model("cnn", 1, 10, 28)) is not None
     assert models.stages(models.build_model("torchvision:resnet18", 1, 10, 8)) is None
