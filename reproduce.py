@@ -101,7 +101,8 @@ def runs_for(cfg, modules):
     """[(experiment, variant label or None, seed, extra arguments)] in the order they run."""
     todo = []
     for i, seed in enumerate(cfg.seeds):
-        replaced = {exp for exp, _, _ in VARIANTS if i < cfg.variant_seeds and not hasattr(modules[exp], "results_file")}
+        replaced = {exp for exp, _, _ in VARIANTS
+                    if i < cfg.variant_seeds and not hasattr(modules[exp], "results_file")}
         todo += [(exp, None, seed, []) for exp in modules if exp not in replaced]
         if i < cfg.variant_seeds:
             todo += [(exp, label, seed, args) for exp, label, args in VARIANTS]

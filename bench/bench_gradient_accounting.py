@@ -133,7 +133,8 @@ def main(argv):
         print(f"{n} / plain: x{med[n] / med['plain']:.2f} (epoch medians), x{statistics.median(ratios[n]):.2f} "
               f"(median of per-step ratios)")
     print(f"control / ours: x{med['control'] / med['ours']:.2f} (the control group's extra backward)")
-    print(f"authors / control: x{med['authors'] / med['control']:.2f}, authors / ours: x{med['authors'] / med['ours']:.2f}"
+    print(f"authors / control: x{med['authors'] / med['control']:.2f}, "
+          f"authors / ours: x{med['authors'] / med['ours']:.2f}"
           f"   (floors ~x1.67 (ours) and ~x2.33 (control) of plain: 5/3 and 7/3 of a step's FLOPs)")
     return med
 

@@ -480,7 +480,8 @@ def flipping(results, variant=None):
     cost_ci = bootstrap([(c,) for c in cost], lambda s: _pooled(s).mean(), f"flipping:{variant}:cost")
     groups_per = float(np.concatenate(spread).mean())
     capped = int(sum((x == settings["max_units"]).sum() for x in noisy + clean))
-    statistic = (f"median units clean {np.median(np.concatenate(clean)):g} / noisy {np.median(np.concatenate(noisy)):g} "
+    medians = {k: float(np.median(np.concatenate(v))) for k, v in (("clean", clean), ("noisy", noisy))}
+    statistic = (f"median units clean {medians['clean']:g} / noisy {medians['noisy']:g} "
                  f"= {ratio:.2f}; Mann-Whitney p = {p:.2g} (n = {sum(map(len, noisy))} noisy, "
                  f"{sum(map(len, clean))} clean); test cost of a noisy edit {100 * mean_cost:.2f} points; "
                  f"{groups_per:.1f} layer groups per noisy example; {capped} not flipped (counted as "

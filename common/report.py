@@ -167,8 +167,9 @@ def rewinding(res, cfg, out, variants):
             acc = [_rewind_acc(r, c.values["mode"])[g][e] for r in res]
             row += [_ms([a["noisy"] for a in acc]), _ms([a["clean"] for a in acc]), c.values["classes"][g]]
         rows.append(row)
-    text = (f"Each group alone rewound to epoch {cols[0][1]} (final model: clean {_ms([r['final']['clean'] for r in res])}%,"
-            f" noisy {_ms([r['final']['noisy'] for r in res])}%, test {_ms([r['final']['test'] for r in res])}%). "
+    final = {k: _ms([r["final"][k] for r in res]) for k in ("clean", "noisy", "test")}
+    text = (f"Each group alone rewound to epoch {cols[0][1]} (final model: clean {final['clean']}%, noisy "
+            f"{final['noisy']}%, test {final['test']}%). "
             f"Class (from the means over seeds): redundant = noisy accuracy >= {claims.CRITICAL_NOISY:.0%}; "
             f"memorization = below it while clean accuracy keeps >= {claims.CLEAN_KEPT:.0%} of the final model's; "
             f"everything = clean accuracy falls too. The last third of the groups: "
@@ -371,7 +372,8 @@ def write_report(out, label, cfg, seeds, results, timings, machine, command, var
                       f"{sum(s for s in v if s is not None):.0f}") for e, v in walls.items()]
                     + [("all", "", f"{total:.0f}")]), "",
              *body, "## Configuration", "", _table(["key", "value"], cfg_rows), ""]
-    atomic_write(out / "claims.json", json.dumps(_plain([c.as_dict() for c in judged]), indent=1, allow_nan=False) + "\n")
+    table = json.dumps(_plain([c.as_dict() for c in judged]), indent=1, allow_nan=False)
+    atomic_write(out / "claims.json", table + "\n")
     path = out / "REPORT.md"
     atomic_write(path, "\n".join(lines))
     return path

@@ -19,7 +19,7 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     for exp in reproduce.EXPERIMENTS:
         assert (run_dir / f"{exp}.json").is_file(), exp
     # the variants the claims need ran beside the defaults (first seed)
-    assert (run_dir / "neuron_flipping_channel_out.json").is_file() and (run_dir / "neuron_flipping_bntrain.json").is_file()
+    assert all((run_dir / f"neuron_flipping_{v}.json").is_file() for v in ("channel_out", "bntrain"))
     assert read_json(run_dir / "layer_retraining.json")["ablation"]
     # the claims table: one row per judged claim and variant, each with statistic, CI, rule and a verdict
     claims_md = text.split("## Paper claims")[1].split("\n## ")[0]
