@@ -17,17 +17,22 @@ that does not fit the model is refused with one line naming the first mismatchin
 
 `ImportedRun` is a run directory (config.json, labels.pt, the experiments' results) whose
 checkpoints are read from the user's files instead of <run>/checkpoints/: nothing is copied, and
-nothing is trained here.
+nothing is trained here. sources.json records which file gave which epoch (size, modification
+time); a directory that analyzed other versions of the files is refused (or, with overwrite, moved
+aside), so results resumed by an experiment never mix two models.
 """
 import glob
 import os
 import re
+import shutil
+import time
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .cli import UserError
-from .runs import Run, write_json
+from .runs import Run, read_json, write_json
 
 SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # "epoch", "ep" or "e" (not inside a word), an optional _ - = separator, the digits; or a name of digits only.
@@ -142,10 +147,16 @@ def fit(state, model, path):
     return {k: out[k] for k in own}  # the model's order
 
 
-def load(path, model):
-    """One of the user's checkpoint files as a state dict with `model`'s keys."""
+def load(path, model, mmap=False):
+    """One of the user's checkpoint files as a state dict with `model`'s keys (`mmap`: tensors read
+    from the file only when used, enough to check keys and shapes)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} cannot be loaded safely with torch.load(weights_only=True) (truncated, "
@@ -186,11 +197,42 @@ class ImportedRun(Run):
         raise UserError(f"run {self.dir.name} analyzes the checkpoints of init_from; it is not trained here "
                         f"(drop --init_from to train the model here)")
 
-    def record_sources(self):
-        """sources.json in the run directory: which file gave which epoch (size, modification time)."""
-        write_json(self.path("sources.json"), {"init_from": self.cfg.init_from, "checkpoints": {
+    def sources(self):
+        return {"init_from": self.cfg.init_from, "checkpoints": {
             str(e): {"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime": p.stat().st_mtime}
-            for e, p in self.files.items()}})
+            for e, p in self.files.items()}}
+
+    def check_files(self):
+        """Every file fits the model (keys and shapes; read lazily): errors before anything is written."""
+        for path in self.files.values():
+            load(path, self.model, mmap=True)
+
+    def changed_sources(self):
+        """What differs from the files whose results this run directory holds (sources.json), or None."""
+        path = self.path("sources.json")
+        results = [p for p in self.dir.glob("*.json") if p.name not in ("config.json", "sources.json")]
+        if not path.is_file() or not results:
+            return None
+        old, now = read_json(path)["checkpoints"], self.sources()["checkpoints"]
+        for e in sorted(set(old) | set(now), key=int):
+            if old.get(e) != now.get(e):
+                return f"epoch {e}: " + ("new" if e not in old else "gone" if e not in now else
+                                         f"{Path(now[e]['path']).name} changed")
+        return None
+
+    def open_sources(self, overwrite=False):
+        """Open the run directory for these files: results of other (or changed) files are never mixed
+        in; with `overwrite` such a directory is moved aside. Writes sources.json."""
+        changed = self.changed_sources()
+        if changed and not overwrite:
+            raise UserError(f"the checkpoints of init_from changed since {self.dir} analyzed them ({changed}); pass "
+                            f"--overwrite=True to move that directory aside and start over")
+        if changed:
+            aside = self.dir.with_name(f"{self.dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(self.dir), str(aside))
+            print(f"moved the old run aside to {aside}")
+        self.open(overwrite=overwrite)
+        write_json(self.path("sources.json"), self.sources())
 
 
 def _epochs(files):
@@ -208,9 +250,9 @@ def imported_run(cfg, data=None):
     data = data or load_data(cfg, pick_device(cfg.device))
     model = model_for(cfg, data)
     run = ImportedRun(cfg, model)
+    run.check_files()
     with run.lock():
-        run.open(overwrite=getattr(cfg, "overwrite", False))
+        distributed.on_main(run.open_sources, getattr(cfg, "overwrite", False))
         run.save_labels(data)
-        run.record_sources()
     run.load_model(model, cfg.epochs)
     return model, data, run

@@ -1,6 +1,7 @@
 """The researcher's own model: torchvision:<name> and factory specs through all five experiments, layer
 groups for any model, dropout placed by hooks, and init_from (checkpoints trained elsewhere)."""
 import copy
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -343,6 +344,13 @@ def test_init_from_gives_the_rewinding_numbers_of_the_same_weights_trained_here(
     assert flip["baseline"] and len(flip["records"]) == 4
     imported = tmp_path / "runs" / mine["run"]
     assert not (imported / "checkpoints").exists() and (imported / "sources.json").is_file()
+    # other versions of the files: refused (resumed results would mix two models), or moved aside
+    torch.save(torch.load(ckpts / "epoch_10.pt", weights_only=True), ckpts / "epoch_10.pt")
+    os.utime(ckpts / "epoch_10.pt", (1, 1))
+    with pytest.raises(UserError, match="changed since .* analyzed them \\(epoch 10: epoch_10.pt changed\\)"):
+        layer_rewinding.main(base + [f"--init_from={ckpts}"])
+    assert accuracy(layer_rewinding.main(base + [f"--init_from={ckpts}", "--overwrite=True"])) == accuracy(mine)
+    assert len(list((tmp_path / "runs").glob(mine["run"] + ".replaced-*"))) == 1
 
 
 def test_checkpoint_formats_and_names(tmp_path):
