@@ -342,16 +342,14 @@ def _auto_positions(calls):
             continue
         prev, prev2 = leaves[i - 1][1], leaves[i - 2][1] if i >= 2 else None
         if len(shape) == 4 and isinstance(prev, NORMS) and isinstance(prev2, nn.Conv2d):
-            conv_norm.append((path, m, k, shape, 1))
+            conv_norm.append((i, (path, m, k, shape, 1)))
         elif len(shape) == 4 and isinstance(prev, nn.Conv2d):
-            conv.append((path, m, k, shape, 1))
+            conv.append((i, (path, m, k, shape, 1)))
         elif len(shape) >= 3 and isinstance(prev, nn.Linear):  # tokens (B, N, D), or channels-last maps
-            tokens.append((path, m, k, shape, -1))
+            tokens.append((i, (path, m, k, shape, -1)))
         elif len(shape) == 2 and isinstance(prev, nn.Linear):
-            flat.append((path, m, k, shape, 1))
-    found = (conv_norm or conv) + tokens
-    return sorted(found, key=lambda c: leaves.index(next(x for x in leaves if x[1] is c[1] and x[2] == c[2]))) \
-        if found else flat
+            flat.append((i, (path, m, k, shape, 1)))
+    return [c for _, c in sorted((conv_norm or conv) + tokens or flat, key=lambda x: x[0])]
 
 
 def _named_positions(calls, after):
