@@ -139,8 +139,16 @@ def _read_idx(path):
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _load_system_fashion_mnist():
-    d = SYSTEM_FASHION_MNIST
+def _fashion_mnist_idx_dir():
+    """The first folder holding Fashion-MNIST's four gzipped IDX files: data/fashion-mnist/ (e.g. copied
+    there to travel with the working tree), then the Debian package's; None if neither does."""
+    for d in (DATA_ROOT / "fashion-mnist", SYSTEM_FASHION_MNIST):
+        if (d / "t10k-labels-idx1-ubyte.gz").is_file():
+            return d
+    return None
+
+
+def _load_idx_fashion_mnist(d):
     x = _read_idx(d / "train-images-idx3-ubyte.gz")
     y = _read_idx(d / "train-labels-idx1-ubyte.gz").astype(np.int64)
     xt = _read_idx(d / "t10k-images-idx3-ubyte.gz")
@@ -185,9 +193,10 @@ def _load_torchvision(name, download):
         pass  # not in data/ yet
     except ImportError as e:
         raise UserError(f"{name} needs a missing package ({e}); {_HOW_TO_GET[name]}")
-    if name == "fashion_mnist" and SYSTEM_FASHION_MNIST.is_dir():
-        return _load_system_fashion_mnist()
-    where = f"{DATA_ROOT}" + (f" and {SYSTEM_FASHION_MNIST}" if name == "fashion_mnist" else "")
+    if name == "fashion_mnist" and _fashion_mnist_idx_dir():
+        return _load_idx_fashion_mnist(_fashion_mnist_idx_dir())
+    where = f"{DATA_ROOT}" + (f", {DATA_ROOT / 'fashion-mnist'} and {SYSTEM_FASHION_MNIST}"
+                              if name == "fashion_mnist" else "")
     if not download:
         raise UserError(f"dataset {name} not found in {where} and download=False; {_HOW_TO_GET[name]}")
     try:
