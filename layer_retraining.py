@@ -94,12 +94,13 @@ def retrain_config(cfg, name, purpose="retrain"):
                               "model_seed": derive_seed(cfg.model_seed, purpose, name)})
 
 
-def retrain_group(model, data, name, init_state, cfg, seen=None, indices=None, purpose="retrain"):
+def retrain_group(model, data, name, init_state, cfg, seen=None, indices=None, purpose="retrain", reset_acc=None):
     """Reset group `name` of `model` (holding the final weights) to `init_state` and train it alone on
     `indices` (default: the clean training examples), the BatchNorm layers outside it as cfg.frozen_bn
     says. Returns one row of accuracies per epoch (epoch 0: right after the reset; `fit`: the training
     accuracy on the retraining set during the epoch); epochs between cfg.curve_every's have only
-    epoch, loss and fit. `seen` (a list) receives every batch's indices."""
+    epoch, loss and fit. `seen` (a list) receives every batch's indices; `reset_acc`: the accuracies
+    right after this reset when already measured (they do not depend on what is trained next)."""
     seen = [] if seen is None else seen
     indices = data.clean_idx if indices is None else indices
     reset_group(model, name, init_state)
@@ -113,7 +114,8 @@ def retrain_group(model, data, name, init_state, cfg, seen=None, indices=None, p
             hold_eval(frozen_norms)
         seen.append(idx.detach().cpu())
 
-    rows, perfect = [{"epoch": 0, "loss": None, "fit": None, **accuracies(model, data, amp=cfg.amp)}], 0
+    reset_acc = reset_acc or accuracies(model, data, amp=cfg.amp)
+    rows, perfect = [{"epoch": 0, "loss": None, "fit": None, **reset_acc}], 0
     for epoch in range(1, cfg.retrain_epochs + 1):
         with RunningAccuracy(model, data) as fit:
             loss = train_epoch(model, data, indices, optimizer, rcfg, epoch, step0=(epoch - 1) * steps,
@@ -129,7 +131,7 @@ def retrain_group(model, data, name, init_state, cfg, seen=None, indices=None, p
     return rows
 
 
-def retrain_checked(model, data, name, init_state, final_state, cfg, control=False):
+def retrain_checked(model, data, name, init_state, final_state, cfg, control=False, reset_acc=None):
     """retrain_group from the final model on the clean examples (or on all of them: the control), with the
     guarantees the authors' script broke checked on every run: no parameter outside the group moves, no
     noisy example is shown (clean retraining), and with frozen_bn=eval no BatchNorm statistic outside moves."""
@@ -138,7 +140,7 @@ def retrain_checked(model, data, name, init_state, final_state, cfg, control=Fal
     seen = []
     indices = torch.arange(data.n_train, device=data.device) if control else data.clean_idx
     rows = retrain_group(model, data, name, init_state, cfg, seen, indices,
-                         purpose="retrain-control" if control else "retrain")
+                         purpose="retrain-control" if control else "retrain", reset_acc=reset_acc)
     shown = torch.cat(seen).to(data.noisy.device)
     noisy_shown = int(data.noisy[shown].sum())
     params_changed, buffers_changed = changed_outside(model, name, final_state)
@@ -153,13 +155,16 @@ def retrain_checked(model, data, name, init_state, final_state, cfg, control=Fal
             "frozen_bn_stats_moved": bool(buffers_changed), "seconds": round(time.time() - t0, 2)}
 
 
-def retrain_all(model, data, groups, init_state, final_state, cfg):
-    """{group: clean retraining result + "control"} for cfg.frozen_bn."""
+def retrain_all(model, data, groups, init_state, final_state, cfg, resets):
+    """{group: clean retraining result + "control"} for cfg.frozen_bn. `resets` ({group: accuracies right
+    after the reset}) is filled on the first call and reused: every run of a group starts from that state."""
     out = {}
     for name in tqdm(groups, desc=f"groups (frozen BatchNorm: {cfg.frozen_bn})", disable=None):
-        out[name] = retrain_checked(model, data, name, init_state, final_state, cfg)
+        out[name] = retrain_checked(model, data, name, init_state, final_state, cfg, reset_acc=resets.get(name))
+        resets[name] = out[name]["reset"]
         if cfg.control:
-            out[name]["control"] = retrain_checked(model, data, name, init_state, final_state, cfg, control=True)
+            out[name]["control"] = retrain_checked(model, data, name, init_state, final_state, cfg, control=True,
+                                                   reset_acc=resets[name])
         g, c = out[name], out[name].get("control")
         tqdm.write(f"{name:<10} noisy after reset {g['reset']['noisy']:.3f} -> retrained on clean data "
                    f"{g['final']['noisy']:.3f} in {g['epochs_trained']} epochs (clean {g['final']['clean']:.3f}, test "
@@ -183,15 +188,15 @@ def main(argv=()):
           f"test {final_acc['test']:.3f}; retraining {len(groups)} groups on {len(data.clean_idx)} clean examples"
           + (" (and on all examples: the control)" if cfg.control else ""))
 
-    t_start = time.time()
+    t_start, resets = time.time(), {}
     results = {"config": vars(cfg), "final_model": final_acc, "n_clean": len(data.clean_idx),
                "n_noisy": len(data.noisy_idx), "frozen_bn": cfg.frozen_bn,
-               "groups": retrain_all(model, data, groups, init_state, final_state, cfg), "ablation": None}
+               "groups": retrain_all(model, data, groups, init_state, final_state, cfg, resets), "ablation": None}
     if cfg.bn_ablation:
         other = next(m for m in FROZEN_BN if m != cfg.frozen_bn)
         acfg = SimpleNamespace(**{**vars(cfg), "frozen_bn": other})
         results["ablation"] = {"frozen_bn": other,
-                               "groups": retrain_all(model, data, groups, init_state, final_state, acfg)}
+                               "groups": retrain_all(model, data, groups, init_state, final_state, acfg, resets)}
     results["seconds"] = round(time.time() - t_start, 2)
     write_json(run.path("layer_retraining.json"), results)
 
