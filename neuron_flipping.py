@@ -1,9 +1,10 @@
-"""Neuron flipping: how few units must be zeroed to flip a memorized prediction? (PROTOCOLS section 4)
+"""Neuron flipping: how few units must be zeroed to flip a memorized prediction? (docs/protocol.md)
 
 For `n_examples` noisy (mislabeled, memorized) and `n_examples` clean training examples, greedily zero
 the unit -- a conv filter, or one BatchNorm / linear parameter -- that most raises the example's loss
-while keeping a reference batch of other examples fit (first-order score w * dL/dw), until the
-prediction leaves the training label. Then measure what the edit costs the other examples.
+while keeping a reference batch of other examples fit (first-order score w * dL/dw, on noised copies
+of the batch redrawn at every step, as the authors), until the prediction leaves the training label.
+Then measure what the edit costs the other examples.
 Paper: memorized examples flip after a handful of units, clean ones need many more; the units are
 spread over the layers; the edit hurts the rest of the data little.
 
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 
 from common import cli, config, plots
 from common.evaluation import predict
-from common.flipping import (UNITS, Collateral, Flipper, Units, collateral_sets, flip_sequential, pick_targets,
-                             reference_batch, summarize, zeroed_copy)
+from common.flipping import (UNITS, Collateral, Flipper, Units, candidates, collateral_sets, flip_sequential,
+                             reference_batch, refresh_batchnorm, summarize, zeroed_copy)
 from common.models import layer_groups
-from common.rng import generator
+from common.precision import strict_fp32
 from common.runs import read_json, write_json
 from common.training import trained_run
 
@@ -51,13 +52,16 @@ init_from = ""          # the user's own per-epoch state dicts (a directory or g
 RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
 # ----------------------------------------------------------------------------- this experiment
 n_examples = 20         # target examples of each kind (noisy, clean): distinct, seeded, fitted by the model
-ref_batch = 31          # other training examples in each target's batch (fixed per target, seeded)
-unit = "channel"        # channel: a conv filter is one unit, other parameters per element | weight: every element
+ref_batch = 511         # other training examples in each target's batch (fixed per target, seeded; the authors: 511)
+unit = "channel"        # channel: a conv filter is one unit, other parameters per element (the authors) |
+                        # channel_out: a conv's output channel after its BatchNorm | weight: every element
 max_units = 100         # give up after zeroing this many units (the example counts as not flipped)
-n_eot = 0               # robust gradient: average the logits over n_eot Gaussian-noised copies (0: off)
-eot_noise = 0.01        # that noise's norm as a fraction of each input's norm (the authors: 1%)
+n_eot = 5               # noised copies of the batch per step, redrawn every step (the authors: 5; 0: clean input)
+eot_noise = 0.01        # each copy's noise norm as a fraction of the whole batch's norm (the authors: 1%)
+bn_train = False        # first one train-mode pass over the training set re-estimates the BatchNorm statistics
+                        # (what the authors' analysis script does; no parameter changes)
 collateral_n = 300      # collateral damage measured on this many clean, noisy and test examples (0: all; no targets)
-fast = True             # the fast exact path; False: the authors' plain loop (same answers, about 2x slower)
+fast = True             # the fast exact path; False: the authors' plain loop (same answers, slower)
 n_show = 4              # examples of each kind shown in the examples figure
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
@@ -70,78 +74,137 @@ config.range_check("eot_noise", 0, None)
 config.range_check("collateral_n", 0, None)
 config.range_check("n_show", 0, None)
 # Results computed under the same settings are reused by an interrupted or extended run.
-SETTINGS = ("unit", "ref_batch", "max_units", "n_eot", "eot_noise", "collateral_n")
+SETTINGS = ("unit", "ref_batch", "max_units", "n_eot", "eot_noise", "bn_train", "collateral_n")
+
+
+def results_file(cfg, ending=".json"):
+    """neuron_flipping.json for the default unit without the BatchNorm pass; a variant gets its own name
+    (neuron_flipping_channel_out.json, neuron_flipping_bntrain.json, ...) so variants sit side by side.
+    `ending`: ".partial.json", ".png", "_examples.png" for the files that go with it."""
+    stem = "neuron_flipping"
+    if cfg.unit != KNOBS["unit"]:
+        stem += f"_{cfg.unit}"
+    if cfg.bn_train:
+        stem += "_bntrain"
+    return stem + ending
+
+
+def make_record(data, index, kind, units, result, after, drop, settled, seconds):
+    """The JSON record of one searched target. A search that zeroed nothing means the target was not
+    fitted when the search judged it, which the caller must have ruled out: an error, never a record."""
+    if not result.units:
+        raise ValueError(f"target {index}: a record with 0 units (its prediction was not its training label "
+                         f"before any edit); such a target must be passed over, not recorded")
+    return {"index": index, "kind": kind, "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
+            "n_units": len(result.units), "flipped": result.flipped, "prediction": result.prediction,
+            "units": [units.describe(u) for u in result.units],
+            "accuracy_after": after, "accuracy_drop": drop,  # on the evaluation sets, this example left out
+            "reference_steps": settled,  # greedy steps decided by the reference computation (near-ties)
+            "seconds": round(seconds, 3)}
 
 
 def main(argv=()):
     cfg = config.parse(KNOBS, argv)
     model, data, run = trained_run(cfg)
+    if cfg.bn_train:
+        refresh_batchnorm(model, data, cfg.batch_size)
     model.eval()
-    units = Units(model, cfg.unit)
+    units = Units(model, cfg.unit, sample=data.batch(torch.tensor([0])))
     if cfg.max_units > len(units):
         raise cli.UserError(f"max_units={cfg.max_units}, but the model has only {len(units)} units; "
                             f"pass --max_units={len(units)} or less")
 
-    # Targets: distinct noisy and clean training examples whose training label the model predicts.
-    fits = predict(model, data, "train", amp=cfg.amp) == data.y_train
-    targets = pick_targets(data, fits, cfg.n_examples, cfg.seed)
-    collateral = Collateral(model, data, collateral_sets(data, cfg.collateral_n, cfg.seed), amp=cfg.amp)
+    # Candidates: training examples whose training label the model predicts (strict fp32, like the search).
+    with strict_fp32():
+        fits = predict(model, data, "train", amp=False) == data.y_train
+    order = candidates(data, fits, cfg.seed)
+    for kind, pool in order.items():
+        if len(pool) < cfg.n_examples:
+            raise cli.UserError(f"n_examples={cfg.n_examples}, but only {len(pool)} {kind} training examples are "
+                                f"predicted with their training label; pass --n_examples={len(pool)} or less")
+    collateral = Collateral(model, data, collateral_sets(data, cfg.collateral_n, cfg.seed))
     baseline = collateral.accuracies(collateral.before)
     print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean "
-          f"targets, batch of 1 + {cfg.ref_batch}; before any edit: clean {baseline['clean']:.3f}  "
-          f"noisy {baseline['noisy']:.3f}  test {baseline['test']:.3f}")
+          f"targets, batch of 1 + {cfg.ref_batch}, {cfg.n_eot} noised copies; before any edit: clean "
+          f"{baseline['clean']:.3f}  noisy {baseline['noisy']:.3f}  test {baseline['test']:.3f}")
 
     # Resume: records of an interrupted (or smaller) run with the same settings are kept.
     settings = {k: getattr(cfg, k) for k in SETTINGS}
-    partial_path, final_path = run.path("neuron_flipping.partial.json"), run.path("neuron_flipping.json")
-    records = {}
+    partial_path, final_path = run.path(results_file(cfg, ".partial.json")), run.path(results_file(cfg))
+    records, passed_over = {}, {}
     for path in (final_path, partial_path):
         if path.is_file():
             saved = read_json(path)
             if saved.get("settings") == settings:
                 records.update({r["index"]: r for r in saved.get("records", [])})
-    todo = [(i, kind) for i, kind in targets if i not in records]
-    if len(todo) < len(targets):
-        print(f"resuming: {len(targets) - len(todo)} examples already done")
+                passed_over.update({p["index"]: p for p in saved.get("passed_over", [])})
 
-    # The greedy search, one target at a time; every finished example is saved at once.
-    flipper = Flipper(model, units) if cfg.fast else None
-    for index, kind in tqdm(todo, desc="examples", disable=None):
+    def search(index, kind):
+        """The greedy search for one target and its collateral damage: a record, or None where the search
+        finds the target not predicted with its training label to begin with (on its noised copies)."""
         t0 = time.time()
         idx = torch.cat([torch.tensor([index]), reference_batch(data.n_train, index, cfg.ref_batch, cfg.seed)])
         x, y = data.batch(idx), data.labels(idx)
-        gen = generator(cfg.seed, "neuron_flipping", "eot", index)
-        args = (x, y, cfg.max_units, cfg.n_eot, cfg.eot_noise, gen)
+        args = (x, y, cfg.max_units, cfg.n_eot, cfg.eot_noise, (cfg.seed, index))
         settled = flipper.exact_steps if cfg.fast else 0
         result = flipper.flip(*args) if cfg.fast else flip_sequential(model, units, *args)
         settled = flipper.exact_steps - settled if cfg.fast else len(result.units)
-        edited = zeroed_copy(model, units, result.units)  # the edit runs from its first changed layer
-        after, drop = collateral(edited, min(map(units.top_layer, result.units), default=len(model.layers)), index)
-        records[index] = {
-            "index": index, "kind": kind, "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
-            "n_units": len(result.units), "flipped": result.flipped, "prediction": result.prediction,
-            "units": [units.describe(u) for u in result.units],
-            "accuracy_after": after, "accuracy_drop": drop,  # on the evaluation sets, this example left out
-            "reference_steps": settled,  # greedy steps decided by the reference computation (near-ties)
-            "seconds": round(time.time() - t0, 3)}
-        write_json(partial_path, {"settings": settings, "records": list(records.values())})
+        if not result.units:
+            return None
+        changed = units.changed(result.units)  # the edit runs from its first changed stage
+        after, drop = collateral(zeroed_copy(model, units, result.units), changed, index)
+        return make_record(data, index, kind, units, result, after, drop, settled, time.time() - t0)
 
+    # Targets: the candidates of each kind in their seeded order, interleaved noisy, clean, noisy, ...; a
+    # candidate that the search's own first step finds mispredicted (noise can do that to a borderline
+    # example) is passed over and listed. Every finished example is saved at once.
+    flipper = Flipper(model, units) if cfg.fast else None
+    targets, reused, pools = [], 0, {kind: iter(order[kind]) for kind in order}
+    with tqdm(total=2 * cfg.n_examples, desc="examples", disable=None) as bar:
+        for kind in ("noisy", "clean") * cfg.n_examples:
+            for index in pools[kind]:
+                if index in records:
+                    reused += 1
+                elif index not in passed_over:
+                    record = search(index, kind)
+                    if record is None:
+                        passed_over[index] = {"index": index, "kind": kind}
+                    else:
+                        records[index] = record
+                    write_json(partial_path, {"settings": settings, "records": list(records.values()),
+                                              "passed_over": list(passed_over.values())})
+                if index in records:
+                    targets.append((index, kind))
+                    bar.update()
+                    break
+            else:
+                n = sum(k == kind for _, k in targets)
+                raise cli.UserError(f"n_examples={cfg.n_examples}, but only {n} {kind} examples keep their training "
+                                    f"label on their noised copies; pass --n_examples={n} or less")
+    if reused:
+        print(f"resumed: {reused} examples were already done")
+
+    chosen = [records[i] for i, _ in targets]
     results = {"config": vars(cfg), "settings": settings, "n_units_total": len(units),
                "groups": [g for g, _ in layer_groups(model)], "baseline": baseline,
                "eval_sizes": {k: len(v) for k, v in collateral.sets.items()},
-               "summary": summarize([records[i] for i, _ in targets], baseline, cfg.max_units),
-               "seconds": round(sum(records[i]["seconds"] for i, _ in targets), 2),  # search + collateral
-               "records": [records[i] for i, _ in targets]}
+               "summary": summarize(chosen, baseline, cfg.max_units),
+               "seconds": round(sum(r["seconds"] for r in chosen), 2),  # search + collateral
+               "seconds_per_target": {kind: round(sum(r["seconds"] for r in chosen if r["kind"] == kind)
+                                                  / cfg.n_examples, 2) for kind in ("noisy", "clean")},
+               "passed_over": list(passed_over.values()),  # mispredicted on their noised copies before any edit
+               "records": chosen}
     write_json(final_path, results)
     if partial_path.is_file():
         partial_path.unlink()
 
     print_summary(results)
-    plot_summary(results, cfg, run.path("neuron_flipping.png"))
-    plot_examples(results, data, cfg, run.path("neuron_flipping_examples.png"))
-    print(f"wrote {final_path} and neuron_flipping{{,_examples}}.png ({results['seconds']:.0f} s of search "
-          f"and evaluation; {sum(r['reference_steps'] for r in results['records'])} of "
-          f"{sum(r['n_units'] for r in results['records'])} steps settled by the reference computation)")
+    plot_summary(results, cfg, run.path(results_file(cfg, ".png")))
+    plot_examples(results, data, cfg, run.path(results_file(cfg, "_examples.png")))
+    print(f"wrote {final_path} and its figures ({results['seconds']:.0f} s of search and evaluation: "
+          f"{results['seconds_per_target']['noisy']:.1f} s per noisy, {results['seconds_per_target']['clean']:.1f} s "
+          f"per clean target; {sum(r['reference_steps'] for r in chosen)} of {sum(r['n_units'] for r in chosen)} "
+          f"steps settled by the reference computation; {len(passed_over)} candidates passed over)")
     return results
 
 

@@ -1,35 +1,56 @@
-"""Neuron flipping: the fewest units whose zeroing flips a training example's prediction (PROTOCOLS 4).
+"""Neuron flipping: the fewest units whose zeroing flips a training example's prediction (docs/protocol.md).
 
-A *unit* is what one greedy step zeroes. unit="channel": a conv filter (the whole W[c] of a 4-D
-weight) is one unit and every other parameter (BatchNorm / LayerNorm affine, linear weights, biases)
-one unit per element -- the authors' criterion. unit="weight": every parameter element.
+Units -- what one greedy step zeroes:
+- unit="channel" (the authors' criterion): a conv filter W[c] of any Conv2d is one unit; every other
+  parameter (BatchNorm / LayerNorm affine, linear weights, biases) one unit per element.
+- unit="channel_out": a conv's output channel c silenced where it leaves the conv: where a BatchNorm2d
+  takes the conv's output, its output channel (gamma[c] = beta[c] = 0: an eval-mode BatchNorm after a
+  zeroed filter still emits the constant beta - gamma * mean / std, so "channel" does not silence the
+  channel); else the conv output (W[c] = 0 and bias[c] = 0). The conv filter and that BatchNorm's
+  parameters are no units of their own; every other parameter one unit per element.
+- unit="weight": every parameter element.
+Units come from the module tree (layer groups input to output, parameters in module order), for any
+architecture.
 
-For a target t inside its batch (t first, then its reference examples):
-    L = mean_j CE_j with the target's term multiplied by -|batch|  =  -CE_t + sum_{j != t} CE_j / |batch|
-The score of a unit is w * dL/dw (summed over the filter for a channel unit): the first-order decrease
-of L when the unit is zeroed. Greedy: zero the best unit not yet zeroed, recompute, until the target's
-prediction differs from its training label, or `max_units` units are zeroed (then: not flipped).
+Criterion, for a target t in its batch B (t first, then its reference examples), following the
+authors' code: each greedy step draws fresh Gaussian noise (seeded per target and step) for n_eot
+copies of the whole batch, each copy's noise of norm eot_noise x the norm of the whole batch, and
+    L = mean over copies of [ mean_j CE_j with the target's term multiplied by -|B| ]
+      = mean over copies of [ -CE_t + sum_{j != t} CE_j / |B| ]
+(the mean of the copies' objectives: the authors average the copies' gradients). n_eot = 0: one
+clean copy. The target counts as flipped when the argmax of its logits averaged over the copies
+differs from its training label. The score of a unit is the first-order decrease of L when it is
+zeroed: w * dL/dw, summed over the filter for a channel unit; for a channel_out unit
+sum over examples and positions of a_c * dL/da_c, a_c the silenced output channel (after the
+BatchNorm), which equals gamma[c] dL/dgamma[c] + beta[c] dL/dbeta[c] (a_c = gamma xhat + beta).
+Greedy: zero the best unit not yet zeroed, recompute, until the target flips or `max_units` units are
+zeroed (then: not flipped).
 
 Two implementations, same answers:
 - `flip_sequential`: the authors' loop written plainly (a forward and a full backward of the whole
   batch per zeroed unit). The reference for the tests and the benchmark baseline.
 - `Flipper`: the same decisions with less work. (1) A filter's score needs no weight gradient:
-  sum_w w * dL/dw = sum over examples and positions of out_c * dL/dout_c (the conv output channel is
-  linear in its filter), so the backward skips the weight-gradient convolutions, the costliest part
-  of a CPU backward. (2) Zeroing a unit changes nothing before its layer: the forward restarts from
-  the cached input of the top-level layer that holds it, on the kept autograd graph of the unchanged
-  prefix. The forward runs the same kernels on the same tensors as the reference, so the logits, the
-  flip check and every score but the filter scores are bitwise the reference's. Filter scores are
-  summed in another order, so each carries a rounding tolerance (`rtol` times its sum of |terms|);
-  when the best unit is not ahead of every rival by more than their tolerances, that step's choice
-  comes from the reference computation itself (`Flipper.exact_steps` counts them; rare).
-  Equality holds for the same device and thread count (kernels round differently across them).
+  sum_w w * dL/dw = sum over examples and positions of (out_c - bias_c) * dL/dout_c (the conv output
+  is linear in its filter), so the backward skips the weight-gradient convolutions (and the first
+  conv's whole backward); channel_out scores come from the BatchNorm's parameter gradients, which
+  need no conv weight gradient either. (2) Without noise (n_eot = 0) zeroing a unit changes nothing
+  before its stage: the forward restarts from the cached input of the first stage that holds it
+  (`common.models.stages`; models without stages run whole forwards). Fresh noise at every step
+  changes every layer's input, so with noise every step is a whole forward.
+  The forward runs the same kernels on the same tensors as the reference, so the logits, the flip
+  check and every score but the filter scores are bitwise the reference's. A filter score is the
+  same sum of the products w * in * g in another order; each carries a rounding tolerance
+  (`filter_tolerance`), and when the best unit is not ahead of every rival by more than their
+  tolerances, that step's choice comes from the reference computation itself (`Flipper.exact_steps`
+  counts them). Equality holds on one device with one thread count (kernels round differently
+  across them; on CUDA only with deterministic algorithms).
 
-Both run in eval mode (BatchNorm uses its running statistics, so examples do not interact), in fp32,
-on any model of the zoo: the units are derived from `layer_groups`.
+Everything runs in eval mode (BatchNorm uses its running statistics, so examples do not interact), in
+strict fp32 (no TF32, no autocast): a borderline example must not flip by rounding.
 """
-import bisect
 import copy
+import itertools
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -38,64 +59,132 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cli import UserError
-from .precision import autocast
-from .models import layer_groups
+from .models import layer_groups, root, stages
+from .precision import strict_fp32
 from .rng import generator
 
-UNITS = ("channel", "weight")
+UNITS = ("channel", "channel_out", "weight")
 
 
 # ----------------------------------------------------------------------------- units
 
 @dataclass
 class Entry:
-    """One parameter's block of units: units offset .. offset + count - 1."""
+    """One block of units: units offset .. offset + count - 1."""
     group: str     # layer group, e.g. "res1.0"
-    param: str     # parameter name inside the group, e.g. "conv.weight"
-    name: str      # full parameter name in the model, e.g. "layers.res1.0.conv.weight"
-    channel: bool  # one unit per output channel (a conv filter), else one per element
-    shape: tuple
+    param: str     # inside the group: the parameter ("conv.weight"), or the module whose output channel is silenced ("bn")
+    kind: str      # "channel" (a filter), "channel_out" (an output channel) or "element"
+    module: str    # full name of the module that holds the zeroed parameters
+    names: tuple   # full names of the parameters zeroed at a unit's index
+    shape: tuple   # shape of names[0]
     offset: int
     count: int
 
 
+def batchnorm_after_conv(model, sample):
+    """{Conv2d: the affine BatchNorm2d that takes its output as input}, found by running `sample`
+    (a batch of one input is enough) through the model in eval mode."""
+    outputs, pairs, hooks = [], {}, []
+
+    def conv_hook(module, inputs, out):
+        outputs.append((module, out))
+
+    def bn_hook(module, inputs):
+        for conv, out in outputs:
+            if inputs[0] is out and conv not in pairs and module.affine:
+                pairs[conv] = module
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(bn_hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return pairs
+
+
 class Units:
     """The candidate units of a model in a fixed order: layer groups input to output, parameters in
-    module order, then channel / element (row-major) order. A unit is an int in [0, len(units))."""
+    module order, then channel / element (row-major) order. A unit is an int in [0, len(units)).
+    `sample`: one input, needed for unit="channel_out" (to find the BatchNorm after each conv)."""
 
-    def __init__(self, model, unit="channel"):
+    def __init__(self, model, unit="channel", sample=None):
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-        self.unit, self.entries, offset = unit, [], 0
-        for group, module in layer_groups(model):
-            for pname, p in module.named_parameters():
-                channel = unit == "channel" and p.ndim == 4
-                count = p.shape[0] if channel else p.numel()
-                name = f"layers.{group}.{pname}"
-                self.entries.append(Entry(group, pname, name, channel, tuple(p.shape), offset, count))
+        if unit == "channel_out" and sample is None:
+            raise ValueError("unit='channel_out' needs a sample input to find the BatchNorm after each conv")
+        self.unit = unit
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        path_of = {id(m): n for n, m in model.named_modules()}
+        owner = {}  # full parameter name -> (module, name inside it)
+        for m in model.modules():
+            for local, p in m.named_parameters(recurse=False):
+                owner.setdefault(name_of[id(p)], (m, local))
+        bn_after = batchnorm_after_conv(model, sample) if unit == "channel_out" else {}
+        conv_of_bn = {bn: conv for conv, bn in bn_after.items()}
+
+        def full(module, local):
+            prefix = path_of[id(module)]
+            return f"{prefix}.{local}" if prefix else local
+
+        base = root(model)[0]  # a group's parameters are named base + group + "." + their name in it
+        self.entries, taken, offset = [], set(), 0
+        for group, gmodule in layer_groups(model):
+            relative = lambda name: name[len(base + group) + 1:] or name.rsplit(".", 1)[-1]
+            for _, p in gmodule.named_parameters():
+                name = name_of[id(p)]
+                if name in taken:
+                    continue
+                m, local = owner[name]
+                conv = m if isinstance(m, nn.Conv2d) else conv_of_bn.get(m)
+                if unit == "channel_out" and conv is not None:
+                    silenced = bn_after.get(conv, conv)  # the module whose output channel is zeroed
+                    names = tuple(full(silenced, k) for k, q in silenced.named_parameters(recurse=False)
+                                  if k in ("weight", "bias"))
+                    absorbed = {full(mod, k) for mod in (conv, silenced) for k, _ in mod.named_parameters(recurse=False)}
+                    kind, label, module = "channel_out", relative(path_of[id(silenced)]), path_of[id(silenced)]
+                    count = conv.out_channels
+                elif unit == "channel" and isinstance(m, nn.Conv2d) and local == "weight":
+                    names, absorbed, kind, label, module = (name,), {name}, "channel", relative(name), path_of[id(m)]
+                    count = p.shape[0]
+                else:
+                    names, absorbed, kind, label, module = (name,), {name}, "element", relative(name), path_of[id(m)]
+                    count = p.numel()
+                shape = tuple(model.get_parameter(names[0]).shape)
+                self.entries.append(Entry(group, label, kind, module, names, shape, offset, count))
+                taken |= absorbed
                 offset += count
         self.n = offset
         self.offsets = [e.offset for e in self.entries]
-        top = [name for name, _ in model.layers.named_children()]
-        self.top_layers = [top.index(e.group.split(".")[0]) for e in self.entries]  # position in model.layers
-        covered = sum(torch.Size(e.shape).numel() for e in self.entries)
-        assert covered == sum(p.numel() for p in model.parameters()), "a parameter lies outside every layer group"
+        missing = set(name_of.values()) - taken
+        if missing:
+            raise ValueError(f"parameters outside every layer group: {sorted(missing)[:5]}")
+        # the parameters whose gradients the scores need, in entry order
+        self.grad_names = list(dict.fromkeys(n for e in self.entries for n in e.names))
 
     def __len__(self):
         return self.n
 
     def entry_index(self, u):
-        return bisect.bisect_right(self.offsets, u) - 1
-
-    def top_layer(self, u):
-        """Position in model.layers of the top-level layer that holds unit u."""
-        return self.top_layers[self.entry_index(u)]
+        lo, hi = 0, len(self.offsets)
+        while hi - lo > 1:  # the last entry starting at or before u
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.offsets[mid] <= u else (lo, mid)
+        return lo
 
     def locate(self, u):
-        """(entry, index into the parameter: (c,) for a filter, the element's indices otherwise)."""
+        """(entry, index into each of its parameters: (c,) for a channel, the element's indices otherwise)."""
         e = self.entries[self.entry_index(u)]
         local = u - e.offset
-        if e.channel:
+        if e.kind != "element":
             return e, (local,)
         index = []
         for dim in reversed(e.shape):
@@ -104,22 +193,39 @@ class Units:
         return e, tuple(reversed(index))
 
     def describe(self, u):
-        """JSON-able: layer group, parameter, kind and index (the channel of a filter)."""
+        """JSON-able: layer group, parameter (or silenced module), kind, index, and the full names of
+        the parameters set to zero at that index (the edit, rebuildable from the record alone)."""
         e, index = self.locate(u)
-        return {"group": e.group, "param": e.param, "kind": "channel" if e.channel else "element", "index": list(index)}
+        return {"group": e.group, "param": e.param, "kind": e.kind, "index": list(index), "params": list(e.names)}
 
     @torch.no_grad()
     def zero_(self, model, u):
         e, index = self.locate(u)
-        model.get_parameter(e.name)[index] = 0
+        for name in e.names:
+            model.get_parameter(name)[index] = 0
+
+    def changed(self, zeroed):
+        """Full names of the parameters that zeroing the units `zeroed` changes."""
+        return {n for u in zeroed for n in self.locate(u)[0].names}
 
     def scores(self, model, grads):
-        """w * dL/dw per unit (summed over each filter), in unit order; grads in entry order."""
-        out = []
-        for e, g in zip(self.entries, grads):
-            s = model.get_parameter(e.name).detach() * g
-            out.append(s.sum(dim=tuple(range(1, s.ndim))) if e.channel else s.flatten())
-        return torch.cat(out)
+        """First-order score per unit, in unit order; `grads` aligned with `grad_names`."""
+        grad = dict(zip(self.grad_names, grads))
+        return torch.cat([entry_scores(e, [model.get_parameter(n).detach() for n in e.names],
+                                       [grad[n] for n in e.names]) for e in self.entries])
+
+
+def entry_scores(e, params, grads):
+    """w * dL/dw per element; for a channel unit summed over everything but the channel dimension
+    (and over the entry's parameters: gamma and beta of a channel_out unit)."""
+    if e.kind == "element":
+        return (params[0] * grads[0]).flatten()
+    total = None
+    for p, g in zip(params, grads):
+        s = p * g
+        s = s.sum(dim=tuple(range(1, s.ndim))) if s.ndim > 1 else s
+        total = s if total is None else total + s
+    return total
 
 
 def zeroed_copy(model, units, zeroed):
@@ -130,45 +236,74 @@ def zeroed_copy(model, units, zeroed):
     return m
 
 
+def stage_positions(model):
+    """{full parameter name: position of its stage in common.models.stages(model)}, or None where the
+    model has no stages (then nothing can be restarted from a cached stage input)."""
+    parts = stages(model)
+    if parts is None:
+        return None
+    where = {id(p): k for k, s in enumerate(parts) for p in s.parameters()}
+    return {n: where[id(p)] for n, p in model.named_parameters() if id(p) in where}
+
+
 # ----------------------------------------------------------------------------- one greedy search
 
 def objective(logits, y):
-    """Mean over the batch of the cross-entropy, the target's (row 0) term multiplied by -len(batch)."""
-    ce = F.cross_entropy(logits.float(), y, reduction="none")
-    weight = torch.ones_like(ce)
-    weight[0] = -len(ce)
+    """logits: one or more copies of the batch stacked copy-major (a multiple of len(y) rows); y: the
+    batch's labels, target first. The mean over copies of the mean over the batch of the cross-entropy
+    with the target's term multiplied by -len(y)."""
+    b = len(y)
+    ce = F.cross_entropy(logits.float(), y.repeat(len(logits) // b), reduction="none").view(-1, b)
+    weight = torch.ones(b, device=ce.device)
+    weight[0] = -b
     return (ce * weight).mean()
 
 
+def target_prediction(logits):
+    """The target's class from the logits of each copy of the batch (a list): the argmax of its logits
+    (row 0) averaged over the copies."""
+    return int(torch.stack([out[0] for out in logits]).mean(0).argmax())
+
+
+def mean_over_copies(per_copy):
+    """Per-copy lists of tensors -> their mean: summed in copy order, then divided (both implementations
+    round the same way)."""
+    total, n = None, 0
+    for values in per_copy:
+        total, n = (list(values) if total is None else [t + v for t, v in zip(total, values)]), n + 1
+    return [t / n for t in total]
+
+
+def eot_generator(seed, index, step):
+    """The noise of greedy step `step` for target `index`: fresh at every step (as the authors), seeded."""
+    return generator(seed, "neuron_flipping", "eot", index, step)
+
+
 def eot_inputs(x, n_eot, eot_noise, gen):
-    """The input the gradient is taken on: x (n_eot = 0), or n_eot Gaussian-noised copies of the batch,
-    stacked copy-major; each copy of an example gets noise of norm eot_noise * the example's norm."""
+    """The input of one step: x itself (n_eot = 0), or n_eot noised copies of the batch stacked
+    copy-major; each copy's Gaussian noise has norm eot_noise * the norm of the whole batch x (the
+    authors' l2_noise: one norm for the batch, not one per example). Drawn on the CPU (the same
+    numbers on every device)."""
     if n_eot == 0:
         return x
     z = torch.randn((n_eot,) + tuple(x.shape), generator=gen).to(x.device)
-    scale = eot_noise * x.flatten(1).norm(dim=1) / z.flatten(2).norm(dim=2).clamp_min(1e-12)
-    noisy = x.unsqueeze(0) + z * scale[:, :, None, None, None]
+    scale = eot_noise * x.norm() / z.flatten(1).norm(dim=1)
+    noisy = x.unsqueeze(0) + z * scale[:, None, None, None, None]
     return noisy.flatten(0, 1).contiguous(memory_format=torch.channels_last)
 
 
-def eot_logits(logits, n_eot):
-    """Logits averaged over the noised copies."""
-    return logits if n_eot == 0 else logits.view(n_eot, -1, logits.shape[-1]).mean(0)
+def step_copies(x, n_eot, eot_noise, noise_key, step):
+    """The copies of the batch that greedy step `step` runs: [x] without noise, else its n_eot noised
+    copies. Each copy is a forward and a backward of its own (as the authors: their memory and
+    cache footprint is a copy's, not n_eot times that)."""
+    return list(eot_inputs(x, n_eot, eot_noise, eot_generator(*noise_key, step) if n_eot else None).split(len(x)))
 
 
 @dataclass
 class FlipResult:
-    units: list        # the zeroed units, in order
+    units: list        # the zeroed units, in order (empty: the target did not have its label to begin with)
     flipped: bool      # the prediction left the training label within max_units
-    prediction: int    # the target's prediction at the end
-
-
-def _prediction(model, x, logits, n_eot):
-    """The target's prediction on its clean input (its own forward when the gradient used noised copies)."""
-    if n_eot == 0:
-        return int(logits[0].argmax())
-    with torch.no_grad():
-        return int(model(x[:1])[0].argmax())
+    prediction: int    # the target's prediction at the end (on the last step's noised copies)
 
 
 def _best(scores, zeroed):
@@ -178,81 +313,155 @@ def _best(scores, zeroed):
     return int(scores.argmax())
 
 
-def _reference_scores(model, units, inp, y, n_eot):
-    """One step of the reference: forward, full backward, scores. Returns (logits, scores)."""
-    logits = model(inp)
-    grads = torch.autograd.grad(objective(eot_logits(logits, n_eot), y),
-                                [model.get_parameter(e.name) for e in units.entries])
-    return logits, units.scores(model, grads)
+def _reference_scores(model, units, copies, y):
+    """One step of the reference: a forward per copy, the copies' gradients averaged, the scores.
+    Returns (logits per copy, scores); `model`'s parameters must require gradients."""
+    logits = [model(c) for c in copies]
+    return logits, _reference_backward(model, units, logits, y)
 
 
-def flip_sequential(model, units, x, y, max_units, n_eot=0, eot_noise=0.01, gen=None):
-    """The authors' greedy loop, plainly. x, y: the batch, target first. Returns a FlipResult."""
+def _reference_backward(model, units, logits, y):
+    params = [model.get_parameter(n) for n in units.grad_names]
+    grads = mean_over_copies(_grads(objective(out, y), params) for out in logits)
+    return units.scores(model, grads)
+
+
+def _grads(loss, inputs, retain=False):
+    """d loss / d inputs; zeros for an input the loss does not use (e.g. a head unused in eval mode)."""
+    grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
+def flip_sequential(model, units, x, y, max_units, n_eot=0, eot_noise=0.01, noise_key=(0, 0)):
+    """The authors' greedy loop, plainly. x, y: the batch, target first; noise_key: (seed, target index)
+    for the noise of each step. Returns a FlipResult."""
     m = copy.deepcopy(model).eval()
     for p in m.parameters():
         p.requires_grad_(True)
-    inp = eot_inputs(x, n_eot, eot_noise, gen)
     zeroed = []
-    while True:
-        logits = m(inp)
-        prediction = _prediction(m, x, logits, n_eot)
-        if prediction != int(y[0]) or len(zeroed) >= max_units:
-            return FlipResult(zeroed, prediction != int(y[0]), prediction)
-        grads = torch.autograd.grad(objective(eot_logits(logits, n_eot), y),
-                                    [m.get_parameter(e.name) for e in units.entries])
-        u = _best(units.scores(m, grads), zeroed)
-        units.zero_(m, u)
-        zeroed.append(u)
+    with strict_fp32():
+        for step in itertools.count():
+            logits = [m(c) for c in step_copies(x, n_eot, eot_noise, noise_key, step)]
+            prediction = target_prediction(logits)
+            if prediction != int(y[0]) or len(zeroed) >= max_units:
+                return FlipResult(zeroed, prediction != int(y[0]), prediction)
+            u = _best(_reference_backward(m, units, logits, y), zeroed)
+            units.zero_(m, u)
+            zeroed.append(u)
+
+
+# Rounding of a filter score. Both paths evaluate the same sum over examples, positions and filter
+# taps of the n products w * in * g, in different orders. Blocked fp32 accumulations (GEMM tiles,
+# cascade sums) have rounding errors that add up like a random walk: each path's error is, with
+# overwhelming probability, below 4 u sqrt(n) S, u = 2^-24 the fp32 unit roundoff and S the sum of
+# |w * in * g|. The tolerance covers both paths: 8 u sqrt(n) S'. S' >= S is a Cauchy-Schwarz bound,
+# cheap to compute: S <= ||W_c|| * sum over examples and positions of |g| * ||input patch||.
+ROUNDOFF = 2.0 ** -24
+
+
+def _rows(t):
+    """(N, C, H, W) -> (N * H * W, C): a view for channels-last tensors."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def filter_tolerance(conv, inp, grad):
+    """Per output channel: 8 u sqrt(n) S', the rounding tolerance of a filter score (see ROUNDOFF)."""
+    w = conv.weight.detach()
+    groups, cin = conv.groups, w.shape[1]  # input channels per group
+    # the norm of every input patch (per group): a convolution of in^2 with a kernel of ones
+    ones = torch.ones((groups, cin) + tuple(w.shape[2:]), device=w.device, dtype=w.dtype)
+    patch = _rows(conv._conv_forward(inp.detach().square(), ones, None)).clamp_min_(0).sqrt_()  # (M, groups)
+    g = _rows(grad).abs()  # (M, C)
+    if groups == 1:
+        weighted = patch[:, 0] @ g
+    else:
+        weighted = (g * patch.repeat_interleave(w.shape[0] // groups, dim=1)).sum(0)
+    n = w[0].numel() * g.shape[0]
+    return 8 * ROUNDOFF * math.sqrt(n) * w.flatten(1).norm(dim=1) * weighted
 
 
 class Flipper:
     """flip_sequential's decisions with less work (see the module docstring). Reusable across targets."""
 
-    def __init__(self, model, units, rtol=1e-4):
-        self.units, self.rtol = units, rtol
+    def __init__(self, model, units, tolerance=filter_tolerance):
+        self.units, self.tolerance = units, tolerance
         self.model = copy.deepcopy(model).eval()
         self.original = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.exact = copy.deepcopy(model).eval()  # for an ambiguous step: the reference computation
         for p in self.exact.parameters():
             p.requires_grad_(True)
-        self.layers = list(self.model.layers.children())
-        self.params = {}  # entry index -> parameter, for the entries scored from their gradient
-        self.convs = {}   # entry index -> conv module, for the filters (scored from the conv output)
+        self.stages = stages(self.model)
+        positions = stage_positions(self.model)
+        self.entry_stage = None if positions is None else [min(positions[n] for n in e.names) for e in units.entries]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.param_entries = {}  # entry index -> its parameters, scored from their gradients (exact)
+        self.conv_entries = {}   # entry index -> its conv, scored from the conv output (with a tolerance)
         for i, e in enumerate(units.entries):
-            p = self.model.get_parameter(e.name)
-            p.requires_grad_(not e.channel)
-            if not e.channel:
-                self.params[i] = p
-                continue
-            module_name, pname = e.name.rsplit(".", 1)
-            module = self.model.get_submodule(module_name)
-            if not isinstance(module, nn.Conv2d) or pname != "weight":
-                raise TypeError(f"channel units are conv filters; {e.name} is not a Conv2d weight")
-            self.convs[i] = module
-            module.register_forward_hook(self._keep_output)
-        self.capture, self.outs = False, {}
+            module = self.model.get_submodule(e.module)
+            if e.kind != "element" and isinstance(module, nn.Conv2d):
+                self.conv_entries[i] = module
+                module.register_forward_hook(self._keep)
+            else:
+                self.param_entries[i] = [self.model.get_parameter(n).requires_grad_(True) for n in e.names]
+        self.params = [p for ps in self.param_entries.values() for p in ps]
+        self.capture, self.outs, self.called = False, {}, set()
         self.steps = self.exact_steps = 0
 
-    def _keep_output(self, module, inputs, out):
+    def _keep(self, module, inputs, out):
         if self.capture:
             if not out.requires_grad:  # the first conv: nothing before it needs a gradient
                 out.requires_grad_(True)
-            self.outs[module] = out
+            # a conv called twice in one forward: its output misses a call's share (-> the reference)
+            self.outs[module] = None if module in self.called else (inputs[0], out, out._version)
+            self.called.add(module)
 
-    def _scores(self, loss):
-        """(scores, tolerances) in unit order; the tolerance is 0 where the score is bitwise the reference's."""
-        convs = list(self.convs.items())
-        grads = torch.autograd.grad(loss, list(self.params.values()) + [self.outs[m] for _, m in convs],
-                                    retain_graph=True)  # keep the prefix graph for the next step
-        scores, tols = [None] * len(self.units.entries), [None] * len(self.units.entries)
-        for (i, p), g in zip(self.params.items(), grads):
-            scores[i] = (p.detach() * g).flatten()
-            tols[i] = torch.zeros_like(scores[i])
-        for (i, m), g in zip(convs, grads[len(self.params):]):
-            out = self.outs[m].detach()
-            terms = (out - m.bias.detach()[:, None, None] if m.bias is not None else out) * g
-            scores[i] = terms.sum(dim=(0, 2, 3))
-            tols[i] = self.rtol * terms.abs_().sum(dim=(0, 2, 3))
+    def _forward(self, inp, cache=None, start=0):
+        """The model's logits on `inp`, the conv outputs kept; with a stage cache, from stage `start`
+        (the outputs of the convs before it stay from the forward that filled the cache)."""
+        self.capture, self.called = True, set()
+        try:
+            if cache is None:
+                self.outs = {}
+                return self.model(inp)
+            h = inp if start == 0 else cache[start - 1]
+            for i in range(start, len(self.stages)):
+                h = cache[i] = self.stages[i](h)
+            return h
+        finally:
+            self.capture = False
+
+    def _scores(self, logits, outs, y, retain):
+        """(scores, tolerances) in unit order (tolerance 0: bitwise the reference's) from the logits and
+        kept conv outputs of each copy, or None where a conv output cannot be used (a conv called twice
+        in a forward, or its output changed in place)."""
+        convs = [(i, m) for i, m in self.conv_entries.items() if m in outs[0]]  # a conv not run scores 0
+        if any(o[m] is None or o[m][1]._version != o[m][2] for o in outs for _, m in convs):
+            return None
+        per_param, conv_scores, conv_tols = [], [], []
+        for out, kept in zip(logits, outs):
+            grads = _grads(objective(out, y), self.params + [kept[m][1] for _, m in convs], retain)
+            per_param.append(grads[:len(self.params)])
+            s, t = [], []
+            for (i, m), g in zip(convs, grads[len(self.params):]):
+                inp, o, _ = kept[m]
+                o = o.detach()
+                if self.units.entries[i].kind == "channel" and m.bias is not None:
+                    o = o - m.bias.detach()[:, None, None]  # the filter's part of the output
+                s.append((_rows(o) * _rows(g)).sum(0))
+                t.append(self.tolerance(m, inp, g))
+            conv_scores.append(s)
+            conv_tols.append(t)
+        grads = mean_over_copies(per_param) if self.params else []
+        scores = [torch.zeros(e.count, device=logits[0].device) for e in self.units.entries]
+        tols = [torch.zeros(e.count, device=logits[0].device) for e in self.units.entries]
+        k = 0
+        for i, ps in self.param_entries.items():
+            scores[i] = entry_scores(self.units.entries[i], [p.detach() for p in ps], grads[k:k + len(ps)])
+            k += len(ps)
+        if convs:
+            for (i, _), s, t in zip(convs, mean_over_copies(conv_scores), mean_over_copies(conv_tols)):
+                scores[i], tols[i] = s, t
         return torch.cat(scores), torch.cat(tols)
 
     def _ambiguous(self, scores, tols, u, zeroed):
@@ -264,51 +473,73 @@ class Flipper:
             rival[torch.tensor(zeroed, device=rival.device)] = False
         return bool((rival & ((tols > 0) | (tols[u] > 0))).any())
 
-    def flip(self, x, y, max_units, n_eot=0, eot_noise=0.01, gen=None):
+    def flip(self, x, y, max_units, n_eot=0, eot_noise=0.01, noise_key=(0, 0)):
         """Same arguments and answer as flip_sequential on the model given at construction."""
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(self.original[n])
-        inp = eot_inputs(x, n_eot, eot_noise, gen)
-        cache, start, zeroed = [None] * len(self.layers), 0, []
+        reuse = n_eot == 0 and self.stages is not None  # fresh noise changes every layer's input
+        cache, start, zeroed = ([None] * len(self.stages) if reuse else None), 0, []
+        self.outs = {}
         try:
-            while True:
-                self.capture = True
-                h = inp if start == 0 else cache[start - 1]
-                for i in range(start, len(self.layers)):
-                    h = cache[i] = self.layers[i](h)
-                self.capture = False
-                prediction = _prediction(self.model, x, h, n_eot)
-                if prediction != int(y[0]) or len(zeroed) >= max_units:
-                    return FlipResult(zeroed, prediction != int(y[0]), prediction)
-                scores, tols = self._scores(objective(eot_logits(h, n_eot), y))
-                u = _best(scores, zeroed)
-                self.steps += 1
-                if self._ambiguous(scores, tols, u, zeroed):
-                    self.exact.load_state_dict(self.model.state_dict())
-                    u = _best(_reference_scores(self.exact, self.units, inp, y, n_eot)[1], zeroed)
-                    self.exact_steps += 1
-                self.units.zero_(self.model, u)
-                zeroed.append(u)
-                start = self.units.top_layer(u)  # the layers before it are unchanged
+            with strict_fp32():
+                for step in itertools.count():
+                    copies = step_copies(x, n_eot, eot_noise, noise_key, step)
+                    logits, outs = [], []
+                    for c in copies:
+                        logits.append(self._forward(c, cache, start))
+                        outs.append(dict(self.outs))
+                    prediction = target_prediction(logits)
+                    if prediction != int(y[0]) or len(zeroed) >= max_units:
+                        return FlipResult(zeroed, prediction != int(y[0]), prediction)
+                    found = self._scores(logits, outs, y, retain=reuse)  # keep the prefix graph for the next step
+                    u = None if found is None else _best(found[0], zeroed)
+                    self.steps += 1
+                    if u is None or self._ambiguous(*found, u, zeroed):
+                        self.exact.load_state_dict(self.model.state_dict())
+                        u = _best(_reference_scores(self.exact, self.units, copies, y)[1], zeroed)
+                        self.exact_steps += 1
+                    self.units.zero_(self.model, u)
+                    zeroed.append(u)
+                    if reuse:  # the stages before the unit's are unchanged
+                        start = self.entry_stage[self.units.entry_index(u)]
         finally:
             self.capture, self.outs = False, {}
 
 
 # ----------------------------------------------------------------------------- the experiment's choices
 
-def pick_targets(data, fits, n, seed):
-    """n distinct noisy and n distinct clean training examples that the model fits (predicts with their
-    training label), seeded; interleaved noisy, clean, noisy, ... so a partial run is balanced. The
-    choice for n is a prefix of the choice for a larger n. Returns [(index, "noisy" | "clean")]."""
-    picks = {}
+@torch.no_grad()
+def refresh_batchnorm(model, data, batch_size):
+    """What the authors' analysis script does before flipping: one train-mode pass over the training
+    set, in order, which overwrites the BatchNorm running statistics (momentum updates); no parameter
+    changes. The model is left in eval mode."""
+    model.train()
+    with strict_fp32():
+        for idx in torch.arange(data.n_train, device=data.device).split(batch_size):
+            model(data.batch(idx), index=idx)
+    model.eval()
+
+
+def candidates(data, fits, seed):
+    """{"noisy": [...], "clean": [...]}: the training examples of each kind that the model fits
+    (predicts with their training label), in a seeded random order (targets are taken from the front)."""
+    order = {}
     for kind, mask in (("noisy", data.noisy), ("clean", ~data.noisy)):
         pool = torch.nonzero((mask & fits).cpu()).flatten()
+        order[kind] = pool[torch.randperm(len(pool), generator=generator(seed, "neuron_flipping", kind))].tolist()
+    return order
+
+
+def pick_targets(data, fits, n, seed):
+    """The first n candidates of each kind, interleaved noisy, clean, noisy, ... so a partial run is
+    balanced; the choice for n is a prefix of the choice for a larger n. Returns [(index, kind)]."""
+    order = candidates(data, fits, seed)
+    for kind, pool in order.items():
         if len(pool) < n:
             raise UserError(f"n_examples={n}, but only {len(pool)} {kind} training examples are predicted with "
                             f"their training label; pass --n_examples={len(pool)} or less")
-        picks[kind] = pool[torch.randperm(len(pool), generator=generator(seed, "neuron_flipping", kind))[:n]].tolist()
-    return [(i, kind) for pair in zip(picks["noisy"], picks["clean"]) for i, kind in zip(pair, ("noisy", "clean"))]
+    return [(i, kind) for pair in zip(order["noisy"][:n], order["clean"][:n]) for i, kind in zip(pair, ("noisy", "clean"))]
 
 
 def reference_batch(n_train, target, size, seed):
@@ -336,54 +567,70 @@ def collateral_sets(data, n, seed):
 class Collateral:
     """What an edit costs the other examples: accuracy on fixed evaluation sets (clean, noisy w.r.t.
     the noisy label, noisy_true w.r.t. the true label, test) after the edit, and the drop from before
-    it, the edited example itself left out. An edit changes nothing before the top-level layer of its
-    first zeroed unit, so the unedited model's layer outputs on the evaluation sets are cached once
-    (the last layers first, within `budget` bytes) and an edited model runs only from there."""
+    it, the edited example itself left out. In strict fp32, like the search. An edit changes nothing
+    before the first stage that holds a changed parameter, so the unedited model's stage outputs on
+    the evaluation sets are cached once (the last stages first, within `budget` bytes) and an edited
+    model runs only from there; a model without stages (common.models.stages) runs whole forwards."""
 
-    def __init__(self, model, data, sets, budget=512 * 2 ** 20, batch_size=1024, amp=True):
-        self.data, self.sets, self.batch_size, self.amp = data, sets, batch_size, amp
+    def __init__(self, model, data, sets, budget=512 * 2 ** 20, batch_size=1024):
+        self.data, self.sets, self.batch_size = data, sets, batch_size
         self.train_idx = torch.cat([sets["clean"], sets["noisy"]]).to(data.device)
         self.test_idx = sets["test"].to(data.device)
         self.n_clean = len(sets["clean"])
-        layers = list(model.eval().layers.children())
+        model.eval()
+        self.positions = stage_positions(model)
+        parts = stages(model) or []
         n = len(self.train_idx) + len(self.test_idx)
-        with torch.no_grad():
-            h, sizes = next(self._inputs())[:1], []  # bytes per example of each layer's output
-            for layer in layers:
-                h = layer(h)
+        with torch.no_grad(), strict_fp32():
+            h, sizes = next(self._inputs())[0][:1], []  # bytes per example of each stage's output
+            for part in parts:
+                h = part(h)
                 sizes.append(h.numel() * h.element_size() * n)
-            self.cache, used = {}, 0  # layer position k -> the output of layer k, in chunks
-            for k in reversed(range(len(layers))):
+            self.cache, used = {}, 0  # stage position k -> the output of stage k, in chunks
+            for k in reversed(range(len(parts))):
                 if used + sizes[k] > budget:
                     break
                 used, self.cache[k] = used + sizes[k], []
             preds = []
-            for h in self._inputs():
-                with autocast(data.device, amp):
-                    for k, layer in enumerate(layers):
-                        h = layer(h)
+            for x, idx in self._inputs():
+                if parts:
+                    h = x
+                    for k, part in enumerate(parts):
+                        h = part(h)
                         if k in self.cache:
                             self.cache[k].append(h)
+                else:
+                    h = model(x, index=idx)
                 preds.append(h.argmax(1))
         self.before = torch.cat(preds)
 
     def _inputs(self):
         for split, idx in (("train", self.train_idx), ("test", self.test_idx)):
             for chunk in idx.split(self.batch_size):
-                yield self.data.batch(chunk, split)
+                yield self.data.batch(chunk, split), (chunk if split == "train" else None)
 
-    def predict(self, model, first_layer=0):
-        """Predictions of `model` on the sets; it equals the unedited model before layer `first_layer`."""
-        start = max([k + 1 for k in self.cache if k < first_layer], default=0)
-        chunks = self.cache[start - 1] if start else self._inputs()
-        layers = list(model.eval().layers.children())[start:]
+    def predict(self, model, changed=None):
+        """Predictions of `model` on the sets; it differs from the unedited model only in the parameters
+        `changed` (full names; None: anywhere)."""
+        if changed is not None and not changed:
+            return self.before.clone()
+        model.eval()
+        parts = stages(model)
+        start = 0
+        if parts is not None and changed is not None and self.positions is not None:
+            first = min(self.positions.get(n, 0) for n in changed)  # the first stage the edit changes
+            start = max([k + 1 for k in self.cache if k < first], default=0)
         preds = []
-        with torch.no_grad():
-            for h in chunks:
-                with autocast(self.data.device, self.amp):
-                    for layer in layers:
-                        h = layer(h)
-                preds.append(h.argmax(1))
+        with torch.no_grad(), strict_fp32():
+            if parts is None:
+                for x, idx in self._inputs():
+                    preds.append(model(x, index=idx).argmax(1))
+            else:
+                chunks = self.cache[start - 1] if start else (x for x, _ in self._inputs())
+                for h in chunks:
+                    for part in parts[start:]:
+                        h = part(h)
+                    preds.append(h.argmax(1))
         return torch.cat(preds)
 
     def accuracies(self, pred, exclude=None):
@@ -401,9 +648,10 @@ class Collateral:
         return {"clean": rate(hit, clean), "noisy": rate(hit, noisy), "noisy_true": rate(true_hit, noisy),
                 "test": float(test.float().mean()) if len(test) else float("nan")}
 
-    def __call__(self, model, first_layer=0, exclude=None):
-        """(accuracies after the edit, drop from before it), the edited training example `exclude` left out."""
-        after = self.accuracies(self.predict(model, first_layer), exclude)
+    def __call__(self, model, changed=None, exclude=None):
+        """(accuracies after the edit, drop from before it), the edited training example `exclude` left
+        out; `changed`: the full names of the parameters the edit changed (None: anywhere)."""
+        after = self.accuracies(self.predict(model, changed), exclude)
         before = self.accuracies(self.before, exclude)
         return after, {k: before[k] - after[k] for k in after}
 
