@@ -56,7 +56,7 @@ def test_five_experiments(spec, tiny8_npz, tmp_path):
     import layer_retraining
     import layer_rewinding
     import neuron_flipping
-    base = argv(tiny8_npz, tmp_path, spec)
+    base = argv(tiny8_npz, tmp_path, spec, "--noise=0.3")  # 2 epochs fit >= 2 noisy examples: 2 flipping targets
     groups = models.group_prefixes(models.build_model(spec, 1, 10, 8))
     acc = gradient_accounting.main(base)          # trains the run (with accounting); the others reuse it
     assert acc["groups"] == groups
@@ -64,10 +64,10 @@ def test_five_experiments(spec, tiny8_npz, tmp_path):
     assert rew["groups"] == groups and set(rew["accuracy"]) == set(groups)
     ret = layer_retraining.main(base + ["--retrain_epochs=1", f"--retrain_groups=['{groups[0]}','{groups[-1]}']"])
     assert list(ret["groups"]) == [groups[0], groups[-1]]
-    flip = neuron_flipping.main(base + ["--n_examples=1", "--ref_batch=3", "--n_eot=0", "--max_units=5",
+    flip = neuron_flipping.main(base + ["--n_examples=2", "--ref_batch=3", "--n_eot=0", "--max_units=5",
                                         "--collateral_n=16"])
-    assert len(flip["records"]) == 2 and all(u["group"] in groups for r in flip["records"] for u in r["units"])
-    etd = example_tied_dropout.main(base + ["--gallery_size=1"])
+    assert len(flip["records"]) == 4 and all(u["group"] in groups for r in flip["records"] for u in r["units"])
+    etd = example_tied_dropout.main(base)
     assert set(etd["etd"]["modes"]) == {"tied", "keep", "drop"}
     assert etd["etd"]["modes"]["keep"]["train"] is not None
 
