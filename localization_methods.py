@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 import example_tied_dropout as etd_script
@@ -255,6 +256,7 @@ def _finish(ax, title, ylabel, k_max=None):
     ax.set_xlabel("k: top-k units of the ranking zeroed")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if k_max:
         ax.set_xlim(0.5, k_max + 0.5)
 
@@ -282,7 +284,7 @@ def plot_plain(results, cfg, path):
             k_max)
     for ax in axes[0, :2]:
         ax.set_ylim(-3, 103)
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 3].legend(fontsize=7, loc="upper left")  # the drops start at 0 and rise to the right
     return plots.save(fig, path)
 
 
@@ -297,25 +299,26 @@ def plot_etd(results, cfg, path):
         n = s[m]["noisy"]
         for ax, key in zip(axes[0], ("precision", "recall", "flip_rate")):
             ax.plot(ks, [100 * v for v in n[key]], color=COLORS[m], marker=".", label=LABELS[m])
-    axes[0, 0].axhline(100 * e["chance_precision"], color="gray", ls="--", lw=1, label="chance (random unit)")
+    chance = axes[0, 0].axhline(100 * e["chance_precision"], color="gray", ls="--", lw=1, label="chance (a random unit)")
     cap = [100 * min(1, k / e["own_channels_mean"]) for k in ks]
     axes[0, 1].plot(ks, cap, color="gray", ls=":", lw=1, label="best possible (one unit per channel)")
-    _finish(axes[0, 0], "precision: top-k units that write one of\nthe target's own memorization channels", "%", k_max)
+    _finish(axes[0, 0], "precision: top-k units that write one of\nthe target's own memorization channels",
+            "precision (%)", k_max)
     _finish(axes[0, 1], f"recall: own memorization channels written\nby a top-k unit "
-                        f"(~{e['own_channels_mean']:.0f} per target)", "%", k_max)
+                        f"(~{e['own_channels_mean']:.0f} per target)", "recall (%)", k_max)
     _finish(axes[0, 2], "noisy targets flipped (tied evaluation)", "targets predicted off their label (%)", k_max)
     for ax in axes[0]:
         ax.set_ylim(-3, 103)
-    axes[0, 0].legend(fontsize=7)
-    axes[0, 1].legend(fontsize=7)
+    axes[0, 0].legend(handles=[chance], fontsize=7, loc="center right")
+    axes[0, 1].legend(fontsize=7, loc="upper left")  # recall stays low: the upper left is free
     return plots.save(fig, path)
 
 
 def plot_cost(results, cfg, path):
     """Seconds per target of each method's ranking (log scale), labelled with the ratio to one-shot."""
     methods, cost, ratio = results["methods"], results["cost_seconds"], results["cost_ratio_to_oneshot"] or {}
-    fig, axes = plots.figure("Localization methods: cost of one ranking (per target, both models)", cfg,
-                             panel=(7.5, 3.8))
+    fig, axes = plots.figure(f"Localization methods: cost of one ranking (per target, both models; "
+                             f"{torch.get_num_threads()} threads)", cfg, panel=(9.5, 4.2))
     ax = axes[0, 0]
     bars = ax.bar(range(len(methods)), [max(cost[m], 1e-5) for m in methods], color=[COLORS[m] for m in methods])
     for b, m in zip(bars, methods):
@@ -323,7 +326,8 @@ def plot_cost(results, cfg, path):
         ax.text(b.get_x() + b.get_width() / 2, b.get_height() * 1.1, label, ha="center", fontsize=7)
     ax.set_yscale("log")
     ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(f"seconds per target ({torch.get_num_threads()} threads; x: relative to one-shot)")
+    ax.set_ylabel("seconds per target (log scale)")
+    ax.set_title("bar labels: seconds, and x the time of one-shot w*dL/dw (median over targets)", fontsize=9)
     ax.set_ylim(top=ax.get_ylim()[1] * 5)
     ax.grid(alpha=0.3, axis="y")
     return plots.save(fig, path)

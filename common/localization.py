@@ -99,6 +99,12 @@ def _params(model, units):
     return {n: model.get_parameter(n).detach() for n in units.grad_names}
 
 
+def _grads(loss, inputs):
+    """d loss / d inputs; zeros for an input the loss does not use."""
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
 def _frozen(model):
     """A copy in eval mode whose parameters need no gradient (methods take gradients of what they choose)."""
     m = copy.deepcopy(model).eval()
@@ -204,7 +210,7 @@ class ActivationProbe:
 def oneshot_scores(model, units, x, y):
     """w * dL/dw of the flipping objective per unit, once (the greedy search's first scores)."""
     params = {n: p.requires_grad_() for n, p in _params(model, units).items()}
-    grads = torch.autograd.grad(objective(functional_call(model, params, (x,)), y), list(params.values()))
+    grads = _grads(objective(functional_call(model, params, (x,)), y), list(params.values()))
     return units.scores(model, grads)
 
 
@@ -218,7 +224,7 @@ def ig_scores(model, units, x, y, steps):
         for s in range(steps):
             alpha = (s + 0.5) / steps
             scaled = {n: (alpha * trained[n]).requires_grad_() for n in names}
-            g = torch.autograd.grad(objective(functional_call(model, scaled, (x,)), y), list(scaled.values()))
+            g = _grads(objective(functional_call(model, scaled, (x,)), y), list(scaled.values()))
             for n, gi in zip(names, g):
                 total[n] += gi
         mean_grad.update({n: t / steps for n, t in total.items()})
@@ -259,7 +265,7 @@ def greedy_ranking(flipper, model, units, x, y, k_max, gen):
     m = zeroed_copy(model, units, order)
     params = [m.get_parameter(n).requires_grad_() for n in units.grad_names]
     while True:
-        scores = units.scores(m, torch.autograd.grad(objective(m(x), y), params))
+        scores = units.scores(m, _grads(objective(m(x), y), params))
         if order:
             scores[torch.tensor(order, device=scores.device)] = -math.inf
         if len(order) >= k_max:
