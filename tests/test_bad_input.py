@@ -7,6 +7,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,7 +96,13 @@ def test_dataset_not_present_nor_downloadable(monkeypatch, capsys, tmp_path):
 def test_run_directory_with_other_config(monkeypatch, capsys, tiny_argv, run_copy):
     runs, run_dir = run_copy
     before = snapshot(run_dir)
-    line = refuse(monkeypatch, capsys, gradient_accounting, tiny_argv(runs, lr=0.2))
+    # every identity key is in the run's name, so only names that coincide collide: the same npz
+    # file name in another folder
+    src = next(a for a in tiny_argv(runs) if a.startswith("--dataset=npz:"))[len("--dataset=npz:"):]
+    other = runs.parent / "elsewhere" / Path(src).name
+    other.parent.mkdir()
+    shutil.copy(src, other)
+    line = refuse(monkeypatch, capsys, gradient_accounting, tiny_argv(runs, dataset=f"npz:{other}"))
     assert "another configuration" in line and "--overwrite=True" in line
     assert snapshot(run_dir) == before
 
