@@ -26,9 +26,12 @@ BatchNorm), which equals gamma[c] dL/dgamma[c] + beta[c] dL/dbeta[c] (a_c = gamm
 Greedy: zero the best unit not yet zeroed, recompute, until the target flips or `max_units` units are
 zeroed (then: not flipped).
 
+Each step runs the copies one after the other (a forward and a backward per copy, the copies'
+gradients averaged, as the authors): a copy's memory and cache footprint, not n_eot times it.
+
 Two implementations, same answers:
-- `flip_sequential`: the authors' loop written plainly (a forward and a full backward of the whole
-  batch per zeroed unit). The reference for the tests and the benchmark baseline.
+- `flip_sequential`: the authors' loop written plainly (per step and copy: a forward and a full
+  backward of the batch). The reference for the tests and the benchmark baseline.
 - `Flipper`: the same decisions with less work. (1) A filter's score needs no weight gradient:
   sum_w w * dL/dw = sum over examples and positions of (out_c - bias_c) * dL/dout_c (the conv output
   is linear in its filter), so the backward skips the weight-gradient convolutions (and the first
@@ -39,11 +42,13 @@ Two implementations, same answers:
   changes every layer's input, so with noise every step is a whole forward.
   The forward runs the same kernels on the same tensors as the reference, so the logits, the flip
   check and every score but the filter scores are bitwise the reference's. A filter score is the
-  same sum of the products w * in * g in another order; each carries a rounding tolerance
-  (`filter_tolerance`), and when the best unit is not ahead of every rival by more than their
-  tolerances, that step's choice comes from the reference computation itself (`Flipper.exact_steps`
-  counts them). Equality holds on one device with one thread count (kernels round differently
-  across them; on CUDA only with deterministic algorithms).
+  same sum of the products w * in * g in another order and carries a rounding tolerance
+  (`filter_tolerance`, valid for fp32: see ROUNDOFF). Where the best unit is not ahead of a rival by
+  more than their tolerances, the filter scores of the layers involved are recomputed as the
+  reference computes them (the weight gradient of each copy by the same kernel: bitwise the
+  reference's) and the choice is made again (`Flipper.exact_steps` counts such steps). Equality holds
+  on one device with one thread count (kernels round differently across them; on CUDA only with
+  deterministic algorithms).
 
 Everything runs in eval mode (BatchNorm uses its running statistics, so examples do not interact), in
 strict fp32 (no TF32, no autocast): a borderline example must not flip by rounding.
@@ -350,13 +355,18 @@ def flip_sequential(model, units, x, y, max_units, n_eot=0, eot_noise=0.01, nois
             zeroed.append(u)
 
 
-# Rounding of a filter score. Both paths evaluate the same sum over examples, positions and filter
-# taps of the n products w * in * g, in different orders. Blocked fp32 accumulations (GEMM tiles,
-# cascade sums) have rounding errors that add up like a random walk: each path's error is, with
-# overwhelming probability, below 4 u sqrt(n) S, u = 2^-24 the fp32 unit roundoff and S the sum of
-# |w * in * g|. The tolerance covers both paths: 8 u sqrt(n) S'. S' >= S is a Cauchy-Schwarz bound,
-# cheap to compute: S <= ||W_c|| * sum over examples and positions of |g| * ||input patch||.
+# Rounding of a filter score. Both paths evaluate the same sum T of the n products w * in * g (over
+# examples, positions and filter taps), in different orders. Under the standard probabilistic model
+# of rounding (independent, mean-zero errors; Higham & Mary 2019), any evaluation order of such a sum
+# errs by at most lambda sqrt(n) u S with probability at least 1 - 2n exp(-lambda^2 / 2), u = 2^-24
+# the fp32 unit roundoff and S the sum of |w * in * g|. With lambda = 8 that fails with probability
+# below 1e-5 for n up to 1e9, whatever the kernels' blocking; the tolerance covers both paths:
+# 16 sqrt(n) u S', where S' >= S is a Cauchy-Schwarz bound, cheap to compute:
+# S <= ||W_c|| * sum over examples and positions of |g| * ||input patch||. A near-tie within the
+# tolerance costs little: the reference's own scores of the layers involved (their weight gradients).
 ROUNDOFF = 2.0 ** -24
+LAMBDA = 8.0
+QUICK_MARGIN = 1e-4  # relative gap of the top two logits that rounding cannot close (Flipper._quick_prediction)
 
 
 def _rows(t):
@@ -365,7 +375,7 @@ def _rows(t):
 
 
 def filter_tolerance(conv, inp, grad):
-    """Per output channel: 8 u sqrt(n) S', the rounding tolerance of a filter score (see ROUNDOFF)."""
+    """Per output channel: 2 lambda sqrt(n) u S', the rounding tolerance of a filter score (see ROUNDOFF)."""
     w = conv.weight.detach()
     groups, cin = conv.groups, w.shape[1]  # input channels per group
     # the norm of every input patch (per group): a convolution of in^2 with a kernel of ones
@@ -377,7 +387,19 @@ def filter_tolerance(conv, inp, grad):
     else:
         weighted = (g * patch.repeat_interleave(w.shape[0] // groups, dim=1)).sum(0)
     n = w[0].numel() * g.shape[0]
-    return 8 * ROUNDOFF * math.sqrt(n) * w.flatten(1).norm(dim=1) * weighted
+    return 2 * LAMBDA * ROUNDOFF * math.sqrt(n) * w.flatten(1).norm(dim=1) * weighted
+
+
+def _weight_grads(conv, inp, grad):
+    """The conv's parameter gradients from its input and output gradient: the kernel the reference's
+    backward runs (aten.convolution_backward, the same bias flag), so bitwise the reference's. None
+    where the conv pads itself in another way (padding_mode, padding="same")."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    _, gw, gb = torch.ops.aten.convolution_backward(grad, inp, conv.weight, None, conv.stride, conv.padding,
+                                                    conv.dilation, False, [0, 0], conv.groups,
+                                                    [False, True, conv.bias is not None])
+    return {"weight": gw, "bias": gb}
 
 
 class Flipper:
@@ -405,8 +427,10 @@ class Flipper:
             else:
                 self.param_entries[i] = [self.model.get_parameter(n).requires_grad_(True) for n in e.names]
         self.params = [p for ps in self.param_entries.values() for p in ps]
+        self.unit_entry = torch.repeat_interleave(torch.arange(len(units.entries)),
+                                                  torch.tensor([e.count for e in units.entries]))
         self.capture, self.outs, self.called = False, {}, set()
-        self.steps = self.exact_steps = 0
+        self.steps = self.exact_steps = self.exact_layers = 0  # steps, steps with near-ties, layers re-scored
 
     def _keep(self, module, inputs, out):
         if self.capture:
@@ -431,27 +455,40 @@ class Flipper:
         finally:
             self.capture = False
 
+    def _quick_prediction(self, copies):
+        """The target's prediction from a forward of its own row of each copy (n_copies inputs instead
+        of the whole batch), or None where its top two averaged logits are within QUICK_MARGIN of each
+        other. A row's logits do not depend on the other rows of its batch (eval mode); a kernel whose
+        rounding did depend on the batch size would move them by rounding only, far inside the margin."""
+        with torch.no_grad():
+            rows = torch.cat([c[:1] for c in copies]).contiguous(memory_format=torch.channels_last)
+            mean = self.model(rows).mean(0)
+        top = mean.topk(2).values
+        return int(mean.argmax()) if float(top[0] - top[1]) > QUICK_MARGIN * float(top.abs().max()) else None
+
     def _scores(self, logits, outs, y, retain):
-        """(scores, tolerances) in unit order (tolerance 0: bitwise the reference's) from the logits and
-        kept conv outputs of each copy, or None where a conv output cannot be used (a conv called twice
-        in a forward, or its output changed in place)."""
+        """(scores, tolerances, kept) in unit order (tolerance 0: bitwise the reference's) from the logits
+        and kept conv outputs of each copy; kept: per copy {conv entry: (its input, d objective / d output)}.
+        None where a conv output cannot be used (a conv called twice in a forward, or changed in place)."""
         convs = [(i, m) for i, m in self.conv_entries.items() if m in outs[0]]  # a conv not run scores 0
         if any(o[m] is None or o[m][1]._version != o[m][2] for o in outs for _, m in convs):
             return None
-        per_param, conv_scores, conv_tols = [], [], []
-        for out, kept in zip(logits, outs):
-            grads = _grads(objective(out, y), self.params + [kept[m][1] for _, m in convs], retain)
+        per_param, conv_scores, conv_tols, kept = [], [], [], []
+        for out, outputs in zip(logits, outs):
+            grads = _grads(objective(out, y), self.params + [outputs[m][1] for _, m in convs], retain)
             per_param.append(grads[:len(self.params)])
-            s, t = [], []
+            s, t, k = [], [], {}
             for (i, m), g in zip(convs, grads[len(self.params):]):
-                inp, o, _ = kept[m]
+                inp, o, _ = outputs[m]
                 o = o.detach()
                 if self.units.entries[i].kind == "channel" and m.bias is not None:
                     o = o - m.bias.detach()[:, None, None]  # the filter's part of the output
                 s.append((_rows(o) * _rows(g)).sum(0))
                 t.append(self.tolerance(m, inp, g))
+                k[i] = (inp.detach(), g)
             conv_scores.append(s)
             conv_tols.append(t)
+            kept.append(k)
         grads = mean_over_copies(per_param) if self.params else []
         scores = [torch.zeros(e.count, device=logits[0].device) for e in self.units.entries]
         tols = [torch.zeros(e.count, device=logits[0].device) for e in self.units.entries]
@@ -459,19 +496,50 @@ class Flipper:
         for i, ps in self.param_entries.items():
             scores[i] = entry_scores(self.units.entries[i], [p.detach() for p in ps], grads[k:k + len(ps)])
             k += len(ps)
-        if convs:
+        if convs:  # the copies' sums are one sum of n_copies times the terms: sqrt(n_copies) on the mean
+            widen = math.sqrt(len(logits))
             for (i, _), s, t in zip(convs, mean_over_copies(conv_scores), mean_over_copies(conv_tols)):
-                scores[i], tols[i] = s, t
-        return torch.cat(scores), torch.cat(tols)
+                scores[i], tols[i] = s, t * widen
+        return torch.cat(scores), torch.cat(tols), kept
 
-    def _ambiguous(self, scores, tols, u, zeroed):
-        """Could rounding put another unit ahead of u? (Only where a tolerance is involved: exact ties
-        among exact scores are broken by unit order in both implementations.)"""
-        rival = scores + tols >= scores[u] - tols[u]
-        rival[u] = False
-        if zeroed:
-            rival[torch.tensor(zeroed, device=rival.device)] = False
-        return bool((rival & ((tols > 0) | (tols[u] > 0))).any())
+    def _exact_scores(self, i, kept):
+        """The reference's scores of conv entry i, bitwise: each copy's weight gradient by the reference's
+        kernel, averaged over the copies as the reference does, times the weight (None: not available)."""
+        m, e = self.conv_entries[i], self.units.entries[i]
+        per_copy = []
+        for k in kept:
+            grads = _weight_grads(m, *k[i])
+            if grads is None:
+                return None
+            per_copy.append([grads[name.rsplit(".", 1)[1]] for name in e.names])
+        return entry_scores(e, [self.model.get_parameter(n).detach() for n in e.names], mean_over_copies(per_copy))
+
+    def _choose(self, scores, tols, kept, zeroed):
+        """The reference's choice: the best unit, once no rounding within the tolerances could put another
+        unit ahead of it (exact ties among exact scores go to the first unit in both implementations).
+        Near-ties are settled with the reference's own scores of the conv layers involved. None where
+        those are not available."""
+        settled = False
+        while True:
+            u = _best(scores, zeroed)
+            rival = scores + tols >= scores[u] - tols[u]
+            rival[u] = False
+            if zeroed:
+                rival[torch.tensor(zeroed, device=rival.device)] = False
+            involved = set(self.unit_entry[(rival & (tols > 0)).cpu()].tolist())
+            if tols[u] > 0 and bool(rival.any()):
+                involved.add(self.units.entry_index(u))
+            if not involved:
+                self.exact_steps += settled
+                return u
+            for i in involved:
+                exact = self._exact_scores(i, kept)
+                if exact is None:
+                    return None
+                e = self.units.entries[i]
+                scores[e.offset:e.offset + e.count], tols[e.offset:e.offset + e.count] = exact, 0
+            self.exact_layers += len(involved)
+            settled = True
 
     def flip(self, x, y, max_units, n_eot=0, eot_noise=0.01, noise_key=(0, 0)):
         """Same arguments and answer as flip_sequential on the model given at construction."""
@@ -485,6 +553,9 @@ class Flipper:
             with strict_fp32():
                 for step in itertools.count():
                     copies = step_copies(x, n_eot, eot_noise, noise_key, step)
+                    quick = self._quick_prediction(copies)  # the step's flip check, from the target's rows alone
+                    if quick is not None and (quick != int(y[0]) or len(zeroed) >= max_units):
+                        return FlipResult(zeroed, quick != int(y[0]), quick)
                     logits, outs = [], []
                     for c in copies:
                         logits.append(self._forward(c, cache, start))
@@ -493,9 +564,9 @@ class Flipper:
                     if prediction != int(y[0]) or len(zeroed) >= max_units:
                         return FlipResult(zeroed, prediction != int(y[0]), prediction)
                     found = self._scores(logits, outs, y, retain=reuse)  # keep the prefix graph for the next step
-                    u = None if found is None else _best(found[0], zeroed)
+                    u = None if found is None else self._choose(*found, zeroed)
                     self.steps += 1
-                    if u is None or self._ambiguous(*found, u, zeroed):
+                    if u is None:  # conv outputs not usable: the reference computation, whole
                         self.exact.load_state_dict(self.model.state_dict())
                         u = _best(_reference_scores(self.exact, self.units, copies, y)[1], zeroed)
                         self.exact_steps += 1

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import neuron_flipping
 from common.cli import UserError
 from common.evaluation import predict
-from common.flipping import (Collateral, FlipResult, Flipper, Units, collateral_sets, eot_inputs, flip_sequential,
-                             objective, pick_targets, reference_batch, refresh_batchnorm, target_prediction,
-                             zeroed_copy)
+from common.flipping import (Collateral, FlipResult, Flipper, Units, _reference_scores, collateral_sets, eot_inputs,
+                             flip_sequential, objective, pick_targets, reference_batch, refresh_batchnorm,
+                             step_copies, target_prediction, zeroed_copy)
 from common.models import stages
 from common.rng import generator
 from common.runs import read_json
@@ -164,14 +164,41 @@ def test_fast_path_gives_the_reference_sequences(tiny_trained, unit, n_eot, ref,
     assert max(lengths) >= 2 and flipper.steps == sum(lengths)  # multi-step searches were compared
 
 
-def test_ambiguous_steps_fall_back_to_the_reference(tiny_trained):
+def test_near_ties_are_settled_with_the_references_own_scores(tiny_trained):
     cfg, model, data, run = tiny_trained
     units = units_of(model, data, "channel")
     always = Flipper(model, units, tolerance=lambda conv, inp, g: torch.full((conv.out_channels,), 1e9))
     index = targets(model, data, 1)[1][0]  # a clean example: several units
     x, y = batch(data, index)
-    ref = flip_sequential(model, units, x, y, 40, 2)
-    assert always.flip(x, y, 40, 2) == ref and always.exact_steps == always.steps == len(ref.units) > 0
+    ref = flip_sequential(model, units, x, y, 40, 2, 0.01, (0, index))
+    assert always.flip(x, y, 40, 2, 0.01, (0, index)) == ref  # every step: every filter ambiguous
+    n_convs = sum(e.kind == "channel" for e in units.entries)
+    assert always.exact_steps == always.steps == len(ref.units) > 0 and always.exact_layers == n_convs * always.steps
+
+
+@pytest.mark.parametrize("unit", ["channel", "channel_out"])
+def test_fast_scores_against_the_reference_scores(tiny_trained, unit):
+    """Parameter-gradient scores and the settled filter scores are bitwise the reference's; the fast
+    filter scores are within their tolerance of it."""
+    cfg, model, data, run = tiny_trained
+    units = units_of(model, data, unit)
+    x, y = batch(data, 3, 63)
+    copies = step_copies(x, 2, 0.01, (0, 3), 0)
+    m = copy.deepcopy(model).eval().requires_grad_(True)
+    _, expected = _reference_scores(m, units, copies, y)
+    flipper = Flipper(model, units)
+    logits, outs = [], []
+    for c in copies:
+        logits.append(flipper._forward(c))
+        outs.append(dict(flipper.outs))
+    scores, tols, kept = flipper._scores(logits, outs, y, retain=False)
+    exact = tols == 0
+    assert torch.equal(scores[exact], expected[exact])
+    assert bool((tols[~exact] > 0).all()) and bool(((scores - expected).abs() <= tols)[~exact].all())
+    for i in flipper.conv_entries:
+        e = units.entries[i]
+        assert torch.equal(flipper._exact_scores(i, kept), expected[e.offset:e.offset + e.count])
+    assert (unit == "channel") == bool((~exact).any())  # channel_out needs no filter scores here
 
 
 class SkipNet(nn.Module):
