@@ -1,5 +1,6 @@
 """Figures a reader understands without the code: title, axis labels, legend, configuration subtitle."""
 import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -50,7 +51,17 @@ def fit_text(fig):
         _wrap(fig._suptitle, renderer, 0.98 * fig.bbox.width)
     for ax in fig.axes:
         _wrap(ax.title, renderer, max(ax.bbox.width, 0.3 * fig.bbox.width))
-    fig.tight_layout()
+    with warnings.catch_warnings():  # "not compatible with tight_layout" panels: the growth below fits them
+        warnings.simplefilter("ignore")
+        for _ in range(4):  # where the text still does not fit (crowded small panels), enlarge the canvas
+            fig.tight_layout()
+            box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+            w, h = fig.get_size_inches()
+            grow_w = max(0.0, -box.x0) + max(0.0, box.x1 - w)
+            grow_h = max(0.0, -box.y0) + max(0.0, box.y1 - h)
+            if grow_w < 0.01 and grow_h < 0.01:
+                break
+            fig.set_size_inches(w + grow_w + 0.1, h + grow_h + 0.1)
 
 
 def overflowing_text(fig):
