@@ -52,13 +52,13 @@ groups = None           # layer groups as module-name prefixes, e.g. ["stem", "l
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
 RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
 # ----------------------------------------------------------------------------- this experiment
-p_gen = 0.5             # fraction of channels that are generalization channels (always on); the issue's reference
-                        # used 0.4: on the default data 0.5 keeps test accuracy after the drop at the plain run's
+p_gen = 0.5             # fraction of channels that are generalization channels (always on); why 0.5:
+                        # docs/experiments/example_tied_dropout.md
 p_mem = 0.2             # probability that an example keeps a memorization channel (fixed per example and layer)
 drop_rescale = False    # drop mode: multiply generalization channels by (p_gen + p_mem) / p_gen as the authors'
-                        # code did (False = the issue's reference: no rescaling)
+                        # code did (False: no rescaling, as in the method's description)
 etd_epochs = 0          # epochs of the dropout variants; 0 = `epochs`, the plain run's budget (the no-dropout
-                        # baseline, same schedule, lr and initial weights); the issue's reference used 30
+                        # baseline, same schedule, lr and initial weights); an earlier default was 30
 p_mem_sweep = []        # optional extra p_mem values: one more ETD model each, e.g. [0.1, 0.3]
 gallery_size = 8        # examples per gallery row
 dropout_after = "auto"  # where the dropout layers go: auto (zoo: its blocks; other models: after every

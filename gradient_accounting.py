@@ -56,7 +56,7 @@ RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition
 # ----------------------------------------------------------------------------- this experiment
 window = 5              # epochs per panel of the norm-per-layer figures (besides the all-epochs panel)
 keep_checkpoints = "all"  # all | needed: once trained, keep only epoch 0, the automatic rewind epochs and the
-                          # final epoch (what rewinding and retraining use by default; see README "Disk")
+                          # final epoch (what rewinding and retraining use by default; see docs/reliability.md, "Disk")
 memorized_at = 0.9      # noisy-train accuracy (noisy labels) that ends the memorization phase
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())

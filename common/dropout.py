@@ -1,4 +1,4 @@
-"""Example-tied dropout (Maini et al. 2023, section 5 of PROTOCOLS) and standard dropout (the baseline).
+"""Example-tied dropout (Maini et al. 2023; docs/protocol.md, experiment 5) and standard dropout (the baseline).
 
 ExampleTiedDropout splits a layer's C channels into generalization channels (the first
 floor(p_gen * C), always on) and memorization channels. In training, example i keeps only its own

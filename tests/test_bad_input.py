@@ -1,4 +1,4 @@
-"""Every refused input of the README's table: one line on stderr, exit status 2, nothing on disk changed.
+"""Every refused input of docs/reliability.md's table: one line on stderr, exit status 2, nothing on disk changed.
 
 The scripts run in-process through common.cli.run (as `python script.py ...` does); one test runs a
 real subprocess to check that no traceback escapes.
