@@ -488,12 +488,12 @@ def flipping(results, variant=None):
                  f"{settings['max_units']}, a lower bound)")
     ci = f"{_interval(lo, hi)} (ratio); {_interval(100 * cost_ci[0], 100 * cost_ci[1])} points (test cost)"
     significant = p < ALPHA
-    strong = ratio >= MEDIAN_RATIO and lo > RATIO_CI_LOW
+    large, sure = ratio >= MEDIAN_RATIO, lo > RATIO_CI_LOW
     cheap = mean_cost < MAX_TEST_COST
-    verdict = "yes" if significant and strong and cheap else "partial" if significant else "no"
+    verdict = "yes" if significant and large and sure and cheap else "partial" if significant else "no"
     reason = "; ".join([f"noisy < clean {'' if significant else 'not '}significant (p {'<' if significant else '>='} "
-                        f"{ALPHA:g})", f"ratio {'>=' if strong else 'not >='} {MEDIAN_RATIO:g} with CI low "
-                        f"{'>' if strong else 'not >'} {RATIO_CI_LOW:g}",
+                        f"{ALPHA:g})", f"ratio {'>=' if large else '<'} {MEDIAN_RATIO:g}",
+                        f"its CI low {'>' if sure else '<='} {RATIO_CI_LOW:g}",
                         f"test cost {'<' if cheap else '>='} {100 * MAX_TEST_COST:g} point"])
     return _claim(4, variant, statistic, ci, verdict, reason, ratio=ratio, ratio_ci=(lo, hi), p=p, u=u,
                   test_cost=mean_cost, test_cost_ci=cost_ci, groups_per_example=groups_per, not_flipped=capped,
