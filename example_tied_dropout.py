@@ -163,8 +163,8 @@ def gallery(data, clean_forgotten, noisy_kept, drop_pred, cfg, n=8):
     fig, axes = plots.figure("Example-tied dropout: training examples the drop changes (label = the label trained on, "
                              "true = original label, drop = prediction after the drop)", cfg, ncols=n, nrows=2,
                              panel=(1.7, 1.9))
-    for r, (idx, what) in enumerate(((spread(clean_forgotten), f"clean, forgotten after drop ({len(clean_forgotten)})"),
-                                     (spread(noisy_kept), f"noisy, still memorized after drop ({len(noisy_kept)})"))):
+    for r, (idx, what) in enumerate(((spread(clean_forgotten), f"clean, forgotten\nafter drop ({len(clean_forgotten)})"),
+                                     (spread(noisy_kept), f"noisy, still\nmemorized after\ndrop ({len(noisy_kept)})"))):
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([]), ax.set_yticks([])
             if c >= len(idx):
