@@ -366,6 +366,7 @@ def flip_sequential(model, units, x, y, max_units, n_eot=0, eot_noise=0.01, nois
 # tolerance costs little: the reference's own scores of the layers involved (their weight gradients).
 ROUNDOFF = 2.0 ** -24
 LAMBDA = 8.0
+KEEP_BYTES = 2 ** 30  # conv inputs and output gradients kept for settling near-ties (else: a whole reference step)
 QUICK_MARGIN = 1e-4  # relative gap of the top two logits that rounding cannot close (Flipper._quick_prediction)
 
 
@@ -466,47 +467,57 @@ class Flipper:
         top = mean.topk(2).values
         return int(mean.argmax()) if float(top[0] - top[1]) > QUICK_MARGIN * float(top.abs().max()) else None
 
-    def _scores(self, logits, outs, y, retain):
-        """(scores, tolerances, kept) in unit order (tolerance 0: bitwise the reference's) from the logits
-        and kept conv outputs of each copy; kept: per copy {conv entry: (its input, d objective / d output)}.
-        None where a conv output cannot be used (a conv called twice in a forward, or changed in place)."""
-        convs = [(i, m) for i, m in self.conv_entries.items() if m in outs[0]]  # a conv not run scores 0
-        if any(o[m] is None or o[m][1]._version != o[m][2] for o in outs for _, m in convs):
-            return None
-        per_param, conv_scores, conv_tols, kept = [], [], [], []
-        for out, outputs in zip(logits, outs):
-            grads = _grads(objective(out, y), self.params + [outputs[m][1] for _, m in convs], retain)
-            per_param.append(grads[:len(self.params)])
-            s, t, k = [], [], {}
-            for (i, m), g in zip(convs, grads[len(self.params):]):
-                inp, o, _ = outputs[m]
-                o = o.detach()
-                if self.units.entries[i].kind == "channel" and m.bias is not None:
-                    o = o - m.bias.detach()[:, None, None]  # the filter's part of the output
-                s.append((_rows(o) * _rows(g)).sum(0))
-                t.append(self.tolerance(m, inp, g))
-                k[i] = (inp.detach(), g)
-            conv_scores.append(s)
-            conv_tols.append(t)
-            kept.append(k)
-        grads = mean_over_copies(per_param) if self.params else []
-        scores = [torch.zeros(e.count, device=logits[0].device) for e in self.units.entries]
-        tols = [torch.zeros(e.count, device=logits[0].device) for e in self.units.entries]
+    def _copy_pass(self, copy_input, y, cache, start, retain):
+        """Forward and backward of one copy of the batch: (its logits, its part) with part = (parameter
+        gradients, {conv entry: fast filter scores}, {conv entry: their tolerances}, {conv entry: (conv
+        input, d objective / d conv output)}), or part None where a conv output cannot be used (a conv
+        called twice in a forward, or its output changed in place)."""
+        out = self._forward(copy_input, cache, start)
+        outputs = dict(self.outs)
+        convs = [(i, m) for i, m in self.conv_entries.items() if m in outputs]  # a conv not run scores 0
+        if any(outputs[m] is None or outputs[m][1]._version != outputs[m][2] for _, m in convs):
+            return out.detach(), None
+        grads = _grads(objective(out, y), self.params + [outputs[m][1] for _, m in convs], retain)
+        scores, tols, kept = {}, {}, {}
+        for (i, m), g in zip(convs, grads[len(self.params):]):
+            inp, o, _ = outputs[m]
+            o = o.detach()
+            if self.units.entries[i].kind == "channel" and m.bias is not None:
+                o = o - m.bias.detach()[:, None, None]  # the filter's part of the output
+            scores[i] = (_rows(o) * _rows(g)).sum(0)
+            tols[i] = self.tolerance(m, inp, g)
+            kept[i] = (inp.detach(), g)
+        return out.detach(), (grads[:len(self.params)], scores, tols, kept)
+
+    def _combine(self, parts):
+        """(scores, tolerances, kept) in unit order from the copies' parts (tolerance 0: bitwise the
+        reference's); kept: per copy {conv entry: (input, output gradient)}, or None where keeping them
+        for every copy would take more than KEEP_BYTES."""
+        grads = mean_over_copies(p[0] for p in parts) if self.params else []
+        device = parts[0][0][0].device if self.params else next(iter(parts[0][1].values())).device
+        scores = [torch.zeros(e.count, device=device) for e in self.units.entries]
+        tols = [torch.zeros(e.count, device=device) for e in self.units.entries]
         k = 0
         for i, ps in self.param_entries.items():
             scores[i] = entry_scores(self.units.entries[i], [p.detach() for p in ps], grads[k:k + len(ps)])
             k += len(ps)
+        convs = list(parts[0][1])
         if convs:  # the copies' sums are one sum of n_copies times the terms: sqrt(n_copies) on the mean
-            widen = math.sqrt(len(logits))
-            for (i, _), s, t in zip(convs, mean_over_copies(conv_scores), mean_over_copies(conv_tols)):
+            widen = math.sqrt(len(parts))
+            for i, s, t in zip(convs, mean_over_copies([p[1][i] for i in convs] for p in parts),
+                               mean_over_copies([p[2][i] for i in convs] for p in parts)):
                 scores[i], tols[i] = s, t * widen
-        return torch.cat(scores), torch.cat(tols), kept
+        kept = [p[3] for p in parts]
+        size = sum(t.numel() * t.element_size() for k in kept for pair in k.values() for t in pair)
+        return torch.cat(scores), torch.cat(tols), (kept if size <= KEEP_BYTES else None)
 
     def _exact_scores(self, i, kept):
         """The reference's scores of conv entry i, bitwise: each copy's weight gradient by the reference's
         kernel, averaged over the copies as the reference does, times the weight (None: not available)."""
         m, e = self.conv_entries[i], self.units.entries[i]
         per_copy = []
+        if kept is None:
+            return None
         for k in kept:
             grads = _weight_grads(m, *k[i])
             if grads is None:
@@ -556,14 +567,16 @@ class Flipper:
                     quick = self._quick_prediction(copies)  # the step's flip check, from the target's rows alone
                     if quick is not None and (quick != int(y[0]) or len(zeroed) >= max_units):
                         return FlipResult(zeroed, quick != int(y[0]), quick)
-                    logits, outs = [], []
+                    # each copy's forward and backward, one after the other (one copy's memory at a time)
+                    logits, parts = [], []
                     for c in copies:
-                        logits.append(self._forward(c, cache, start))
-                        outs.append(dict(self.outs))
-                    prediction = target_prediction(logits)
+                        out, part = self._copy_pass(c, y, cache, start, retain=reuse)  # reuse: keep the prefix graph
+                        logits.append(out)
+                        parts.append(part)
+                    prediction = target_prediction(logits)  # the reference's flip check, bitwise
                     if prediction != int(y[0]) or len(zeroed) >= max_units:
                         return FlipResult(zeroed, prediction != int(y[0]), prediction)
-                    found = self._scores(logits, outs, y, retain=reuse)  # keep the prefix graph for the next step
+                    found = None if None in parts else self._combine(parts)
                     u = None if found is None else self._choose(*found, zeroed)
                     self.steps += 1
                     if u is None:  # conv outputs not usable: the reference computation, whole

@@ -18,6 +18,7 @@ from common.flipping import (Collateral, FlipResult, Flipper, Units, _reference_
                              flip_sequential, objective, pick_targets, reference_batch, refresh_batchnorm,
                              step_copies, target_prediction, zeroed_copy)
 from common.models import stages
+from common.precision import strict_fp32
 from common.rng import generator
 from common.runs import read_json
 from conftest import REPO
@@ -187,11 +188,8 @@ def test_fast_scores_against_the_reference_scores(tiny_trained, unit):
     m = copy.deepcopy(model).eval().requires_grad_(True)
     _, expected = _reference_scores(m, units, copies, y)
     flipper = Flipper(model, units)
-    logits, outs = [], []
-    for c in copies:
-        logits.append(flipper._forward(c))
-        outs.append(dict(flipper.outs))
-    scores, tols, kept = flipper._scores(logits, outs, y, retain=False)
+    with strict_fp32():
+        scores, tols, kept = flipper._combine([flipper._copy_pass(c, y, None, 0, retain=False)[1] for c in copies])
     exact = tols == 0
     assert torch.equal(scores[exact], expected[exact])
     assert bool((tols[~exact] > 0).all()) and bool(((scores - expected).abs() <= tols)[~exact].all())
