@@ -25,7 +25,7 @@ from common.cli import UserError
 from common.evaluation import predict
 from common.flipping import UNITS, Collateral, Units, collateral_sets, pick_targets, reference_batch
 from common.localization import (COLORS, LABELS, METHODS, ChannelUnits, Localizer, collateral_curve, pin_tied,
-                                 summarize, tied_channels, topk_predictions)
+                                 summarize, tied_channels, topk_batch, topk_predictions)
 from common.precision import strict_fp32
 from common.runs import read_json, write_json
 from common.training import trained_run
@@ -58,7 +58,8 @@ RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition
 # ----------------------------------------------------------------------------- this experiment
 n_examples = 10         # targets of each kind (noisy, clean) on the plain model; noisy targets on the ETD model
 ref_batch = 31          # other training examples in each target's batch (fixed per target, seeded); at least 1
-unit = "channel"        # channel: a conv filter is one unit, other parameters per element | weight: every element
+unit = "channel"        # as neuron_flipping.py: channel (a conv filter is one unit, other parameters per element,
+                        # the authors') | channel_out (a conv's output channel after its BatchNorm) | weight
 max_k = 20              # K: every ranking is judged by zeroing its top k units, k = 1..K
 methods = list(METHODS) # the methods compared, in this order in tables and figures
 ig_steps = 16           # integrated gradients: points on each layer group's path (midpoint rule)
@@ -112,13 +113,18 @@ def tied_dropout_model(cfg, data, run):
     return model.eval(), etd_run
 
 
-def judge(localizer, method, model, units, x, y, index, k_max):
-    """Rank with `method`, then zero its top k units, k = 1..k_max: the target's predictions. Returns
+def judge(localizer, method, model, units, x, y, index, k_max, whole_batch=False):
+    """Rank with `method`, then zero its top k units, k = 1..k_max: the target's predictions (and with
+    `whole_batch` the fraction of its reference examples still predicted with their label). Returns
     (ranking, record); the record's seconds are the ranking's alone."""
     t0 = time.perf_counter()
     ranking, extra = localizer.rank(method, x, y, index)
     seconds = time.perf_counter() - t0
-    preds = topk_predictions(model, units, ranking, x, k_max)
+    if whole_batch:
+        preds, kept = topk_batch(model, units, ranking, x, y, k_max)
+        extra["refs_kept"] = kept
+    else:
+        preds = topk_predictions(model, units, ranking, x, k_max)
     top = ranking[:k_max].tolist()
     return ranking, {"top": top, "groups": [units.describe(u)["group"] for u in top], "predictions": preds,
                      "flipped": [p != int(y[0]) for p in preds], "seconds": round(seconds, 6), **extra}
@@ -193,7 +199,7 @@ def main(argv=()):
                    "chance_precision": truth.chance(own), "methods": {}}
             local = Localizer(pinned, etd_units, cfg.seed, **options)
             for method in cfg.methods:
-                ranking, r = judge(local, method, pinned, etd_units, x, y, index, cfg.max_k)
+                ranking, r = judge(local, method, pinned, etd_units, x, y, index, cfg.max_k, whole_batch=True)
                 rec["methods"][method] = {**r, **truth.scores(ranking, own, cfg.max_k)}
             save(("etd", index), rec)
         etd_records = [records["etd", i] for i in etd_targets]
@@ -289,15 +295,16 @@ def plot_plain(results, cfg, path):
 
 
 def plot_etd(results, cfg, path):
-    """Precision and recall of the noisy targets' own memorization channels at k, and the flip rate."""
+    """Precision and recall of the noisy targets' own memorization channels at k, the flip rate and the
+    reference examples kept."""
     s, k_max, e = results["summary"]["etd"], results["config"]["max_k"], results["etd"]
     ks = list(range(1, k_max + 1))
     fig, axes = plots.figure(f"Localization methods against a known answer: example-tied dropout model (p_gen "
                              f"{e['p_gen']:g}, p_mem {e['p_mem']:g}), evaluated tied, {len(e['records'])} noisy targets",
-                             cfg, ncols=3, panel=(4.6, 3.8))
+                             cfg, ncols=4, panel=(4.6, 3.8))
     for m in results["methods"]:
         n = s[m]["noisy"]
-        for ax, key in zip(axes[0], ("precision", "recall", "flip_rate")):
+        for ax, key in zip(axes[0], ("precision", "recall", "flip_rate", "refs_kept")):
             ax.plot(ks, [100 * v for v in n[key]], color=COLORS[m], marker=".", label=LABELS[m])
     chance = axes[0, 0].axhline(100 * e["chance_precision"], color="gray", ls="--", lw=1, label="chance (a random unit)")
     cap = [100 * min(1, k / e["own_channels_mean"]) for k in ks]
@@ -307,6 +314,8 @@ def plot_etd(results, cfg, path):
     _finish(axes[0, 1], f"recall: own memorization channels written\nby a top-k unit "
                         f"(~{e['own_channels_mean']:.0f} per target)", "recall (%)", k_max)
     _finish(axes[0, 2], "noisy targets flipped (tied evaluation)", "targets predicted off their label (%)", k_max)
+    _finish(axes[0, 3], "collateral in the batch: reference examples\nstill predicted with their label (tied)",
+            "reference examples kept (%)", k_max)
     for ax in axes[0]:
         ax.set_ylim(-3, 103)
     axes[0, 0].legend(handles=[chance], fontsize=7, loc="center right")

@@ -335,6 +335,22 @@ def topk_predictions(model, units, ranking, x, k_max):
     return out
 
 
+@torch.no_grad()
+def topk_batch(model, units, ranking, x, y, k_max):
+    """With the top k units zeroed, k = 1..k_max: (the target's (row 0) predictions, the fraction of the
+    reference examples (rows 1..) still predicted with their label) -- collateral inside the batch, for a
+    model that needs its batch (a pinned example-tied dropout model); fp32, eval mode."""
+    m = copy.deepcopy(model).eval()
+    preds, kept = [], []
+    with strict_fp32():
+        for u in ranking[:k_max].tolist():
+            units.zero_(m, u)
+            p = m(x).argmax(1)
+            preds.append(int(p[0]))
+            kept.append(float((p[1:] == y[1:]).float().mean()) if len(y) > 1 else float("nan"))
+    return preds, kept
+
+
 def collateral_curve(model, units, ranking, collateral, ks, exclude):
     """{k: accuracies after zeroing the top k units} on the collateral sets (common.flipping.Collateral),
     the target `exclude` left out."""
@@ -461,8 +477,8 @@ def _mean(values):
 
 def summarize(records, methods, k_max, kinds=("noisy", "clean")):
     """Per method and kind: fraction of targets flipped with the top k zeroed (k = 1..k_max), mean accuracy
-    drop on the collateral sets per k measured, ETD precision / recall per k (where recorded), and the
-    seconds per target of the ranking."""
+    drop on the collateral sets per k measured, ETD precision / recall / reference examples kept per k
+    (where recorded), and the seconds per target of the ranking."""
     out = {}
     for method in methods:
         s = {"seconds_mean": _mean([r["methods"][method]["seconds"] for r in records]),
@@ -478,7 +494,7 @@ def summarize(records, methods, k_max, kinds=("noisy", "clean")):
                 d["collateral_drop"] = {k: {split: _mean([m["collateral_drop"][k][split] for m in ms])
                                             for split in ms[0]["collateral_drop"][k]} for k in ks}
             if "precision" in ms[0]:
-                for key in ("precision", "recall", "precision_any"):
+                for key in ("precision", "recall", "precision_any", "refs_kept"):
                     d[key] = [statistics.fmean(m[key][k] for m in ms) for k in range(k_max)]
             s[kind] = d
         out[method] = s
