@@ -538,7 +538,8 @@ def report_section(results_per_seed, cfg, out_dir):
         color, label = COLORS[m], LABELS[m]
         _band(axes[0, 0], ks, [plain(r, m)["flip_rate"] for r in res], color, label)
         _band(axes[0, 1], ks, [plain(r, m, "clean")["flip_rate"] for r in res], color, label)
-        _band(axes[0, 2], ck, [[plain(r, m)["collateral_drop"][str(k)]["test"] for k in ck] for r in res], color, label)
+        if ck:
+            _band(axes[0, 2], ck, [[plain(r, m)["collateral_drop"][str(k)]["test"] for k in ck] for r in res], color, label)
         if has_etd:
             _band(axes[0, 3], ks, [etd(r, m)["precision"] for r in res], color, label)
     titles = [("noisy targets flipped (plain model)", "targets flipped (%)"),
