@@ -1,7 +1,7 @@
 """Fashion-MNIST at paper scale: the paper's ResNet-9 recipe (full width, 50 epochs, batch 512, 10%
 noise; README, "Paper settings") on full Fashion-MNIST (60,000 train / 10,000 test). The paper has no
-Fashion-MNIST: this is the GPU counterpart of configs/fashion_mnist_memorizes.py, the row "GPU:
-Fashion-MNIST at paper scale" of docs/results/SCALE.md. Not run on a GPU yet. For a GPU:
+Fashion-MNIST: this is the GPU counterpart of configs/fashion_mnist_resnet9_cpu.py. Measured on an
+H100 (seed 0, first two experiments): docs/results/fashion_h100/README.md. For a GPU:
     python reproduce.py configs/fashion_mnist_resnet9_paper.py
 then `python sweep.py ...` (same runs_dir) fills the GPU row of the scale study.
 """
