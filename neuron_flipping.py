@@ -61,7 +61,9 @@ eot_noise = 0.01        # each copy's noise norm as a fraction of the whole batc
 bn_train = False        # first one train-mode pass over the training set re-estimates the BatchNorm statistics
                         # (what the authors' analysis script does; no parameter changes)
 collateral_n = 300      # collateral damage measured on this many clean, noisy and test examples (0: all; no targets)
-fast = True             # the fast exact path; False: the authors' plain loop (same answers, slower)
+fast = None             # the search: None or "auto": the fast exact path on a CPU, the authors' plain loop
+                        # on CUDA / MPS (where it is not faster) | True: the fast path | False: the plain loop
+                        # (the same answers either way)
 n_show = 4              # examples of each kind shown in the examples figure
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
@@ -73,6 +75,9 @@ config.range_check("n_eot", 0, None)
 config.range_check("eot_noise", 0, None)
 config.range_check("collateral_n", 0, None)
 config.range_check("n_show", 0, None)
+config.register_check("fast", lambda v, cfg: None if isinstance(v, bool) or v in (None, "auto") else
+                      f"fast={v!r}: pass --fast=auto (on a CPU the fast path, elsewhere the plain loop), "
+                      f"--fast=True or --fast=False")
 # Results computed under the same settings are reused by an interrupted or extended run.
 SETTINGS = ("unit", "ref_batch", "max_units", "n_eot", "eot_noise", "bn_train", "collateral_n")
 
@@ -89,7 +94,13 @@ def results_file(cfg, ending=".json"):
     return stem + ending
 
 
-def make_record(data, index, kind, units, result, after, drop, settled, seconds):
+def use_fast(fast, device):
+    """Whether the search runs the fast exact path (Flipper) rather than the plain loop on `device`:
+    `fast` itself, or for auto (None, "auto") on a CPU only (docs/experiments/neuron_flipping.md)."""
+    return fast if isinstance(fast, bool) else device.type == "cpu"
+
+
+def make_record(data, index, kind, units, result, after, drop, settled, seconds, search):
     """The JSON record of one searched target. A search that zeroed nothing means the target was not
     fitted when the search judged it, which the caller must have ruled out: an error, never a record."""
     if not result.units:
@@ -100,6 +111,7 @@ def make_record(data, index, kind, units, result, after, drop, settled, seconds)
             "units": [units.describe(u) for u in result.units],
             "accuracy_after": after, "accuracy_drop": drop,  # on the evaluation sets, this example left out
             "reference_steps": settled,  # greedy steps decided by the reference computation (near-ties)
+            "search": search,  # the implementation that searched: "fast" (Flipper) or "sequential"
             "seconds": round(seconds, 3)}
 
 
@@ -124,11 +136,14 @@ def main(argv=()):
                                 f"predicted with their training label; pass --n_examples={len(pool)} or less")
     collateral = Collateral(model, data, collateral_sets(data, cfg.collateral_n, cfg.seed))
     baseline = collateral.accuracies(collateral.before)
+    fast = use_fast(cfg.fast, data.device)
+    searcher = "fast" if fast else "sequential"
     print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean "
-          f"targets, batch of 1 + {cfg.ref_batch}, {cfg.n_eot} noised copies; before any edit: clean "
+          f"targets, batch of 1 + {cfg.ref_batch}, {cfg.n_eot} noised copies, {searcher} search; before any edit: clean "
           f"{baseline['clean']:.3f}  noisy {baseline['noisy']:.3f}  test {baseline['test']:.3f}")
 
-    # Resume: records of an interrupted (or smaller) run with the same settings are kept.
+    # Resume: records of an interrupted (or smaller) run with the same settings are kept (whichever
+    # implementation searched them: both give the same answers, so `fast` is not a setting).
     settings = {k: getattr(cfg, k) for k in SETTINGS}
     partial_path, final_path = run.path(results_file(cfg, ".partial.json")), run.path(results_file(cfg))
     records, passed_over = {}, {}
@@ -146,19 +161,19 @@ def main(argv=()):
         idx = torch.cat([torch.tensor([index]), reference_batch(data.n_train, index, cfg.ref_batch, cfg.seed)])
         x, y = data.batch(idx), data.labels(idx)
         args = (x, y, cfg.max_units, cfg.n_eot, cfg.eot_noise, (cfg.seed, index))
-        settled = flipper.exact_steps if cfg.fast else 0
-        result = flipper.flip(*args) if cfg.fast else flip_sequential(model, units, *args)
-        settled = flipper.exact_steps - settled if cfg.fast else len(result.units)
+        settled = flipper.exact_steps if fast else 0
+        result = flipper.flip(*args) if fast else flip_sequential(model, units, *args)
+        settled = flipper.exact_steps - settled if fast else len(result.units)
         if not result.units:
             return None
         changed = units.changed(result.units)  # the edit runs from its first changed stage
         after, drop = collateral(zeroed_copy(model, units, result.units), changed, index)
-        return make_record(data, index, kind, units, result, after, drop, settled, time.time() - t0)
+        return make_record(data, index, kind, units, result, after, drop, settled, time.time() - t0, searcher)
 
     # Targets: the candidates of each kind in their seeded order, interleaved noisy, clean, noisy, ...; a
     # candidate that the search's own first step finds mispredicted (noise can do that to a borderline
     # example) is passed over and listed. Every finished example is saved at once.
-    flipper = Flipper(model, units) if cfg.fast else None
+    flipper = Flipper(model, units) if fast else None
     targets, reused, pools = [], 0, {kind: iter(order[kind]) for kind in order}
     with tqdm(total=2 * cfg.n_examples, desc="examples", disable=None) as bar:
         for kind in ("noisy", "clean") * cfg.n_examples:
@@ -186,6 +201,7 @@ def main(argv=()):
 
     chosen = [records[i] for i, _ in targets]
     results = {"config": vars(cfg), "settings": settings, "n_units_total": len(units),
+               "search": searcher,  # what this invocation searches with (each record names its own)
                "groups": [g for g, _ in layer_groups(model)], "baseline": baseline,
                "eval_sizes": {k: len(v) for k, v in collateral.sets.items()},
                "summary": summarize(chosen, baseline, cfg.max_units),

@@ -8,8 +8,23 @@ Reported: seconds per target of each (the search only: the collateral evaluation
 is left out), per kind and overall, their ratio, and how many steps the fast path settled with the
 reference computation (near-ties of filter scores). --reference=False times the fast path alone.
 
+The ceiling of any exact speed-up (--ceiling=True, the default): every exact method must run, at every
+step, the forward of the step's freshly noised copies and a backward that gives the gradient of the
+objective with respect to the activations (the noise is redrawn at every step, so nothing computed at
+one step serves the next). On the first target's batch and its first step's copies, one after the
+other as the search runs them, best of `repeats` rounds in alternating order:
+  forward                   the copies' forwards (no gradients)
+  forward + input backward  the copies' forwards and backwards with no parameter requiring a gradient,
+                            down to every conv output (what Flipper backpropagates, without its scores)
+  reference step            the copies' forwards and full backwards and the scores (flip_sequential's step)
+and, for the measured mean of s greedy steps per target (the plain loop: s reference steps and a last
+forward; an exact method: at least s forwards + input backwards), the ceiling
+  (s * reference step + forward) / (s * (forward + input backward)).
+
     python bench/bench_neuron_flipping.py [--n_examples=3] [--ref_batch=511] [--n_eot=5] [--unit=channel]
+                                          [--threads=0] [--ceiling=True] [--repeats=3]
 """
+import copy
 import statistics
 import sys
 import time
@@ -22,14 +37,65 @@ import neuron_flipping  # noqa: E402
 from common import config  # noqa: E402
 from common.cli import UserError  # noqa: E402
 from common.evaluation import predict  # noqa: E402
-from common.flipping import Flipper, Units, flip_sequential, pick_targets, reference_batch  # noqa: E402
+from common.flipping import (Flipper, Units, _reference_scores, flip_sequential, objective, pick_targets,  # noqa: E402
+                             reference_batch, step_copies)
 from common.precision import strict_fp32  # noqa: E402
 from common.training import trained_run  # noqa: E402
 
 # The default run and neuron_flipping.py's defaults (one definition: the script's knobs).
 KNOBS = {**neuron_flipping.KNOBS, "n_examples": 3,
          "reference": True,  # also run the plain loop (False: the fast path alone, for its cost per target)
-         "threads": 0}       # torch intra-op threads (0: torch's default)
+         "threads": 0,       # torch intra-op threads (0: torch's default)
+         "ceiling": True,    # also time the parts of one step and print the ceiling of an exact speed-up
+         "repeats": 3}       # rounds of those timings (the best of each is reported)
+config.range_check("repeats", 1, None)
+
+
+def input_backward(model, copies, y):
+    """The copies' forwards and backwards down to every conv output, no parameter requiring a gradient
+    (`model`'s parameters must not require gradients): the least backward an exact method needs."""
+    outs = []
+
+    def keep(module, inputs, out):
+        if not out.requires_grad:  # the first conv: nothing before it requires a gradient
+            out.requires_grad_(True)
+        outs.append(out)
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        for c in copies:
+            outs.clear()
+            torch.autograd.grad(objective(model(c), y), outs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def step_parts(model, units, x, y, noise_key, cfg):
+    """{part: best seconds} of the first step's forward, forward + input backward and reference step
+    (see the module docstring), on the copies the search runs at that step."""
+    copies = step_copies(x, cfg.n_eot, cfg.eot_noise, noise_key, 0)
+    frozen, reference = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    reference.requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            for c in copies:
+                frozen(c)
+
+    parts = [("forward", forward), ("forward + input backward", lambda: input_backward(frozen, copies, y)),
+             ("reference step", lambda: _reference_scores(reference, units, copies, y))]
+    best = {name: float("inf") for name, _ in parts}
+    with strict_fp32():
+        for r in range(cfg.repeats):
+            for name, fn in (parts if r % 2 == 0 else parts[::-1]):  # alternate the order
+                t = time.perf_counter()
+                fn()
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize()  # kernels run asynchronously
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def main(argv):
@@ -73,6 +139,16 @@ def main(argv):
             line += (f"  sequential {statistics.fmean(s['sequential']):6.1f} s per target  "
                      f"speed-up x{sum(s['sequential']) / sum(s['fast']):.2f}")
         print(line)
+    if cfg.ceiling:
+        index = targets[0][0]
+        idx = torch.cat([torch.tensor([index]), reference_batch(data.n_train, index, cfg.ref_batch, cfg.seed)])
+        best = step_parts(model, units, data.batch(idx), data.labels(idx), (cfg.seed, index), cfg)
+        steps = flipper.steps / len(targets)
+        ceiling = (steps * best["reference step"] + best["forward"]) / (steps * best["forward + input backward"])
+        print(f"\none step on target #{index}'s batch ({max(cfg.n_eot, 1)} x {len(idx)} inputs), best of "
+              f"{cfg.repeats}: " + "  ".join(f"{name} {t:.3f} s" for name, t in best.items()))
+        print(f"ceiling of an exact speed-up at {steps:.2f} steps per target: (steps * reference step + forward) / "
+              f"(steps * (forward + input backward)) = x{ceiling:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import neuron_flipping
+from common import config
 from common.cli import UserError
 from common.evaluation import predict
 from common.flipping import (Collateral, FlipResult, Flipper, Units, _reference_scores, collateral_sets, eot_inputs,
@@ -305,9 +306,9 @@ def test_a_record_with_no_units_is_an_error(tiny_trained):
     units = units_of(model, data, "channel")
     nothing = FlipResult([], True, 3)
     with pytest.raises(ValueError, match="0 units"):
-        neuron_flipping.make_record(data, 0, "clean", units, nothing, {}, {}, 0, 0.0)
-    record = neuron_flipping.make_record(data, 0, "clean", units, FlipResult([5], True, 3), {}, {}, 0, 1.0)
-    assert record["n_units"] == 1 and record["units"] == [units.describe(5)]
+        neuron_flipping.make_record(data, 0, "clean", units, nothing, {}, {}, 0, 0.0, "fast")
+    record = neuron_flipping.make_record(data, 0, "clean", units, FlipResult([5], True, 3), {}, {}, 0, 1.0, "fast")
+    assert record["n_units"] == 1 and record["units"] == [units.describe(5)] and record["search"] == "fast"
 
 
 def test_batchnorm_pass_overwrites_running_statistics_only(tiny_trained):
@@ -331,6 +332,22 @@ def test_batchnorm_pass_overwrites_running_statistics_only(tiny_trained):
 
 # ----------------------------------------------------------------------------- the script
 
+def test_fast_knob_auto_is_the_fast_path_on_a_cpu_only():
+    use_fast = neuron_flipping.use_fast
+    assert neuron_flipping.KNOBS["fast"] is None  # the default: auto
+    for auto in (None, "auto"):
+        assert use_fast(auto, torch.device("cpu")) is True
+        assert use_fast(auto, torch.device("cuda")) is False and use_fast(auto, torch.device("cuda:1")) is False
+        assert use_fast(auto, torch.device("mps")) is False
+    assert use_fast(True, torch.device("cuda")) is True and use_fast(False, torch.device("cpu")) is False
+    parse = lambda *argv: config.parse(neuron_flipping.KNOBS, argv).fast
+    assert parse() is None and parse("--fast=auto") == "auto"
+    assert parse("--fast=True") is True and parse("--fast=False") is False
+    for bad in ("--fast=yes", "--fast=1", "--fast=0", "--fast=[True]"):
+        with pytest.raises(UserError, match="fast="):
+            parse(bad)
+
+
 def test_result_files_keep_variants_apart():
     cfg = lambda **k: type("Cfg", (), {"unit": "channel", "bn_train": False, **k})
     assert neuron_flipping.results_file(cfg()) == "neuron_flipping.json"
@@ -342,10 +359,11 @@ def test_result_files_keep_variants_apart():
     assert len(names) == 6
 
 
-def test_flipped_predictions_are_real(tiny_trained, run_copy):
+def test_flipped_predictions_are_real(tiny_trained, run_copy, monkeypatch):
     cfg, model, data, run = tiny_trained
     argv, run_dir = run_copy
     results = neuron_flipping.main(argv())
+    assert results["search"] == "fast" and {r["search"] for r in results["records"]} == {"fast"}  # auto on a CPU
     assert (run_dir / "neuron_flipping.json").is_file() and not (run_dir / "neuron_flipping.partial.json").exists()
     assert (run_dir / "neuron_flipping.png").is_file() and (run_dir / "neuron_flipping_examples.png").is_file()
     records = results["records"]
@@ -373,6 +391,18 @@ def test_flipped_predictions_are_real(tiny_trained, run_copy):
     s = results["summary"]
     assert s["noisy"]["n"] == s["clean"]["n"] == 3 and 0 <= s["noisy"]["flipped"] <= 1
     assert s["noisy"]["units_q1"] <= s["noisy"]["units_median"] <= s["noisy"]["units_q3"]
+
+    # the plain loop on the same run: the six records are reused (`fast` is not a setting), one more
+    # target of each kind is searched by the plain loop, every step its reference computation
+    calls, plain = [], neuron_flipping.flip_sequential
+    monkeypatch.setattr(neuron_flipping, "flip_sequential", lambda *a: (calls.append(1), plain(*a))[1])
+    for plot in ("plot_summary", "plot_examples"):
+        monkeypatch.setattr(neuron_flipping, plot, lambda *a: None)
+    more = neuron_flipping.main(argv("--fast=False", "--n_examples=4"))
+    assert more["search"] == "sequential" and more["records"][:6] == records
+    assert len(calls) == 2 + len(more["passed_over"]) - len(results["passed_over"])
+    assert [r["search"] for r in more["records"][6:]] == ["sequential"] * 2
+    assert all(r["reference_steps"] == r["n_units"] for r in more["records"][6:])
 
 
 def test_variants_write_their_own_files(run_copy):
@@ -434,3 +464,8 @@ def test_bad_input_exits_2_with_one_line(run_copy):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "n_examples=100000" in lines[0] and "--n_examples=" in lines[0]
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
+    proc = subprocess.run([sys.executable, str(REPO / "neuron_flipping.py"), *make_argv("--fast=maybe")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert "fast='maybe'" in lines[0] and "--fast=auto" in lines[0]
