@@ -174,9 +174,9 @@ def _train_run(cfg, data, backward, on_epoch, restart_from, quiet, model, run):
     quiet = quiet or not distributed.is_main()
     amp = getattr(cfg, "amp", True)
     data = data or load_data(cfg, device)
+    model = model or model_for(cfg, data)  # first: a model that cannot be built leaves no run files behind
     run.open(overwrite=getattr(cfg, "overwrite", False))
     run.save_labels(data)
-    model = model or model_for(cfg, data)
     optimizer = make_optimizer(model.parameters(), cfg)
     saved = distributed.on_main(run.saved_epochs)  # one listing for all ranks
     if 0 not in saved:
