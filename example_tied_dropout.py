@@ -9,8 +9,11 @@ trains the example-tied dropout (ETD) model and a standard-dropout model at the 
 rate, and compares them with the plain run: clean / noisy (noisy label = memorized) / noisy (true
 label) / test accuracy and the generalization gap, the ETD model in its three evaluation modes
 (tied: each training example with its own channels, keep: all channels at their expected value,
-drop: memorization channels zeroed). The paper: noisy accuracy 100% -> ~3% after the drop, test
-accuracy kept (judged by common/claims.py from the per-example results written here).
+drop: memorization channels zeroed). The drop mode is evaluated both ways from the same trained
+model: generalization channels rescaled by (p_gen + p_mem) / p_gen (the authors' code) and not
+rescaled (the method's description); `drop_rescale` picks the one the "drop" keys hold. The paper:
+noisy accuracy 100% -> ~3% after the drop, test accuracy kept (judged by common/claims.py, for
+each scaling, from the per-example results written here).
 
     python example_tied_dropout.py [configs/preset.py] [--key=value ...]
 """
@@ -55,8 +58,9 @@ RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition
 p_gen = 0.5             # fraction of channels that are generalization channels (always on); why 0.5:
                         # docs/experiments/example_tied_dropout.md
 p_mem = 0.2             # probability that an example keeps a memorization channel (fixed per example and layer)
-drop_rescale = False    # drop mode: multiply generalization channels by (p_gen + p_mem) / p_gen as the authors'
-                        # code did (False: no rescaling, as in the method's description)
+drop_rescale = True     # drop mode: multiply generalization channels by (p_gen + p_mem) / p_gen as the authors'
+                        # code did (False: no rescaling, as in the method's description); evaluation only:
+                        # both are measured on every run, this picks the one the "drop" keys hold
 etd_epochs = 0          # epochs of the dropout variants; 0 = `epochs`, the plain run's budget (the no-dropout
                         # baseline, same schedule, lr and initial weights); an earlier default was 30
 p_mem_sweep = []        # optional extra p_mem values: one more ETD model each, e.g. [0.1, 0.3]
@@ -96,9 +100,27 @@ def train_variant(cfg, data, plain_run, name, factory, identity, on_epoch=None):
     return model, run, round(time.time() - t0, 1)
 
 
+def evaluate_drop(model, data, scaling, amp, split=None):
+    """The drop mode with one of dropout.DROP_SCALINGS (its name): (accuracies, train predictions), or
+    with `split` that split's predictions alone."""
+    with dropout.drop_scaling(model, dropout.DROP_SCALINGS[scaling]):
+        if split is None:
+            return dropout.evaluate(model, data, "drop", amp)
+        with dropout.mode(model, "drop"):
+            return predict(model, data, split, amp=amp)
+
+
 def etd_curves(data, cfg):
-    """on_epoch hook: the ETD model's accuracies in tied and drop mode (the metrics row itself is keep mode)."""
-    return lambda model: lambda epoch: {m: dropout.evaluate(model, data, m, cfg.amp)[0] for m in ("tied", "drop")}
+    """on_epoch hook: the ETD model's accuracies in tied mode and in drop mode with each scaling, as
+    "drop_rescaled" / "drop_unscaled" (the metrics row itself is keep mode)."""
+    return lambda model: lambda epoch: {"tied": dropout.evaluate(model, data, "tied", cfg.amp)[0],
+                                        **{f"drop_{s}": evaluate_drop(model, data, s, cfg.amp)[0]
+                                           for s in dropout.DROP_SCALINGS}}
+
+
+def drop_mode_label(scaling):
+    """The table's mode of a drop-mode row: "drop rescaled" | "drop unscaled"."""
+    return f"drop {scaling}"
 
 
 def row(label, acc, mode="-"):
@@ -106,10 +128,10 @@ def row(label, acc, mode="-"):
 
 
 def print_table(rows):
-    print(f"\n{'model':<44} {'mode':<5} " + " ".join(f"{c:>10}" for c in COLUMNS))
+    print(f"\n{'model':<44} {'mode':<13} " + " ".join(f"{c:>10}" for c in COLUMNS))
     for r in rows:
         cells = " ".join(f"{'-':>10}" if r[c] is None else f"{100 * r[c]:>9.1f}%" for c in COLUMNS)
-        print(f"{r['model']:<44} {r['mode']:<5} {cells}")
+        print(f"{r['model']:<44} {r['mode']:<13} {cells}")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -137,15 +159,19 @@ def bar_chart(rows, cfg):
 
 
 def curves(metrics, plain_test, cfg):
-    """ETD accuracy per epoch in each evaluation mode (tied has no test accuracy)."""
+    """ETD accuracy per epoch in each evaluation mode, the drop mode with each scaling (tied has no test
+    accuracy). Metrics recorded before both scalings were: one drop panel, its scaling not recorded."""
+    fig_drops = [(f"{claims.DROP_VARIANTS[s]}\n(generalization x {dropout.drop_factor(cfg.p_gen, cfg.p_mem, r):.3g}, "
+                  f"memorization x 0)", f"drop_{s}") for s, r in dropout.DROP_SCALINGS.items()]
+    if not any(k in r for r in metrics for _, k in fig_drops):
+        fig_drops = [("drop: memorization channels zeroed\n(scaling not recorded in training)", "drop")]
     fig, axes = plots.figure(f"Example-tied dropout during training (p_gen {cfg.p_gen:g}, p_mem {cfg.p_mem:g})", cfg,
-                             ncols=3)
-    panels = [("tied: own channels (training indices)", [{"epoch": r["epoch"], **r["tied"]} for r in metrics if "tied" in r],
-               ("clean", "noisy")),
-              ("keep: all channels, memorization x p_mem", metrics, ("clean", "noisy", "test")),
-              ("drop: memorization channels zeroed", [{"epoch": r["epoch"], **r["drop"]} for r in metrics if "drop" in r],
-               ("clean", "noisy", "noisy_true", "test"))]
-    for ax, (title, rows, keys) in zip(axes[0], panels):
+                             ncols=2 + len(fig_drops))
+    panels = [("tied: own channels\n(training indices)", "tied", ("clean", "noisy")),
+              ("keep: all channels,\nmemorization x p_mem", None, ("clean", "noisy", "test"))]
+    panels += [(title, key, ("clean", "noisy", "noisy_true", "test")) for title, key in fig_drops]
+    for ax, (title, key, keys) in zip(axes[0], panels):
+        rows = metrics if key is None else [{"epoch": r["epoch"], **r[key]} for r in metrics if key in r]
         if "test" in keys:
             ax.axhline(100 * plain_test, color="gray", ls="--", lw=1, label="test, no dropout (final)")
         plots.accuracy_curves(ax, rows, keys)
@@ -153,18 +179,24 @@ def curves(metrics, plain_test, cfg):
     return fig
 
 
-def gallery(data, clean_forgotten, noisy_kept, drop_pred, cfg, n=8):
-    """Clean examples forgotten by the drop (top) and noisy examples still memorized after it (bottom)."""
+def gallery(data, scalings, drop_preds, cfg, n=8):
+    """Per drop scaling: clean examples forgotten by the drop and noisy examples still memorized after it."""
     n = max(1, n)
 
     def spread(idx):  # n examples from all over the list (it is sorted by index, and the classes are not mixed)
-        return idx[torch.linspace(0, len(idx) - 1, min(n, len(idx))).round().long().to(idx.device)] if len(idx) else idx
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return idx[torch.linspace(0, len(idx) - 1, min(n, len(idx))).round().long()] if len(idx) else idx
 
-    fig, axes = plots.figure("Example-tied dropout: training examples the drop changes (label = the label trained on, "
-                             "true = original label, drop = prediction after the drop)", cfg, ncols=n, nrows=2,
-                             panel=(1.7, 1.9))
-    for r, (idx, what) in enumerate(((spread(clean_forgotten), f"clean, forgotten\nafter drop ({len(clean_forgotten)})"),
-                                     (spread(noisy_kept), f"noisy, still\nmemorized after\ndrop ({len(noisy_kept)})"))):
+    lines = []
+    for s, v in scalings.items():
+        lines += [(s, v["clean_forgotten"], f"{s}: clean,\nforgotten after\ndrop ({len(v['clean_forgotten'])})", True),
+                  (s, v["noisy_still_memorized"], f"{s}: noisy,\nstill memorized\nafter drop "
+                                                  f"({len(v['noisy_still_memorized'])})", False)]
+    fig, axes = plots.figure("Example-tied dropout: training examples the drop changes, per scaling of the drop "
+                             "(label = the label trained on, true = original label, drop = prediction after the drop)",
+                             cfg, ncols=n, nrows=len(lines), panel=(1.7, 1.9))
+    for r, (s, idx, what, clean) in enumerate(lines):
+        idx = spread(idx)
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([]), ax.set_yticks([])
             if c >= len(idx):
@@ -173,8 +205,8 @@ def gallery(data, clean_forgotten, noisy_kept, drop_pred, cfg, n=8):
             i = int(idx[c])
             img = data.x_train[i].cpu().numpy()
             ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray")
-            lab, true, p = int(data.y_train[i]), int(data.y_true[i]), int(drop_pred[i])
-            ax.set_title(f"#{i} label {lab}\ndrop: {p}" if r == 0 else f"#{i} label {lab}\ntrue {true}, drop: {p}",
+            lab, true, p = int(data.y_train[i]), int(data.y_true[i]), int(drop_preds[s][i])
+            ax.set_title(f"#{i} label {lab}\ndrop: {p}" if clean else f"#{i} label {lab}\ntrue {true}, drop: {p}",
                          fontsize=7)
         axes[r][0].set_ylabel(what, fontsize=7)
         if not len(idx):
@@ -182,18 +214,21 @@ def gallery(data, clean_forgotten, noisy_kept, drop_pred, cfg, n=8):
     return fig
 
 
-def sweep_plot(results, plain_test, cfg):
-    """Drop-mode accuracies against p_mem."""
-    fig, axes = plots.figure(f"Example-tied dropout: p_mem sweep (p_gen {cfg.p_gen:g}, drop mode)", cfg)
-    ax, pms = axes[0, 0], sorted(results)
-    for k in ("clean", "noisy", "noisy_true", "test"):
-        ax.plot(pms, [100 * results[p]["drop"][k] for p in pms], marker="o", color=plots.COLORS[k], label=plots.LABELS[k])
-    ax.plot(pms, [100 * results[p]["tied"]["noisy"] for p in pms], marker="x", ls=":", color=plots.COLORS["noisy"],
-            label="noisy train, tied mode")
-    ax.axhline(100 * plain_test, color="gray", ls="--", lw=1, label="test, no dropout")
-    ax.set_xlabel("p_mem")
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=7)
+def sweep_plot(drops, tied, plain_test, cfg):
+    """Drop-mode accuracies against p_mem, one panel per scaling of the drop."""
+    fig, axes = plots.figure(f"Example-tied dropout: p_mem sweep (p_gen {cfg.p_gen:g}, drop mode)", cfg,
+                             ncols=len(dropout.DROP_SCALINGS))
+    pms = sorted(drops)
+    for ax, s in zip(axes[0], dropout.DROP_SCALINGS):
+        for k in ("clean", "noisy", "noisy_true", "test"):
+            ax.plot(pms, [100 * drops[p][s][k] for p in pms], marker="o", color=plots.COLORS[k], label=plots.LABELS[k])
+        ax.plot(pms, [100 * tied[p]["noisy"] for p in pms], marker="x", ls=":", color=plots.COLORS["noisy"],
+                label="noisy train, tied mode")
+        ax.axhline(100 * plain_test, color="gray", ls="--", lw=1, label="test, no dropout")
+        ax.set_title(claims.DROP_VARIANTS[s], fontsize=9)
+        ax.set_xlabel("p_mem")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -203,18 +238,23 @@ def main(argv=()):
     plain, data, run = trained_run(cfg)                   # the no-dropout baseline (trained first if missing)
     rows = [row(f"no dropout ({cfg.epochs} epochs)", dropout.evaluate(plain, data, "keep", cfg.amp)[0])]
 
-    # Example-tied dropout, for p_mem and every value of the optional sweep.
-    results, times, preds, etd_rows = {}, {}, {}, []
+    # Example-tied dropout, for p_mem and every value of the optional sweep; the drop mode both ways.
+    knob = dropout.scaling_name(cfg.drop_rescale)        # the scaling the "drop" keys hold
+    results, drops, times, preds, etd_rows = {}, {}, {}, {}, []
     for pm in [cfg.p_mem] + [p for p in cfg.p_mem_sweep if p != cfg.p_mem]:
         name = f"etd_pgen{cfg.p_gen:g}_pmem{pm:g}_ep{variant_epochs(cfg)}"
         etd, etd_run, times[name] = train_variant(
             cfg, data, run, name, dropout.etd_factory(cfg.p_gen, pm, cfg.model_seed, cfg.drop_rescale),
             {"p_gen": cfg.p_gen, "p_mem": pm}, on_epoch=etd_curves(data, cfg))
-        results[pm] = {}
-        for m in dropout.MODES:
-            acc, preds[pm, m] = dropout.evaluate(etd, data, m, cfg.amp)
-            results[pm][m] = acc
-            etd_rows.append(row(f"example-tied p_gen={cfg.p_gen:g} p_mem={pm:g}", acc, m))
+        label = f"example-tied p_gen={cfg.p_gen:g} p_mem={pm:g}"
+        results[pm], drops[pm] = {}, {}
+        for m in ("tied", "keep"):
+            results[pm][m], preds[pm, m] = dropout.evaluate(etd, data, m, cfg.amp)
+            etd_rows.append(row(label, results[pm][m], m))
+        for s in dropout.DROP_SCALINGS:
+            drops[pm][s], preds[pm, s] = evaluate_drop(etd, data, s, cfg.amp)
+            etd_rows.append(row(label, drops[pm][s], drop_mode_label(s)))
+        results[pm]["drop"] = drops[pm][knob]
         if pm == cfg.p_mem:
             etd_model, main_run = etd, etd_run
 
@@ -231,41 +271,58 @@ def main(argv=()):
     rows += etd_rows
     print_table(rows)
 
-    # Which training examples does the drop change? Forgotten clean ones, and noisy ones still memorized.
-    tied, drop = preds[cfg.p_mem, "tied"], preds[cfg.p_mem, "drop"]
-    clean_forgotten = torch.nonzero(~data.noisy & (tied == data.y_train) & (drop != data.y_train)).flatten()
-    noisy_kept = torch.nonzero(data.noisy & (drop == data.y_train)).flatten()
+    # Per scaling: which training examples does the drop change? Forgotten clean ones, and noisy ones
+    # still memorized. Per example, for paired statistics over test examples and seeds (common/claims.py):
+    # the dropped ETD model's test predictions and the noisy examples' drop-mode predictions.
+    tied, noisy_idx = preds[cfg.p_mem, "tied"], data.noisy_idx
+    scalings, per_scaling = {}, {}
+    for s, rescale in dropout.DROP_SCALINGS.items():
+        drop = preds[cfg.p_mem, s]
+        forgotten = torch.nonzero(~data.noisy & (tied == data.y_train) & (drop != data.y_train)).flatten()
+        kept = torch.nonzero(data.noisy & (drop == data.y_train)).flatten()
+        scalings[s] = {"drop_rescale": rescale, "factor": dropout.drop_factor(cfg.p_gen, cfg.p_mem, rescale),
+                       "accuracy": drops[cfg.p_mem][s], "noisy_to_true_after_drop": drops[cfg.p_mem][s]["noisy_true"],
+                       "clean_forgotten": forgotten.tolist(), "noisy_still_memorized": kept.tolist()}
+        drop_test = evaluate_drop(etd_model, data, s, cfg.amp, split="test")
+        per_scaling[s] = {"test_correct": (drop_test == data.y_test).int().tolist(),
+                          "noisy_drop_correct": (drop[noisy_idx] == data.y_train[noisy_idx]).int().tolist()}
     etd = results[cfg.p_mem]
-    # Per example, for paired statistics over test examples and seeds (common/claims.py): the plain run's
-    # and the dropped ETD model's test predictions, and the noisy examples' drop-mode predictions.
-    with dropout.mode(etd_model, "drop"):
-        drop_test = predict(etd_model, data, "test", amp=cfg.amp)
+    # The keys of the earlier schema hold the scaling of `drop_rescale`; "drop_scalings" holds both.
     per_example = {"test_correct": {"plain": (predict(plain, data, "test", amp=cfg.amp) == data.y_test).int().tolist(),
-                                    "drop": (drop_test == data.y_test).int().tolist()},
-                   "noisy_index": data.noisy_idx.tolist(),
-                   "noisy_drop_correct": (drop[data.noisy_idx] == data.y_train[data.noisy_idx]).int().tolist()}
+                                    "drop": per_scaling[knob]["test_correct"]},
+                   "noisy_index": noisy_idx.tolist(),
+                   "noisy_drop_correct": per_scaling[knob]["noisy_drop_correct"],
+                   "drop_scalings": per_scaling}
     out = {"config": vars(cfg), "matched_dropout_rate": rate, "table": rows,
-           "etd": {"p_gen": cfg.p_gen, "p_mem": cfg.p_mem, "modes": etd,
+           "etd": {"p_gen": cfg.p_gen, "p_mem": cfg.p_mem, "modes": etd, "drop_rescale": cfg.drop_rescale,
                    "noisy_to_true_after_drop": etd["drop"]["noisy_true"],
-                   "clean_forgotten": clean_forgotten.tolist(), "noisy_still_memorized": noisy_kept.tolist()},
-           "sweep": {f"{pm:g}": results[pm] for pm in results},
+                   "clean_forgotten": scalings[knob]["clean_forgotten"],
+                   "noisy_still_memorized": scalings[knob]["noisy_still_memorized"],
+                   "drop_scalings": scalings},
+           "sweep": {f"{pm:g}": {**results[pm], "drop_scalings": drops[pm]} for pm in results},
            "plain_test": rows[0]["test"], "per_example": per_example,
            "train_seconds": times, "wall_seconds": round(time.time() - t_start, 1),
            "variant_dirs": {"etd": str(main_run.dir)}}
     write_json(run.path("example_tied_dropout.json"), out)
-    print(f"\nafter the drop: noisy accuracy {100 * etd['drop']['noisy']:.1f}% (tied {100 * etd['tied']['noisy']:.1f}%), "
-          f"{100 * etd['drop']['noisy_true']:.1f}% of noisy examples back to their true label; test "
-          f"{100 * etd['drop']['test']:.1f}% (plain {100 * rows[0]['test']:.1f}%); {len(clean_forgotten)} clean "
-          f"examples forgotten; {out['wall_seconds']:.0f} s")
-    print(claims.tied_dropout(out).line())
+    print()
+    for s, v in scalings.items():
+        acc = v["accuracy"]
+        print(f"after the drop, {s} (generalization channels x {v['factor']:.3g}): noisy accuracy "
+              f"{100 * acc['noisy']:.1f}% (tied {100 * etd['tied']['noisy']:.1f}%), {100 * acc['noisy_true']:.1f}% of "
+              f"noisy examples back to their true label; test {100 * acc['test']:.1f}% (plain "
+              f"{100 * rows[0]['test']:.1f}%); {len(v['clean_forgotten'])} clean examples forgotten")
+    print(f"wall time {out['wall_seconds']:.0f} s")
+    claims.print_claims(claims.tied_dropout(out))
 
     # Figures.
     ecfg = SimpleNamespace(**{**vars(cfg), "epochs": variant_epochs(cfg)})
     plots.save(bar_chart(rows, cfg), run.path("example_tied_dropout_bars.png"))
     plots.save(curves(main_run.metrics(), rows[0]["test"], ecfg), run.path("example_tied_dropout_curves.png"))
-    plots.save(gallery(data, clean_forgotten, noisy_kept, drop, cfg, cfg.gallery_size), run.path("example_tied_dropout_gallery.png"))
+    plots.save(gallery(data, scalings, {s: preds[cfg.p_mem, s] for s in scalings}, cfg, cfg.gallery_size),
+               run.path("example_tied_dropout_gallery.png"))
     if len(results) > 1:
-        plots.save(sweep_plot(results, rows[0]["test"], ecfg), run.path("example_tied_dropout_sweep.png"))
+        plots.save(sweep_plot(drops, {pm: r["tied"] for pm, r in results.items()}, rows[0]["test"], ecfg),
+                   run.path("example_tied_dropout_sweep.png"))
     return out
 
 

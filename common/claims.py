@@ -10,7 +10,7 @@ resamples), the rule, and a verdict: yes / partial / no, or inconclusive when a 
     rewinding(results)           claim 2, layer_rewinding.json                -> [Claim per BatchNorm mode]
     retraining(results)          claim 3, layer_retraining.json               -> [Claim, + one for the ablation]
     flipping(results, variant)   claim 4, neuron_flipping*.json               -> Claim
-    tied_dropout(results)        claim 5, example_tied_dropout.json           -> Claim
+    tied_dropout(results)        claim 5, example_tied_dropout.json           -> [Claim per drop scaling]
 
 The scripts print `claim.line()`; common/report.py puts the same Claims in the report's table.
 Nothing else judges a claim.
@@ -85,7 +85,8 @@ RULES = {
     5: (f"noisy accuracy after the drop: CI high <= {DROPPED:.0%} (bootstrap over noisy examples, stratified "
         f"by seed); test accuracy drop - plain: CI low >= -{100 * TEST_MARGIN:g} point (paired bootstrap over "
         f"seeds, then test examples). yes: both; partial: one; no: neither. Control: the ETD model memorized "
-        f"(tied-mode noisy >= {MEMORIZED:.0%}), else inconclusive"),
+        f"(tied-mode noisy >= {MEMORIZED:.0%}), else inconclusive. The same rule for each scaling of the drop "
+        f"(generalization channels x (p_gen + p_mem) / p_gen, the authors', first; not rescaled), one row each"),
 }
 
 
@@ -508,15 +509,35 @@ def standard_row(run):
     return rows[0] if rows else None
 
 
-def standard_dropout_words(runs):
-    """What standard dropout at the matched rate shows, in words (for the report beside claim 5)."""
+DROP_VARIANTS = {"rescaled": "drop: rescaled (authors)", "unscaled": "drop: not rescaled"}  # the authors' first
+
+
+def drop_scalings(run):
+    """{scaling: {"noisy": noisy accuracy after the drop, "per_example": {"test_correct": [...],
+    "noisy_drop_correct": [...]} or None}} of an example_tied_dropout.json, "rescaled" / "unscaled"
+    (common.dropout.DROP_SCALINGS): both where the drop was evaluated both ways ("drop_scalings"), else
+    the one an older file holds, named by its config's drop_rescale (False when it has none)."""
+    etd, per = run["etd"], run.get("per_example")
+    if "drop_scalings" in etd:
+        return {s: {"noisy": v["accuracy"]["noisy"], "per_example": per and per["drop_scalings"][s]}
+                for s, v in etd["drop_scalings"].items()}
+    s = "rescaled" if run.get("config", {}).get("drop_rescale", False) else "unscaled"
+    return {s: {"noisy": etd["modes"]["drop"]["noisy"], "per_example": per and {
+        "test_correct": per["test_correct"]["drop"], "noisy_drop_correct": per["noisy_drop_correct"]}}}
+
+
+def standard_dropout_words(runs, scaling=None):
+    """What standard dropout at the matched rate shows, in words (for the report beside claim 5); the ETD
+    drop with `scaling` (default: the drop mode of the runs' drop_rescale)."""
     rows = [standard_row(r) for r in runs]
     if any(r is None for r in rows):
         return "No standard-dropout baseline in the results."
     noisy, test = _mean([r["noisy"] for r in rows]), _mean([r["test"] for r in rows])
     plain = _mean([r["plain_test"] for r in runs])
     tied = _mean([r["etd"]["modes"]["tied"]["noisy"] for r in runs])
-    drop = _mean([r["etd"]["modes"]["drop"]["noisy"] for r in runs])
+    drop = _mean([drop_scalings(r)[scaling]["noisy"] if scaling else r["etd"]["modes"]["drop"]["noisy"]
+                  for r in runs])
+    after = "after the drop" + (f", {DROP_VARIANTS[scaling].split(': ', 1)[1]}" if scaling else "")
     head = (f"Standard dropout at the matched rate ({rows[0]['model'].replace('standard dropout ', '')}) ends with "
             f"{_pct(noisy)} of the noisy examples predicted with their noisy label and {_pct(test)} test accuracy "
             f"(plain training {_pct(plain)}). ")
@@ -524,25 +545,39 @@ def standard_dropout_words(runs):
         return head + (f"It keeps the network from memorizing the noisy labels in the first place, so a low noisy "
                        f"accuracy alone is no sign of localization: what example-tied dropout adds is that the noisy "
                        f"labels were memorized ({_pct(tied)} in tied mode) into channels whose removal takes them "
-                       f"away ({_pct(drop)} after the drop).")
+                       f"away ({_pct(drop)} {after}).")
     return head + (f"It memorizes the noisy labels much as plain training does: dropout at this rate does not remove "
                    f"memorization by itself, while dropping example-tied dropout's memorization channels does "
-                   f"({_pct(tied)} tied -> {_pct(drop)} after the drop).")
+                   f"({_pct(tied)} tied -> {_pct(drop)} {after}).")
 
 
 def tied_dropout(results):
-    """Claim 5 from example_tied_dropout.json (one per seed)."""
+    """Claim 5 from example_tied_dropout.json (one per seed): one Claim per scaling of the drop mode that
+    every seed holds (drop_scalings; the authors' rescaled first), each by the same rule."""
     runs = _runs(results)
+    per_run = [drop_scalings(r) for r in runs]
+    present = [s for s in DROP_VARIANTS if all(s in p for p in per_run)]
+    if not present:
+        return [_claim(5, "", "no drop scaling common to every seed", "n/a", "inconclusive",
+                       "the seeds' results hold different drop scalings (re-run example_tied_dropout.py)")]
+    return [_tied_dropout_scaling(runs, [p[s] for p in per_run], s) for s in present]
+
+
+def _tied_dropout_scaling(runs, drops, scaling):
+    variant = DROP_VARIANTS[scaling]
     tied = _mean([r["etd"]["modes"]["tied"]["noisy"] for r in runs])
-    words = standard_dropout_words(runs)
-    if any("per_example" not in r for r in runs):
-        return _claim(5, "", f"noisy after drop {_pct(_mean([r['etd']['modes']['drop']['noisy'] for r in runs]))}",
-                      "n/a", "inconclusive", "no per-example results (re-run example_tied_dropout.py)",
-                      standard_dropout=words)
-    noisy = [np.array(r["per_example"]["noisy_drop_correct"], dtype=float) for r in runs]
-    paired = [np.stack([np.array(r["per_example"]["test_correct"]["drop"], dtype=float),
-                        np.array(r["per_example"]["test_correct"]["plain"], dtype=float)], 1) for r in runs]
+    words = standard_dropout_words(runs, scaling)
+    if any(d["per_example"] is None for d in drops):
+        return _claim(5, variant, f"noisy after drop {_pct(_mean([d['noisy'] for d in drops]))}", "n/a",
+                      "inconclusive", "no per-example results (re-run example_tied_dropout.py)",
+                      scaling=scaling, standard_dropout=words)
+    noisy = [np.array(d["per_example"]["noisy_drop_correct"], dtype=float) for d in drops]
+    paired = [np.stack([np.array(d["per_example"]["test_correct"], dtype=float),
+                        np.array(r["per_example"]["test_correct"]["plain"], dtype=float)], 1)
+              for r, d in zip(runs, drops)]
     noisy_acc = float(np.concatenate(noisy).mean())
+    # the same generators for both scalings: the same resamples, so their intervals differ by the data alone
+    # (and an earlier file's intervals are unchanged)
     n_lo, n_hi = bootstrap([(x,) for x in noisy], lambda s: _pooled(s).mean(), "tied_dropout:noisy")
     diff = lambda s: (lambda a: a[:, 0].mean() - a[:, 1].mean())(_pooled(s))  # noqa: E731
     d = float(diff([(p,) for p in paired]))
@@ -558,8 +593,9 @@ def tied_dropout(results):
         verdict = "yes" if removed and kept else "partial" if removed or kept else "no"
         reason = (f"noisy CI high {'<=' if removed else '>'} {DROPPED:.0%}; test CI low "
                   f"{'>=' if kept else '<'} -{100 * TEST_MARGIN:g} point")
-    return _claim(5, "", statistic, ci, verdict, reason, noisy_after_drop=noisy_acc, noisy_ci=(n_lo, n_hi),
-                  test_diff=d, test_diff_ci=(d_lo, d_hi), tied_noisy=tied, standard_dropout=words, seeds=len(runs))
+    return _claim(5, variant, statistic, ci, verdict, reason, scaling=scaling, noisy_after_drop=noisy_acc,
+                  noisy_ci=(n_lo, n_hi), test_diff=d, test_diff_ci=(d_lo, d_hi), tied_noisy=tied,
+                  standard_dropout=words, seeds=len(runs))
 
 
 # ----------------------------------------------------------------------------- all of them

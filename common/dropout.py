@@ -11,8 +11,9 @@ same as without dropout) and zero mask memory, for any dataset size.
 Evaluation modes (`set_mode`, used when the model is in eval mode):
   tied  the example's own training mask (needs its index): were the noisy examples memorized?
   keep  all channels, memorization channels scaled by p_mem (their expected value in training)
-  drop  memorization channels zeroed; generalization channels x drop_scale (1 by default; the
-        authors' code multiplied them by (p_gen + p_mem) / p_gen, see `drop_rescale`)
+  drop  memorization channels zeroed; generalization channels x drop_scale: (p_gen + p_mem) / p_gen
+        with `drop_rescale` (the default, as the authors' code), 1 without it (as the method's
+        description); `drop_scaling` switches an existing model between the two (no retraining)
 
 Models take these modules through `common.models.build_model(..., dropout=factory)`, where
 `factory(layer_name, channels, channel_dim)` returns the module for one layer. The zoo builds them
@@ -35,6 +36,7 @@ from .evaluation import predict, split_accuracy
 from .rng import derive_seed
 
 MODES = ("tied", "keep", "drop")
+DROP_SCALINGS = {"rescaled": True, "unscaled": False}  # the drop mode's scalings: name -> drop_rescale, authors' first
 _M32 = 0xFFFFFFFF
 
 
@@ -69,24 +71,27 @@ class ExampleTiedDropout(nn.Module):
     """Example-tied dropout over whole channels; no parameters, no buffers, masks hashed on the fly."""
     wants_index = True  # Net.forward hands it the batch's example indices
 
-    def __init__(self, channels, p_gen, p_mem, seed, layer, channel_dim=1, drop_rescale=False):
+    def __init__(self, channels, p_gen, p_mem, seed, layer, channel_dim=1, drop_rescale=True):
         super().__init__()
         if not (0 < p_gen < 1 and 0 < p_mem < 1):
             raise ValueError(f"p_gen={p_gen} and p_mem={p_mem} must both be in (0, 1)")
         self.channels, self.p_gen, self.p_mem, self.layer = channels, p_gen, p_mem, layer
         self.n_gen = int(math.floor(p_gen * channels + 1e-9))  # 0.29 * 100 is 28.99999...: still 29
         self.channel_dim = channel_dim
-        # the authors' test-time factor; (p_gen + (1 - p_gen) * p_mem) / p_gen would be the exact expected mass
-        self.drop_scale = (p_gen + p_mem) / p_gen if drop_rescale else 1.0
+        self.drop_rescale = drop_rescale  # evaluation only (drop mode): training is the same either way
         self.mode = "keep"  # eval mode; "keep" works for any input, "tied" needs training indices
         self.index = None
         salt = derive_seed(seed, "example_tied_dropout", layer)
         self.salt_example, self.salt_channel = salt & _M32, (salt >> 32) & _M32
         self.threshold = int(round(p_mem * 2 ** 32))  # keep a channel when its hash < threshold
 
+    @property
+    def drop_scale(self):
+        return drop_factor(self.p_gen, self.p_mem, self.drop_rescale)
+
     def extra_repr(self):
         return (f"{self.layer!r}, channels={self.channels} (generalization {self.n_gen}), p_mem={self.p_mem}, "
-                f"mode={self.mode!r}")
+                f"mode={self.mode!r}, drop_rescale={self.drop_rescale}")
 
     def memorization_mask(self, index):
         """(B, C - n_gen) bool: which memorization channels each example keeps; a function of (seed, layer, index)."""
@@ -144,7 +149,19 @@ class StandardDropout(nn.Module):
 
 # ----------------------------------------------------------------------------- factories and helpers
 
-def etd_factory(p_gen, p_mem, seed, drop_rescale=False):
+def drop_factor(p_gen, p_mem, rescale):
+    """The drop mode's multiplier of the generalization channels: the authors' test-time factor
+    (p_gen + p_mem) / p_gen when rescaling, else 1. ((p_gen + (1 - p_gen) * p_mem) / p_gen would be
+    the exact expected mass; the authors' code used this one.)"""
+    return (p_gen + p_mem) / p_gen if rescale else 1.0
+
+
+def scaling_name(rescale):
+    """'rescaled' | 'unscaled': the key of a drop_rescale value in DROP_SCALINGS and in the results."""
+    return "rescaled" if rescale else "unscaled"
+
+
+def etd_factory(p_gen, p_mem, seed, drop_rescale=True):
     """`dropout=` argument of build_model/model_for: one ExampleTiedDropout per wired layer."""
     def make(layer, channels, channel_dim=1):
         return ExampleTiedDropout(channels, p_gen, p_mem, seed, layer, channel_dim, drop_rescale)
@@ -188,6 +205,21 @@ def mode(model, mode_name):
     finally:
         for m, o in zip(mods, old):
             m.mode = o
+
+
+@contextlib.contextmanager
+def drop_scaling(model, rescale):
+    """`with dropout.drop_scaling(model, False): ...` -- drop mode with (True) or without the authors'
+    rescaling of the generalization channels; the previous settings are restored afterwards."""
+    mods = etd_modules(model)
+    old = [m.drop_rescale for m in mods]
+    for m in mods:
+        m.drop_rescale = rescale
+    try:
+        yield model
+    finally:
+        for m, o in zip(mods, old):
+            m.drop_rescale = o
 
 
 def mask_memory(model, example_shape, n_examples):

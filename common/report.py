@@ -285,12 +285,21 @@ def flipping(res, cfg, out, variants):
     return fig_path, text, judged
 
 
+def _etd_table(run):
+    """{row label: row} of a seed's example_tied_dropout.json table. An earlier file's one "drop" row is
+    named by the scaling it holds, as the script names its rows now ("drop rescaled", "drop unscaled")."""
+    def mode(r):
+        return f"drop {next(iter(claims.drop_scalings(run)))}" if r["mode"] == "drop" else r["mode"]
+    return {r["model"] + (f" [{mode(r)}]" if r["mode"] != "-" else ""): r for r in run["table"]}
+
+
 def tied_dropout(res, cfg, out, variants):
-    claim = claims.tied_dropout(res)
+    judged = claims.tied_dropout(res)
     keys = ("clean", "noisy", "noisy_true", "test")
-    labels = [f"{r['model']}" + (f" [{r['mode']}]" if r["mode"] != "-" else "") for r in res[0]["table"]]
-    vals = {k: 100 * np.array([[np.nan if row[k] is None else row[k] for row in r["table"]] for r in res],
-                              dtype=float) for k in keys}
+    tables = [_etd_table(r) for r in res]
+    labels = list(dict.fromkeys(lab for t in tables for lab in t))  # rows matched by label across seeds
+    vals = {k: 100 * np.array([[np.nan if lab not in t or t[lab][k] is None else t[lab][k] for lab in labels]
+                               for t in tables], dtype=float) for k in keys}
     fig, axes = figure("Example-tied dropout vs baselines (mean ± std over seeds)", cfg, panel=(11, 4.2))
     ax, x, w = axes[0, 0], np.arange(len(labels)), 0.2
     for j, k in enumerate(keys):
@@ -305,8 +314,8 @@ def tied_dropout(res, cfg, out, variants):
     fig_path = save(fig, out / "example_tied_dropout.png")
     rows = [(lab,) + tuple(_ms(vals[k][:, i] / 100) for k in keys) for i, lab in enumerate(labels)]
     text = (_table(["model [evaluation mode]", "clean train (%)", "noisy, noisy label (%)", "noisy, true label (%)",
-                    "test (%)"], rows) + "\n\n" + claim.values.get("standard_dropout", ""))
-    return fig_path, text, [claim]
+                    "test (%)"], rows) + "\n\n" + judged[0].values.get("standard_dropout", ""))
+    return fig_path, text, judged
 
 
 SECTIONS = [("gradient_accounting", "1. Gradient accounting", accounting),

@@ -211,35 +211,95 @@ def test_claim5_thresholds(monkeypatch):
     drop = plain.copy()
     drop[:3] = 0  # 0.3 point lower (where plain was right)
     runs = [_etd(noisy, plain.tolist(), drop.tolist()), _etd(noisy[::-1], plain.tolist(), drop.tolist())]
-    c = claims.tied_dropout(runs)
-    assert c.verdict == "yes" and c.values["seeds"] == 2
+    c, = claims.tied_dropout(runs)  # an earlier file: one drop scaling, named by its config (no config: unscaled)
+    assert c.verdict == "yes" and c.values["seeds"] == 2 and c.variant == "drop: not rescaled"
     n_hi = c.values["noisy_ci"][1]
     d_lo = c.values["test_diff_ci"][0]
     assert n_hi < 0.05 and d_lo > -0.01
     monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)      # the CI's high end just above the threshold
-    assert claims.tied_dropout(runs).verdict == "partial"
+    assert claims.tied_dropout(runs)[0].verdict == "partial"
     monkeypatch.setattr(claims, "DROPPED", n_hi)             # at it: <= holds
-    assert claims.tied_dropout(runs).verdict == "yes"
+    assert claims.tied_dropout(runs)[0].verdict == "yes"
     monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo - 1e-9)  # the CI's low end just below -margin
-    assert claims.tied_dropout(runs).verdict == "partial"
+    assert claims.tied_dropout(runs)[0].verdict == "partial"
     monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)
-    assert claims.tied_dropout(runs).verdict == "no"          # neither holds
+    assert claims.tied_dropout(runs)[0].verdict == "no"          # neither holds
     monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo)
-    assert claims.tied_dropout(runs).verdict == "partial"     # test kept again, noisy still above
+    assert claims.tied_dropout(runs)[0].verdict == "partial"     # test kept again, noisy still above
     monkeypatch.setattr(claims, "DROPPED", n_hi)
-    assert claims.tied_dropout(runs).verdict == "yes"
+    assert claims.tied_dropout(runs)[0].verdict == "yes"
     monkeypatch.undo()
     # the control: the ETD model must have memorized (tied mode >= 90%)
-    assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.9)).verdict == "yes"
-    assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.89)).verdict == "inconclusive"
+    assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.9))[0].verdict == "yes"
+    assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.89))[0].verdict == "inconclusive"
     # standard dropout in words, either way
-    assert "keeps the network from memorizing" in claims.tied_dropout(runs).values["standard_dropout"]
+    assert "keeps the network from memorizing" in claims.tied_dropout(runs)[0].values["standard_dropout"]
     assert "memorizes the noisy labels" in claims.tied_dropout(_etd(noisy, plain, drop, std_noisy=0.8)
-                                                                ).values["standard_dropout"]
+                                                                )[0].values["standard_dropout"]
+
+
+def _etd_both(rescaled, unscaled, plain, tied=1.0):
+    """A result with the drop evaluated both ways: (noisy_drop_correct, test_correct) per scaling."""
+    r = _etd(unscaled[0], plain, unscaled[1], tied=tied)
+    r["config"] = {"drop_rescale": True}  # the earlier keys hold the knob's scaling
+    r["etd"]["drop_scalings"] = {s: {"accuracy": {"noisy": float(np.mean(n))}}
+                                 for s, (n, _) in (("rescaled", rescaled), ("unscaled", unscaled))}
+    r["per_example"] = {"test_correct": {"plain": list(plain), "drop": list(rescaled[1])},
+                        "noisy_drop_correct": list(rescaled[0]),
+                        "drop_scalings": {s: {"noisy_drop_correct": list(n), "test_correct": list(t)}
+                                          for s, (n, t) in (("rescaled", rescaled), ("unscaled", unscaled))}}
+    return r
+
+
+def test_claim5_both_scalings_same_rule(monkeypatch):
+    """One row per drop scaling, the authors' first, each judged by the same thresholds on its own data."""
+    rng = np.random.default_rng(1)
+    plain = (rng.random(1000) < 0.97).astype(int)
+    low = (rng.random(500) < 0.02).astype(int)               # ~2% noisy after the drop: removed
+    high = (rng.random(500) < 0.08).astype(int)              # ~8%: not removed
+    kept, lost = plain.copy(), plain.copy()
+    kept[:3] = 0                                             # -0.3 point: test accuracy kept
+    lost[:60] = 0                                            # about -6 points: not kept
+    runs = [_etd_both((low, lost), (high, kept), plain), _etd_both((low[::-1], lost), (high[::-1], kept), plain)]
+    rescaled, unscaled = claims.tied_dropout(runs)
+    assert (rescaled.variant, unscaled.variant) == ("drop: rescaled (authors)", "drop: not rescaled")
+    assert (rescaled.values["scaling"], unscaled.values["scaling"]) == ("rescaled", "unscaled")
+    assert rescaled.verdict == "partial" and "noisy CI high <=" in rescaled.reason and "test CI low <" in rescaled.reason
+    assert unscaled.verdict == "partial" and "noisy CI high >" in unscaled.reason and "test CI low >=" in unscaled.reason
+    assert rescaled.values["noisy_after_drop"] == pytest.approx(low.mean())
+    assert unscaled.values["noisy_after_drop"] == pytest.approx(high.mean())
+    # the same thresholds move both rows: at each row's own CI ends
+    n_hi, d_lo = unscaled.values["noisy_ci"][1], unscaled.values["test_diff_ci"][0]
+    r_hi, r_lo = rescaled.values["noisy_ci"][1], rescaled.values["test_diff_ci"][0]
+    assert r_hi <= 0.05 < n_hi and r_lo < -0.01 <= d_lo
+    monkeypatch.setattr(claims, "DROPPED", n_hi)             # both remove now; the unscaled row keeps test too
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "yes"]
+    monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo)        # at the rescaled row's test CI low: >= holds
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["yes", "yes"]
+    monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo - 1e-9)
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "yes"]
+    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "partial"]
+    monkeypatch.undo()
+    # the control (the same tied-mode model) applies to both rows
+    assert [c.verdict for c in claims.tied_dropout([_etd_both((low, kept), (high, kept), plain, tied=0.89)])] \
+        == ["inconclusive", "inconclusive"]
+    # each row's standard-dropout words name its own scaling's drop
+    assert "after the drop, rescaled (authors)" in rescaled.values["standard_dropout"]
+    assert "after the drop, not rescaled" in unscaled.values["standard_dropout"]
+    # an earlier file with drop_rescale=True: its one scaling is the rescaled one; seeds holding different
+    # scalings judge the scalings common to all of them
+    old = _etd(low, plain, kept)
+    old["config"] = {"drop_rescale": True}
+    assert [c.variant for c in claims.tied_dropout(old)] == ["drop: rescaled (authors)"]
+    assert [c.variant for c in claims.tied_dropout([runs[0], old])] == ["drop: rescaled (authors)"]
+    assert claims.tied_dropout([_etd(low, plain, kept), old])[0].verdict == "inconclusive"
+    no_per_example = {k: v for k, v in runs[0].items() if k != "per_example"}
+    assert [c.verdict for c in claims.tied_dropout(no_per_example)] == ["inconclusive", "inconclusive"]
 
 
 def test_every_claim_has_a_rule_and_prints_it():
-    c = claims.tied_dropout(_etd([0] * 50, [1] * 50, [1] * 50))
+    c, = claims.tied_dropout(_etd([0] * 50, [1] * 50, [1] * 50))
     line = c.line()
     assert c.rule in line and "YES" in line
     assert set(claims.RULES) == set(claims.STATEMENTS) == {1, 2, 3, 4, 5}

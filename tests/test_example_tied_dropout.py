@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from common.cli import UserError
-from common.dropout import (MODES, ExampleTiedDropout, StandardDropout, etd_factory, etd_modules, hash32,
-                            mask_memory, matched_rate, mode, set_mode)
+from common.dropout import (DROP_SCALINGS, MODES, ExampleTiedDropout, StandardDropout, drop_scaling, etd_factory,
+                            etd_modules, hash32, mask_memory, matched_rate, mode, set_mode)
 from common.models import MODELS, build_model, group_keys, layer_groups
 from conftest import REPO
 
@@ -81,14 +81,33 @@ def test_generalization_channels_always_on_and_modes():
     with mode(m, "keep"):
         keep = forward_ones(m, None)[0]
     assert bool((keep[:15] == 1).all()) and torch.allclose(keep[15:], torch.full((35,), 0.25))
-    with mode(m, "drop"):
+    with mode(m, "drop"):  # the default: the authors' rescaling of the generalization channels
         drop = forward_ones(m, None)[0]
-    assert bool((drop[:15] == 1).all()) and bool((drop[15:] == 0).all())  # exactly the memorization channels
-    rescaled = etd(channels=50, p_gen=0.3, p_mem=0.25, drop_rescale=True)
-    rescaled.eval(), set_mode(rescaled, "drop")
-    drop = forward_ones(rescaled, None)[0]
+        with drop_scaling(m, False):
+            unscaled = forward_ones(m, None)[0]
     assert torch.allclose(drop[:15], torch.full((15,), (0.3 + 0.25) / 0.3)) and bool((drop[15:] == 0).all())
-    assert m.mode == "keep"  # the context manager restored it
+    assert bool((unscaled[:15] == 1).all()) and bool((unscaled[15:] == 0).all())  # exactly the memorization channels
+    plain = etd(channels=50, p_gen=0.3, p_mem=0.25, drop_rescale=False)
+    plain.eval(), set_mode(plain, "drop")
+    assert torch.equal(forward_ones(plain, None)[0], unscaled)
+    assert m.mode == "keep" and m.drop_rescale is True  # the context managers restored them
+
+
+def test_drop_scalings_on_a_hand_checked_input():
+    """4 channels, p_gen 0.5: channels 0-1 generalization, 2-3 memorization; rescaled factor (0.5 + 0.25) / 0.5 = 1.5."""
+    m = etd(channels=4, p_gen=0.5, p_mem=0.25)
+    m.eval()
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])[:, :, None, None]
+    out = {}
+    for name in ("keep", "drop"):
+        with mode(m, name):
+            out[name] = m(x).flatten().tolist()
+            with drop_scaling(m, False):
+                out[name + " unscaled"] = m(x).flatten().tolist()
+    assert out["drop"] == [1.5, 3.0, 0.0, 0.0]             # the authors': generalization x 1.5, memorization x 0
+    assert out["drop unscaled"] == [1.0, 2.0, 0.0, 0.0]    # the method's description: generalization as they are
+    assert out["keep"] == out["keep unscaled"] == [1.0, 2.0, 0.75, 1.0]  # keep mode: no rescaling either way
+    assert list(DROP_SCALINGS.items()) == [("rescaled", True), ("unscaled", False)]  # the authors' first
 
 
 def test_tokens_share_the_mask_and_spatial_positions_too():
@@ -169,24 +188,43 @@ def test_mask_memory_cifar10_full_width():
 
 # ----------------------------------------------------------------------------- the script
 
-def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path):
+def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path, capsys):
     """A real measurement: the ETD model memorizes the noisy labels with its own channels (tied) and
-    forgets them when the memorization channels are dropped; test accuracy stays far above chance."""
+    forgets them when the memorization channels are dropped; test accuracy stays far above chance.
+    The drop mode is evaluated both ways (rescaled, the default, and not) from the same trained model."""
     import example_tied_dropout as script
+    from common import claims
+    assert script.drop_rescale is True  # the authors' rescaling is the default
     cfg, _, _, run = tiny_trained
     runs = tmp_path / "runs"
     shutil.copytree(run.dir, runs / run.dir.name)   # the shared run stays untouched
     argv = [f"--{k}={v}" for k, v in vars(cfg).items() if k in script.KNOBS] + \
         [f"--runs_dir={runs}", "--etd_epochs=12", "--gallery_size=4"]
     out = script.main(argv)
+    printed = capsys.readouterr().out
     modes = out["etd"]["modes"]
     assert modes["tied"]["noisy"] >= 0.8, modes            # memorized, with each example's own channels
     assert modes["drop"]["noisy"] <= modes["tied"]["noisy"] - 0.5, modes  # ... and gone after the drop
     assert modes["drop"]["noisy"] < 0.3 and modes["drop"]["test"] > 0.6, modes
     assert modes["tied"]["test"] is None and modes["keep"]["test"] is not None
     saved = json.loads((runs / run.dir.name / "example_tied_dropout.json").read_text())
-    assert [r["mode"] for r in saved["table"]] == ["-", "-", "-", "tied", "keep", "drop"]
+    assert [r["mode"] for r in saved["table"]] == ["-", "-", "-", "tied", "keep", "drop rescaled", "drop unscaled"]
     assert saved["table"][0]["noisy"] >= 0.95  # the plain run memorized them
+    # both scalings, side by side; the earlier schema's keys hold the knob's (the authors' rescaled)
+    both = saved["etd"]["drop_scalings"]
+    assert list(both) == ["rescaled", "unscaled"] and saved["etd"]["drop_rescale"] is True
+    assert both["rescaled"]["factor"] == pytest.approx((0.5 + 0.2) / 0.5) and both["unscaled"]["factor"] == 1.0
+    assert both["rescaled"]["accuracy"] == modes["drop"] and both["unscaled"]["accuracy"] != modes["drop"]
+    assert both["rescaled"]["clean_forgotten"] == saved["etd"]["clean_forgotten"]
+    assert both["unscaled"]["accuracy"]["noisy"] < 0.3 and both["unscaled"]["accuracy"]["test"] > 0.6, both
+    assert saved["sweep"]["0.2"]["drop_scalings"] == {s: v["accuracy"] for s, v in both.items()}
+    for r, s in zip(saved["table"][5:], both):
+        assert {c: r[c] for c in script.COLUMNS} == {c: both[s]["accuracy"][c] for c in script.COLUMNS}
+    # the printed table and summary show both; so do the claims (one row per scaling)
+    for s in both:
+        assert f"drop {s}" in printed and f"after the drop, {s}" in printed
+    assert "claim 5 [drop: rescaled (authors)]" in printed and "claim 5 [drop: not rescaled]" in printed
+    assert [c.variant for c in claims.tied_dropout(saved)] == ["drop: rescaled (authors)", "drop: not rescaled"]
     # per-example results (paired statistics in common/claims.py): right lengths, means = the table's accuracies
     per = saved["per_example"]
     n_test, n_noisy = len(per["test_correct"]["plain"]), len(per["noisy_drop_correct"])
@@ -197,16 +235,29 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path):
     assert mean(per["test_correct"]["plain"]) == pytest.approx(saved["plain_test"], abs=1e-6)
     assert mean(per["test_correct"]["drop"]) == pytest.approx(modes["drop"]["test"], abs=1e-6)
     assert mean(per["noisy_drop_correct"]) == pytest.approx(modes["drop"]["noisy"], abs=1e-6)
+    assert per["drop_scalings"]["rescaled"] == {"test_correct": per["test_correct"]["drop"],
+                                                "noisy_drop_correct": per["noisy_drop_correct"]}
+    for s, p in per["drop_scalings"].items():
+        assert len(p["test_correct"]) == 256 and len(p["noisy_drop_correct"]) == 51
+        assert mean(p["test_correct"]) == pytest.approx(both[s]["accuracy"]["test"], abs=1e-6)
+        assert mean(p["noisy_drop_correct"]) == pytest.approx(both[s]["accuracy"]["noisy"], abs=1e-6)
     assert "default_claim" not in saved  # the verdict is common/claims.py's
     for what in ("bars", "curves", "gallery"):
         assert (runs / run.dir.name / f"example_tied_dropout_{what}.png").stat().st_size > 10_000
     variant = runs / run.dir.name / "example_tied_dropout" / "etd_pgen0.5_pmem0.2_ep12"
     rows = [json.loads(line) for line in (variant / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(13)) and {"tied", "drop"} <= set(rows[-1])
+    assert [r["epoch"] for r in rows] == list(range(13)) and {"tied", "drop_rescaled", "drop_unscaled"} <= set(rows[-1])
+    assert rows[-1]["drop_rescaled"] == both["rescaled"]["accuracy"]  # the last epoch is the evaluated model
     before = (variant / "checkpoints" / "epoch_012.pt").read_bytes()
     again = script.main(argv)  # reuses the trained variants: same numbers, checkpoints untouched
     assert again["table"] == out["table"]
     assert (variant / "checkpoints" / "epoch_012.pt").read_bytes() == before
+    # drop_rescale is evaluation only: the same trained model, the "drop" keys now the unscaled drop
+    other = script.main(argv + ["--drop_rescale=False"])
+    assert (variant / "checkpoints" / "epoch_012.pt").read_bytes() == before
+    assert other["etd"]["drop_scalings"] == out["etd"]["drop_scalings"] and other["table"] == out["table"]
+    assert other["etd"]["modes"]["drop"] == both["unscaled"]["accuracy"] and other["etd"]["drop_rescale"] is False
+    assert other["per_example"]["noisy_drop_correct"] == per["drop_scalings"]["unscaled"]["noisy_drop_correct"]
 
 
 def test_bad_knob_exits_2_with_one_line(tmp_path):
@@ -234,3 +285,22 @@ def test_variants_default_to_the_plain_runs_epochs():
     from types import SimpleNamespace
     assert script.variant_epochs(SimpleNamespace(etd_epochs=0, epochs=20)) == 20
     assert script.variant_epochs(SimpleNamespace(etd_epochs=12, epochs=20)) == 12
+
+
+def test_results_of_the_earlier_default_are_stale_for_reproduce(tmp_path):
+    """A JSON written with drop_rescale=False (the earlier default) is re-run by reproduce.py under the new
+    default (evaluation only: drop_rescale is no training key, so the trained models are reused)."""
+    import example_tied_dropout as script
+    import reproduce
+    from common import config
+    from common.runs import write_json
+    argv = [f"--runs_dir={tmp_path}", "--device=cpu"]
+    cfg = config.parse(script.KNOBS, argv)
+    path = reproduce.results_path(script, cfg)
+    saved = {**vars(cfg), **config.train_config(cfg)}
+    write_json(path, {"config": saved})
+    assert reproduce.is_done(script, argv) == (True, path)
+    write_json(path, {"config": {**saved, "drop_rescale": False}})
+    assert reproduce.is_done(script, argv)[0] is False
+    assert reproduce.is_done(script, argv + ["--drop_rescale=False"])[0] is True
+    assert "drop_rescale" not in config.train_config(cfg)  # not part of the trained run's identity

@@ -27,15 +27,19 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
             if r.startswith("| ") and not r.startswith("| #")]
     header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
     assert [c.strip() for c in header.strip("| ").split(" | ")][3:6] == ["statistic", "95% CI", "rule"]
-    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5"]  # BN modes, ablation, flip variants
+    # BN modes, ablation, flip variants, drop scalings
+    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5"]
     for r in rows:
         assert len(r) == 8 and r[3] and r[4] and len(r[5]) > 40 and r[7] in ("yes", "partial", "no", "inconclusive")
     assert {r[2] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
+    assert [r[2] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled"]
     # a number in the claims table comes from the JSON: noisy accuracy after the ETD drop
     etd = read_json(run_dir / "example_tied_dropout.json")
     noisy = etd["per_example"]["noisy_drop_correct"]
     assert f"noisy accuracy after the drop {100 * sum(noisy) / len(noisy):.1f}%" in claims_md
+    for scaling in ("rescaled", "unscaled"):  # the ETD section's table: both drop rows
+        assert f"[drop {scaling}] |" in text.split("## 5. Example-tied dropout")[1]
     assert len(read_json(path.parent / "claims.json")) == len(rows)
     timings = read_json(path.parent / "timings.json")
     n_runs = 4 + len(reproduce.VARIANTS)  # the retraining ablation replaces seed 0's default retraining
