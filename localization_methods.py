@@ -93,9 +93,10 @@ config.register_check("methods", lambda v, cfg: None if v and len(set(v)) == len
                       f"methods={v!r}: give distinct names from {', '.join(METHODS)}; e.g. --methods=[\"oneshot\",\"random\"]")
 config.register_check("collateral_k", lambda v, cfg: None if all(type(k) is int and k >= 1 for k in v) else
                       f"collateral_k={v!r} must list integers >= 1; e.g. --collateral_k=[1,5,20]")
-# Records computed under the same settings are reused by an interrupted or extended run.
+# Records computed under the same settings are reused by an interrupted or extended run. Not drop_rescale:
+# it changes only the ETD drop-mode evaluation, which the methods never use (tied mode is the ground truth).
 SETTINGS = ("unit", "ref_batch", "max_k", "ig_steps", "mask_steps", "hc_lr", "slim_lr", "l0_penalty", "l1_penalty",
-            "collateral_n", "collateral_k", "p_gen", "p_mem", "drop_rescale", "etd_epochs", "dropout_after")
+            "collateral_n", "collateral_k", "p_gen", "p_mem", "etd_epochs", "dropout_after")
 OPTIONS = ("max_k", "ig_steps", "mask_steps", "hc_lr", "slim_lr", "l0_penalty", "l1_penalty")  # Localizer's
 
 
