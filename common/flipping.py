@@ -375,20 +375,43 @@ def _rows(t):
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _window_sums(conv, t):
+    """t: (N, G, H, W) -> (N, G, H', W'): the sums of t over the conv's kernel window at each of its output
+    positions (the conv's stride, padding, padding mode and dilation), each channel on its own. One
+    depthwise convolution with a kernel of ones over the N x G maps (many maps at once: far cheaper on a
+    CPU than N maps of one channel)."""
+    n, g = t.shape[:2]
+    maps = t.contiguous().view(1, n * g, *t.shape[2:])
+    ones = torch.ones((n * g, 1) + tuple(conv.kernel_size), device=t.device, dtype=t.dtype)
+    if conv.padding_mode != "zeros":  # as Conv2d._conv_forward pads
+        maps, padding = F.pad(maps, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+    else:
+        padding = conv.padding
+    out = F.conv2d(maps, ones, None, conv.stride, padding, conv.dilation, n * g)
+    return out.view(n, g, *out.shape[2:])
+
+
 def filter_tolerance(conv, inp, grad):
     """Per output channel: 2 lambda sqrt(n) u S', the rounding tolerance of a filter score (see ROUNDOFF)."""
     w = conv.weight.detach()
-    groups, cin = conv.groups, w.shape[1]  # input channels per group
-    # the norm of every input patch (per group): a convolution of in^2 with a kernel of ones
-    ones = torch.ones((groups, cin) + tuple(w.shape[2:]), device=w.device, dtype=w.dtype)
-    patch = _rows(conv._conv_forward(inp.detach().square(), ones, None)).clamp_min_(0).sqrt_()  # (M, groups)
+    groups = conv.groups
+    n = w[0].numel() * grad.numel() // grad.shape[1]  # products in a filter score: taps x output positions
+    # the squared norm of every input patch (per group): the squares of the input summed over each group's
+    # channels first, then over the kernel window -- the same sum as a convolution of in^2 with ones over
+    # all of the group's channels, at a fraction of its cost
+    square = torch.linalg.vector_norm(inp.detach().unflatten(1, (groups, -1)), dim=2).square_()  # (N, groups, H, W)
+    patch = _rows(_window_sums(conv, square)).clamp_min_(0).sqrt_()  # (M, groups)
     g = _rows(grad).abs()  # (M, C)
     if groups == 1:
         weighted = patch[:, 0] @ g
     else:
         weighted = (g * patch.repeat_interleave(w.shape[0] // groups, dim=1)).sum(0)
-    n = w[0].numel() * g.shape[0]
-    return 2 * LAMBDA * ROUNDOFF * math.sqrt(n) * w.flatten(1).norm(dim=1) * weighted
+    # S' is computed in fp32 too: by the same model of rounding each of its three sums (patches, positions,
+    # the weight's norm; none longer than n) falls short of its exact value by a relative lambda sqrt(n) u
+    # at most, and its few elementwise roundings (fewer than lambda, of u each) by no more than that again:
+    # dividing by (1 - lambda sqrt(n) u)^4 keeps it above S
+    short = LAMBDA * math.sqrt(n) * ROUNDOFF
+    return 2 * short / (1 - short) ** 4 * w.flatten(1).norm(dim=1) * weighted
 
 
 def _weight_grads(conv, inp, grad):
@@ -431,6 +454,12 @@ class Flipper:
         self.unit_entry = torch.repeat_interleave(torch.arange(len(units.entries)),
                                                   torch.tensor([e.count for e in units.entries]))
         self.capture, self.outs, self.called = False, {}, set()
+        # The conv inputs and output gradients kept at a step, per copy, live on until the next step's
+        # copies replace them one by one: freed all at once, a CPU's allocator hands their memory back to
+        # the system and the next step faults it in again, page by page (most of the fast path's extra time
+        # on a CPU, measured); replaced one by one, it is reused. The memory in use is a step's, as before;
+        # a search releases it when it ends (held across searches, it would cost the code in between).
+        self.held = []
         self.steps = self.exact_steps = self.exact_layers = 0  # steps, steps with near-ties, layers re-scored
 
     def _keep(self, module, inputs, out):
@@ -569,15 +598,19 @@ class Flipper:
                         return FlipResult(zeroed, quick != int(y[0]), quick)
                     # each copy's forward and backward, one after the other (one copy's memory at a time)
                     logits, parts = [], []
-                    for c in copies:
+                    for k, c in enumerate(copies):
+                        if k < len(self.held):  # the last step's copy k, released just before its successor
+                            self.held[k] = None
                         out, part = self._copy_pass(c, y, cache, start, retain=reuse)  # reuse: keep the prefix graph
                         logits.append(out)
                         parts.append(part)
+                    self.held = [part and part[3] for part in parts]
                     prediction = target_prediction(logits)  # the reference's flip check, bitwise
                     if prediction != int(y[0]) or len(zeroed) >= max_units:
                         return FlipResult(zeroed, prediction != int(y[0]), prediction)
                     found = None if None in parts else self._combine(parts)
                     u = None if found is None else self._choose(*found, zeroed)
+                    found = None  # self.held alone keeps the copies' conv inputs and gradients
                     self.steps += 1
                     if u is None:  # conv outputs not usable: the reference computation, whole
                         self.exact.load_state_dict(self.model.state_dict())
@@ -588,7 +621,7 @@ class Flipper:
                     if reuse:  # the stages before the unit's are unchanged
                         start = self.entry_stage[self.units.entry_index(u)]
         finally:
-            self.capture, self.outs = False, {}
+            self.capture, self.outs, self.held = False, {}, []
 
 
 # ----------------------------------------------------------------------------- the experiment's choices

@@ -15,9 +15,9 @@ import neuron_flipping
 from common import config
 from common.cli import UserError
 from common.evaluation import predict
-from common.flipping import (Collateral, FlipResult, Flipper, Units, _reference_scores, collateral_sets, eot_inputs,
-                             flip_sequential, objective, pick_targets, reference_batch, refresh_batchnorm,
-                             step_copies, target_prediction, zeroed_copy)
+from common.flipping import (LAMBDA, ROUNDOFF, Collateral, FlipResult, Flipper, Units, _reference_scores,
+                             collateral_sets, eot_inputs, filter_tolerance, flip_sequential, objective, pick_targets,
+                             reference_batch, refresh_batchnorm, step_copies, target_prediction, zeroed_copy)
 from common.models import stages
 from common.precision import strict_fp32
 from common.rng import generator
@@ -198,6 +198,50 @@ def test_fast_scores_against_the_reference_scores(tiny_trained, unit):
         e = units.entries[i]
         assert torch.equal(flipper._exact_scores(i, kept), expected[e.offset:e.offset + e.count])
     assert (unit == "channel") == bool((~exact).any())  # channel_out needs no filter scores here
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(stride=2, padding=2, kernel_size=5), dict(groups=4, padding=1),
+                                   dict(dilation=2, padding=3), dict(padding=1, padding_mode="reflect"),
+                                   dict(padding="same", padding_mode="circular"),
+                                   dict(groups=8, stride=(2, 1), kernel_size=(3, 5), padding=(0, 2))])
+def test_filter_tolerance_bounds_the_rounding_of_a_filter_score(shape):
+    """The tolerance's S' (squares summed over each group's channels, then over the kernel window) is the
+    Cauchy-Schwarz bound ||W_c|| sum |g| ||input patch|| -- computed here in float64 as a convolution of
+    in^2 with ones over the group's channels -- a little above it (its fp32 rounding), and that bound is
+    above S = sum |w * in * g|."""
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(8, 16, **{"kernel_size": 3, **shape})
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+    x = F.relu(torch.randn(3, 8, 11, 13, generator=gen)).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(conv(x).shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    tol = filter_tolerance(conv, x, g).double()
+    c64, x64, g64 = copy.deepcopy(conv).double(), x.double(), g.double()
+    ones = torch.ones((conv.groups, conv.in_channels // conv.groups) + conv.kernel_size, dtype=torch.float64)
+    patch = c64._conv_forward(x64.square(), ones, None).sqrt()  # (N, groups, H', W')
+    patch = patch.repeat_interleave(conv.out_channels // conv.groups, dim=1)
+    bound = c64.weight.flatten(1).norm(dim=1) * (g64.abs() * patch).sum((0, 2, 3))
+    s = (g64.abs() * c64._conv_forward(x64.abs(), c64.weight.abs(), None)).sum((0, 2, 3))
+    assert bool((bound >= s).all())
+    short = LAMBDA * math.sqrt(conv.weight[0].numel() * g.numel() // g.shape[1]) * ROUNDOFF
+    ratio = tol / (2 * short * bound)
+    assert bool((ratio >= 1).all()) and bool((ratio <= 1 + 5 * short).all())
+
+
+def test_one_flipper_across_copy_counts(tiny_trained):
+    """A Flipper keeps a step's conv inputs and gradients until the next step's copies replace them (released
+    one by one) and releases them when a search ends: searches with different numbers of copies, one after
+    the other on one Flipper, keep the reference's answers."""
+    cfg, model, data, run = tiny_trained
+    units = units_of(model, data, "channel")
+    flipper = Flipper(model, units)
+    (a, _), (b, _) = targets(model, data, 1)
+    for index, n_eot in ((a, 2), (b, 0), (a, 3), (b, 2)):
+        x, y = batch(data, index)
+        assert flipper.flip(x, y, 40, n_eot, 0.01, (0, index)) == flip_sequential(model, units, x, y, 40, n_eot, 0.01,
+                                                                                  (0, index)), (index, n_eot)
+        assert flipper.held == []
+    assert flipper.steps >= 4
 
 
 class SkipNet(nn.Module):
