@@ -24,6 +24,34 @@ def strict_figures(monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread inside the test: for tests of many tiny kernels, where a second thread's
+    hand-offs cost more than the work on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def autocast_spy(monkeypatch):
+    """autocast_spy(*modules) -> a list that records the `enabled` flag of every autocast those modules
+    enter (each module's `autocast` replaced by a no-op that records)."""
+    import contextlib
+    seen = []
+
+    def spy(device, enabled=True):
+        seen.append(enabled)
+        return contextlib.nullcontext()
+
+    def install(*modules):
+        for m in modules:
+            monkeypatch.setattr(m, "autocast", spy)
+        return seen
+    return install
+
+
+@pytest.fixture
 def make_cfg(tmp_path):
     """make_cfg(**overrides) -> a config namespace whose runs_dir is a fresh temporary directory."""
     def make(**overrides):

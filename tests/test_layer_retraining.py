@@ -239,19 +239,12 @@ def test_bad_knob_exits_2_with_one_line(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
-def test_amp_setting_reaches_every_forward(tiny_trained, monkeypatch):
+def test_amp_setting_reaches_every_forward(tiny_trained, autocast_spy):
     """amp=False: no autocast in retraining's training steps or evaluations."""
-    import contextlib
     import common.evaluation as evaluation
     import common.training as training
     cfg, trained, data, run = tiny_trained
-    seen = []
-
-    def spy(device, enabled=True):
-        seen.append(enabled)
-        return contextlib.nullcontext()
-    monkeypatch.setattr(training, "autocast", spy)
-    monkeypatch.setattr(evaluation, "autocast", spy)
+    seen = autocast_spy(training, evaluation)
     script.retrain_group(copy.deepcopy(trained), data, "head", run.load_checkpoint(0)["model"],
                          retrain_cfg(cfg, amp=False, retrain_epochs=1))
     assert len(seen) > 2 and set(seen) == {False}

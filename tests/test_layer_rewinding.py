@@ -241,20 +241,13 @@ def test_recomputed_bn_statistics_match_a_direct_estimate(tiny_trained):
     assert plain["head"] == acc["head"]  # no BatchNorm in the head: nothing to recompute
 
 
-def test_amp_setting_reaches_every_forward(tiny_trained, monkeypatch):
+def test_amp_setting_reaches_every_forward(tiny_trained, autocast_spy, monkeypatch):
     """amp=False must mean no autocast anywhere in the sweep: the prefix path, the whole-forward fallback and
     the BatchNorm re-estimation (on CUDA autocast would otherwise switch to bf16 whatever amp says)."""
-    import contextlib
     import common.evaluation as evaluation
     import common.rewinding as rewinding
     cfg, model, data, run = tiny_trained
-    seen = []
-
-    def spy(device, enabled=True):
-        seen.append(enabled)
-        return contextlib.nullcontext()
-    monkeypatch.setattr(rewinding, "autocast", spy)
-    monkeypatch.setattr(evaluation, "autocast", spy)
+    seen = autocast_spy(rewinding, evaluation)
     keys = rewind_keys(model, "recompute")
     states = load_rewind_states(run, [0], keys, model, data.device)
     for amp in (False, True):

@@ -21,13 +21,7 @@ from common.localization import (METHODS, ActivationProbe, ChannelUnits, Localiz
 from common.models import Net, model_for
 from common.training import make_optimizer, train_epoch
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread's hand-offs cost more than the work (5x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: many tiny kernels
 
 
 OPTIONS = dict(max_k=6, ig_steps=2, mask_steps=5, hc_lr=0.1, slim_lr=0.02, l0_penalty=0.01, l1_penalty=0.01)

@@ -20,13 +20,7 @@ FACTORY = "examples/my_model.py:factory"
 SPECS = ("torchvision:resnet18", "torchvision:mobilenet_v3_small", FACTORY)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are many small kernels: one thread is fastest on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: many tiny kernels
 
 
 @pytest.fixture(scope="module")
