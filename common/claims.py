@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .dropout import DROP_SCALINGS, scaling_name
 from .rng import derive_seed
 
 VERDICTS = ("yes", "partial", "no", "inconclusive")
@@ -509,7 +510,9 @@ def standard_row(run):
     return rows[0] if rows else None
 
 
-DROP_VARIANTS = {"rescaled": "drop: rescaled (authors)", "unscaled": "drop: not rescaled"}  # the authors' first
+# the report's label of each drop scaling (common.dropout.DROP_SCALINGS), the authors' first
+DROP_VARIANTS = {"rescaled": "drop: rescaled (authors)", "unscaled": "drop: not rescaled"}
+assert list(DROP_VARIANTS) == list(DROP_SCALINGS)
 
 
 def drop_scalings(run):
@@ -521,7 +524,7 @@ def drop_scalings(run):
     if "drop_scalings" in etd:
         return {s: {"noisy": v["accuracy"]["noisy"], "per_example": per and per["drop_scalings"][s]}
                 for s, v in etd["drop_scalings"].items()}
-    s = "rescaled" if run.get("config", {}).get("drop_rescale", False) else "unscaled"
+    s = scaling_name(run.get("config", {}).get("drop_rescale", False))
     return {s: {"noisy": etd["modes"]["drop"]["noisy"], "per_example": per and {
         "test_correct": per["test_correct"]["drop"], "noisy_drop_correct": per["noisy_drop_correct"]}}}
 

@@ -158,7 +158,7 @@ def drop_factor(p_gen, p_mem, rescale):
 
 def scaling_name(rescale):
     """'rescaled' | 'unscaled': the key of a drop_rescale value in DROP_SCALINGS and in the results."""
-    return "rescaled" if rescale else "unscaled"
+    return next(name for name, r in DROP_SCALINGS.items() if r == bool(rescale))
 
 
 def etd_factory(p_gen, p_mem, seed, drop_rescale=True):
