@@ -1,0 +1,184 @@
+"""Hold-out (C-)scores, the proxies, their agreement, the scores file and the `memorized` knob."""
+import csv
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import memorization_scores
+from common import cli, config
+from common.cli import UserError
+from common.data import (KINDS, Data, load_data, load_scores, mark_memorized, pool_positions, scores_path,
+                         stratified_split)
+from common.evaluation import split_accuracy
+from common.memorization import (holdout_scores, holdout_subset, learning_proxies, load_published, spearman,
+                                 spearman_ci, write_scores)
+from conftest import TINY
+
+
+def test_learning_proxies_by_hand():
+    # rows = epochs 1..4, columns = examples
+    c = np.array([[0, 1, 1, 0, 1],
+                  [1, 1, 0, 0, 1],
+                  [1, 1, 1, 0, 0],
+                  [1, 1, 1, 0, 1]], dtype=bool)
+    p = learning_proxies(c)
+    assert p["learning_speed"].tolist() == [3, 4, 3, 0, 3]
+    assert p["forgetting"].tolist() == [0, 0, 1, 0, 1]
+    assert p["first_learned"].tolist() == [2, 1, 3, 5, 4]  # 5 = epochs + 1: wrong at the end
+
+
+def test_holdout_scores_and_standard_error():
+    held = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    correct = torch.tensor([[1, 0, 0, 1], [1, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    score, se, m = holdout_scores(correct, held)
+    assert m.tolist() == [4, 2, 1, 2]
+    assert score[:3].tolist() == [0.5, 0.5, 1.0] and score[3] == 1.0  # correct outside `held` is ignored
+    outcomes = np.array([1, 1, 0, 0.0])
+    assert se[0] == pytest.approx(outcomes.std(ddof=1) / 2)
+    assert np.isnan(se[2])  # one model: no standard error
+    sub = holdout_subset(100, 0.7, 0, 3)
+    assert sub.sum() == 70 and torch.equal(sub, holdout_subset(100, 0.7, 0, 3))
+    assert not torch.equal(sub, holdout_subset(100, 0.7, 0, 4))
+
+
+def test_spearman():
+    a = np.arange(20.0)
+    assert spearman(a, a ** 3) == pytest.approx(1)
+    assert spearman(a, -a) == pytest.approx(-1)
+    assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1)  # ties averaged
+    assert np.isnan(spearman(a, np.ones(20)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    rho, lo, hi = spearman_ci(x, x + rng.normal(size=200), "t")
+    assert lo < rho < hi and lo > 0.4 and hi < 0.95
+
+
+def planted(tmp_path):
+    """A tiny 3-class dataset of 10x10 images (prototype + noise) with planted outliers (an image of one
+    class labelled as another, once) and planted duplicates (one such outlier, four identical copies)."""
+    rng = np.random.default_rng(0)
+    protos = rng.uniform(0, 255, size=(3, 10, 10))
+    x, y, tag = [], [], []
+    for i in range(240):
+        c = i % 3
+        x.append(protos[c] + rng.normal(0, 25, (10, 10)))
+        y.append(c)
+        tag.append("typical")
+    for i in range(12):  # outliers: class c's image, label c + 1
+        c = i % 3
+        x.append(protos[c] + rng.normal(0, 25, (10, 10)))
+        y.append((c + 1) % 3)
+        tag.append("outlier")
+    dup = protos[0] + rng.normal(0, 25, (10, 10))
+    for _ in range(4):
+        x.append(dup)
+        y.append(2)
+        tag.append("duplicate")
+    x = np.clip(np.array(x), 0, 255).astype(np.uint8)
+    path = tmp_path / "planted.npz"
+    np.savez(path, x_train=x, y_train=np.array(y), x_test=x[:30], y_test=np.array(y[:30]))
+    return path, np.array(tag)
+
+
+def test_planted_outliers_score_low_and_duplicates_high(tmp_path, capsys):
+    path, tag = planted(tmp_path)
+    argv = [f"--dataset=npz:{path}", "--model=cnn", "--width=0.25", "--epochs=6", "--batch_size=32", "--lr=0.05",
+            "--device=cpu", f"--runs_dir={tmp_path / 'runs'}", "--k_models=8", "--subset_fraction=0.5",
+            "--noise=0.0", "--proxies=False"]
+    assert memorization_scores.main(argv + ["--budget_s=0.001"]) is None  # stops after one model: resumable
+    assert len(list((tmp_path / "runs" / "holdout").glob("*/model_*.pt"))) == 1
+    memorization_scores.main(argv)
+    s = load_scores(f"npz:{path}")
+    assert s["meta"]["k_models"] == 8 and np.array_equal(s["labels"], np.load(path)["y_train"])
+    score = s["score"]
+    assert score[tag == "outlier"].mean() < 0.2, score[tag == "outlier"]
+    assert score[tag == "typical"].mean() > 0.9
+    assert score[tag == "duplicate"].mean() > 0.5  # a copy in the training subset teaches the held-out one
+    assert (s["n_held"] > 0).all() and np.nanmax(s["se"]) <= 0.5 + 1e-6
+
+
+def test_proxies_agree_and_examples_csv(tmp_path, tiny_npz, capsys):
+    """On the tiny run: the proxies are computed, printed with CIs, and examples.csv has one row per example."""
+    import shutil
+    npz = tmp_path / "tiny.npz"
+    shutil.copy(tiny_npz, npz)
+    argv = [f"--dataset=npz:{npz}", "--model=cnn", "--width=0.5", "--epochs=6", "--batch_size=64",
+            "--device=cpu", f"--runs_dir={tmp_path / 'runs'}", "--k_models=4", "--subset_fraction=0.5"]
+    out = memorization_scores.main(argv)
+    printed = capsys.readouterr().out
+    assert "learning_speed" in printed and "forgetting" in printed and "first_learned" in printed
+    a = out["agreement"]
+    assert set(a) == {"learning_speed", "forgetting", "first_learned"}
+    assert all(v["lo"] <= v["rho"] <= v["hi"] and v["n"] > 400 for v in a.values())
+    assert a["learning_speed"]["rho"] > 0  # slowly learned digits are the low-scoring ones
+    run_dir = next((tmp_path / "runs").glob("npz-tiny_cnn*"))
+    with open(run_dir / "examples.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 512 and [r["index"] for r in rows[:3]] == ["0", "1", "2"]
+    assert {"true_label", "training_label", "kind", "holdout_score", "learning_speed", "forgetting"} <= set(rows[0])
+    assert sum(r["kind"] == "mislabeled" for r in rows) == 51
+    assert all((r["true_label"] != r["training_label"]) == (r["kind"] == "mislabeled") for r in rows)
+    assert all(r["kind"] != "atypical" or float(r["holdout_score"]) < 0.5 for r in rows)
+
+
+def test_published_scores_checked_by_labels(tmp_path):
+    labels = np.array([0, 1, 2, 1])
+    good, bad, wrong = tmp_path / "good.npz", tmp_path / "bad.npz", tmp_path / "wrong.npz"
+    np.savez(good, scores=np.array([0.9, 0.1, 0.5, 0.7]), labels=labels)
+    np.savez(bad, scores=np.zeros(4), labels=labels[::-1])
+    np.savez(wrong, something=np.zeros(4))
+    assert load_published(good, labels).tolist() == [0.9, 0.1, 0.5, 0.7]
+    with pytest.raises(UserError, match="do not match"):
+        load_published(bad, labels)
+    with pytest.raises(UserError, match="no arrays 'scores' and 'labels'"):
+        load_published(wrong, labels)
+
+
+def _with_scores(tmp_path, score):
+    """An npz dataset (64 digits of mnist_5k, no test split) and a scores file for its pool."""
+    from common.data import load_arrays
+    x, y, _, _ = load_arrays("mnist_5k", 0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x[:64, 0].numpy(), y_train=y[:64].numpy())
+    write_scores(scores_path(f"npz:{path}"), score, np.zeros(64), np.ones(64), y[:64].numpy(), {"source": "test"})
+    return f"npz:{path}", y[:64]
+
+
+def test_memorized_kinds(tmp_path):
+    score = np.linspace(0, 1, 64)
+    name, y_pool = _with_scores(tmp_path, score)
+    base = {**TINY, "dataset": name}
+    noisy = load_data(SimpleNamespace(**base, memorized="noisy"))
+    assert noisy.memorized == "noisy" and torch.equal(noisy.noisy, noisy.mislabeled)
+    both = load_data(SimpleNamespace(**base, memorized="both"))
+    pos = pool_positions(name, 0, y_pool)
+    atyp = torch.from_numpy(score[pos.numpy()] < 0.5) & ~both.mislabeled
+    assert torch.equal(both.kind == KINDS.index("atypical"), atyp)
+    assert torch.equal(both.noisy, both.mislabeled | atyp) and atyp.any() and both.mislabeled.any()
+    atypical = load_data(SimpleNamespace(**{**base, "noise": 0.0}, memorized="atypical"))
+    assert not atypical.mislabeled.any() and torch.equal(atypical.noisy, torch.from_numpy(score[pos.numpy()] < 0.5))
+    acc = split_accuracy(both.y_train.clone(), both.y_test.clone(), both)
+    assert {"typical", "mislabeled", "atypical"} <= set(acc) and acc["atypical"] == 1.0
+    sub = both.subset(20, 5)
+    assert sub.memorized == "both" and torch.equal(sub.noisy, sub.kind > 0)
+
+
+def test_memorized_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from test_bad_input import refuse
+    import gradient_accounting
+    line = refuse(monkeypatch, capsys, gradient_accounting, ["--memorized=atypical", f"--runs_dir={tmp_path}"])
+    assert "--noise=0" in line
+    line = refuse(monkeypatch, capsys, gradient_accounting, ["--memorized=rare", f"--runs_dir={tmp_path}"])
+    assert "valid: noisy, atypical, both" in line
+    x = np.zeros((40, 8, 8), dtype=np.uint8)
+    path = tmp_path / "noscores.npz"
+    np.savez(path, x_train=x, y_train=np.arange(40) % 2)
+    line = refuse(monkeypatch, capsys, gradient_accounting, [f"--dataset=npz:{path}", "--memorized=both",
+                                                             f"--runs_dir={tmp_path}"])
+    assert "python memorization_scores.py --dataset=npz:" in line
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("npz-*"))
+    line = refuse(monkeypatch, capsys, memorization_scores, ["--k_models=0", f"--runs_dir={tmp_path}"])
+    assert "--k_models" in line
