@@ -17,6 +17,7 @@ from matplotlib.patches import Patch
 from tqdm.auto import tqdm
 
 from common import cli, config, plots
+from common.data import KINDS
 from common.evaluation import predict
 from common.flipping import (UNITS, Collateral, Flipper, Units, candidates, collateral_sets, flip_sequential,
                              reference_batch, refresh_batchnorm, summarize, zeroed_copy)
@@ -106,7 +107,8 @@ def make_record(data, index, kind, units, result, after, drop, settled, seconds,
     if not result.units:
         raise ValueError(f"target {index}: a record with 0 units (its prediction was not its training label "
                          f"before any edit); such a target must be passed over, not recorded")
-    return {"index": index, "kind": kind, "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
+    return {"index": index, "kind": kind, "example_kind": KINDS[int(data.kind[index])],  # mislabeled/atypical/typical
+            "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
             "n_units": len(result.units), "flipped": result.flipped, "prediction": result.prediction,
             "units": [units.describe(u) for u in result.units],
             "accuracy_after": after, "accuracy_drop": drop,  # on the evaluation sets, this example left out
@@ -132,13 +134,14 @@ def main(argv=()):
     order = candidates(data, fits, cfg.seed)
     for kind, pool in order.items():
         if len(pool) < cfg.n_examples:
+            kind = "atypical (the memorized set)" if kind == "noisy" and data.memorized == "atypical" else kind
             raise cli.UserError(f"n_examples={cfg.n_examples}, but only {len(pool)} {kind} training examples are "
                                 f"predicted with their training label; pass --n_examples={len(pool)} or less")
     collateral = Collateral(model, data, collateral_sets(data, cfg.collateral_n, cfg.seed))
     baseline = collateral.accuracies(collateral.before)
     fast = use_fast(cfg.fast, data.device)
     searcher = "fast" if fast else "sequential"
-    print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean "
+    print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); " + " + ".join(f"{cfg.n_examples} {k}" for k in order) + " "
           f"targets, batch of 1 + {cfg.ref_batch}, {cfg.n_eot} noised copies, {searcher} search; before any edit: clean "
           f"{baseline['clean']:.3f}  noisy {baseline['noisy']:.3f}  test {baseline['test']:.3f}")
 
@@ -175,8 +178,8 @@ def main(argv=()):
     # example) is passed over and listed. Every finished example is saved at once.
     flipper = Flipper(model, units) if fast else None
     targets, reused, pools = [], 0, {kind: iter(order[kind]) for kind in order}
-    with tqdm(total=2 * cfg.n_examples, desc="examples", disable=None) as bar:
-        for kind in ("noisy", "clean") * cfg.n_examples:
+    with tqdm(total=len(order) * cfg.n_examples, desc="examples", disable=None) as bar:
+        for kind in tuple(order) * cfg.n_examples:
             for index in pools[kind]:
                 if index in records:
                     reused += 1
@@ -207,7 +210,7 @@ def main(argv=()):
                "summary": summarize(chosen, baseline, cfg.max_units),
                "seconds": round(sum(r["seconds"] for r in chosen), 2),  # search + collateral
                "seconds_per_target": {kind: round(sum(r["seconds"] for r in chosen if r["kind"] == kind)
-                                                  / cfg.n_examples, 2) for kind in ("noisy", "clean")},
+                                                  / cfg.n_examples, 2) for kind in order},
                "passed_over": list(passed_over.values()),  # mispredicted on their noised copies before any edit
                "records": chosen}
     write_json(final_path, results)
@@ -228,7 +231,7 @@ def print_summary(results):
     s = results["summary"]
     print(f"\n{'':<6} {'flipped':>8} {'units: median':>14} {'mean':>6} {'q1-q3':>8} {'layers/ex':>10} "
           f"{'-> true label':>14}   accuracy drop: clean / noisy / test")
-    for kind in ("noisy", "clean"):
+    for kind in s:
         k = s[kind]
         true = "" if k["to_true_label"] is None else f"{k['to_true_label']:.0%}"
         drop = k["accuracy_drop"]
@@ -240,11 +243,11 @@ def print_summary(results):
 def plot_summary(results, cfg, path):
     """Units needed (CDF), where the zeroed units are (layer groups), and the collateral accuracy drop."""
     records, s, groups = results["records"], results["summary"], results["groups"]
-    color = {"noisy": plots.COLORS["noisy"], "clean": plots.COLORS["clean"]}
+    color = {k: plots.COLORS[k] for k in s}
     fig, axes = plots.figure(f"Neuron flipping: units zeroed to flip a training prediction ({cfg.unit} units)",
                              cfg, ncols=3, panel=(5.0, 3.9))
     ax = axes[0, 0]
-    for kind in ("noisy", "clean"):
+    for kind in s:
         counts = sorted(r["n_units"] for r in records if r["kind"] == kind and r["flipped"])
         n = sum(r["kind"] == kind for r in records)
         cum = [100 * (i + 1) / n for i in range(len(counts))]
@@ -260,9 +263,10 @@ def plot_summary(results, cfg, path):
 
     ax = axes[0, 1]
     xs = list(range(len(groups)))
-    for j, kind in enumerate(("noisy", "clean")):
+    w = 0.8 / len(s)
+    for j, kind in enumerate(s):
         frac = s[kind]["group_fraction"]
-        ax.bar([x + (j - 0.5) * 0.4 for x in xs], [100 * frac.get(g, 0) for g in groups], 0.4, color=color[kind],
+        ax.bar([x + (j - (len(s) - 1) / 2) * w for x in xs], [100 * frac.get(g, 0) for g in groups], w, color=color[kind],
                label=f"{kind} ({s[kind]['groups_per_example']:.1f} groups per example)")
     ax.set_xticks(xs)
     ax.set_xticklabels(groups, rotation=45, fontsize=8)
@@ -274,12 +278,12 @@ def plot_summary(results, cfg, path):
 
     ax = axes[0, 2]
     splits = ("clean", "noisy", "test")
-    for j, kind in enumerate(("noisy", "clean")):
+    for j, kind in enumerate(s):
         drops = [[100 * r["accuracy_drop"][k] for r in records if r["kind"] == kind]
                  for k in splits]
         means = [sum(d) / len(d) for d in drops]
         sd = [(sum((v - m) ** 2 for v in d) / max(1, len(d) - 1)) ** 0.5 for d, m in zip(drops, means)]
-        ax.bar([x + (j - 0.5) * 0.4 for x in range(3)], means, 0.4, yerr=sd, capsize=3, color=color[kind],
+        ax.bar([x + (j - (len(s) - 1) / 2) * w for x in range(3)], means, w, yerr=sd, capsize=3, color=color[kind],
                label=f"after flipping a {kind} example")
     ax.set_xticks(range(3))
     ax.set_xticklabels([plots.LABELS[k].replace(" (noisy label = memorized)", "\n(noisy label)") for k in splits],
@@ -295,7 +299,7 @@ def plot_summary(results, cfg, path):
 
 def plot_examples(results, data, cfg, path):
     """A few targets of each kind: image, training label, true label, prediction after the edit."""
-    shown = [r for kind in ("noisy", "clean")
+    shown = [r for kind in results["summary"]
              for r in [r for r in results["records"] if r["kind"] == kind][:cfg.n_show]]
     fig, axes = plots.figure("Neuron flipping: examples (train = training label, true = original label)", cfg,
                              ncols=max(1, len(shown)), panel=(1.9, 2.3))
@@ -313,8 +317,8 @@ def plot_examples(results, data, cfg, path):
         ax.axis("off")
     axes[0, 0].set_xlabel("28 x 28 input" if data.image_size == 28 else "input image", fontsize=8)
     axes[0, 0].set_ylabel("target example", fontsize=8)
-    fig.legend(handles=[Patch(color=plots.COLORS[k], label=f"{k} target") for k in ("noisy", "clean")],
-               loc="lower center", ncol=2, fontsize=8)
+    fig.legend(handles=[Patch(color=plots.COLORS[k], label=f"{k} target") for k in results["summary"]],
+               loc="lower center", ncol=len(results["summary"]), fontsize=8)
     return plots.save(fig, path)
 
 
