@@ -182,3 +182,33 @@ def test_memorized_refused_in_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("npz-*"))
     line = refuse(monkeypatch, capsys, memorization_scores, ["--k_models=0", f"--runs_dir={tmp_path}"])
     assert "--k_models" in line
+
+
+def _flip_run(seed, atypical_mean):
+    rng = np.random.default_rng(seed)
+    recs = []
+    for kind, mean in (("noisy", 2), ("atypical", atypical_mean), ("clean", 8)):
+        for _ in range(20):
+            n = int(rng.poisson(mean)) + 1
+            recs.append({"kind": kind, "n_units": n, "flipped": True, "units": [{"group": "g"}] * n,
+                         "accuracy_drop": {"test": 0.01}})
+    return {"settings": {"max_units": 100, "unit": "channel"}, "records": recs}
+
+
+@pytest.mark.parametrize("atypical_mean, verdict", [(2, "yes"), (5, "partial"), (8, "inconclusive"), (14, "no")])
+def test_atypical_claim_rule(atypical_mean, verdict):
+    from common import claims
+    c = claims.atypical([_flip_run(0, atypical_mean), _flip_run(1, atypical_mean)])
+    assert c.verdict == verdict, c.line()
+    assert c.number == claims.ATYPICAL and "P(atypical < typical)" in c.statistic
+
+
+def test_atypical_claim_control_and_missing_kind():
+    from common import claims
+    run = _flip_run(0, 2)
+    for r in run["records"]:
+        if r["kind"] == "clean":
+            r["n_units"] = 2  # typical as easy as mislabeled: the control fails
+    assert claims.atypical([run]).verdict == "inconclusive" and "control" in claims.atypical([run]).reason
+    run["records"] = [r for r in run["records"] if r["kind"] != "atypical"]
+    assert claims.atypical([run]).verdict == "inconclusive"
