@@ -21,6 +21,7 @@ from common.data import KINDS
 from common.evaluation import predict
 from common.flipping import (UNITS, Collateral, Flipper, Units, candidates, collateral_sets, flip_sequential,
                              reference_batch, refresh_batchnorm, summarize, zeroed_copy)
+from common.memorization import write_examples
 from common.models import layer_groups
 from common.precision import strict_fp32
 from common.runs import read_json, write_json
@@ -214,6 +215,7 @@ def main(argv=()):
                "passed_over": list(passed_over.values()),  # mispredicted on their noised copies before any edit
                "records": chosen}
     write_json(final_path, results)
+    write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
     if partial_path.is_file():
         partial_path.unlink()
 
