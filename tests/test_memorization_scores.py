@@ -212,3 +212,11 @@ def test_atypical_claim_control_and_missing_kind():
     assert claims.atypical([run]).verdict == "inconclusive" and "control" in claims.atypical([run]).reason
     run["records"] = [r for r in run["records"] if r["kind"] != "atypical"]
     assert claims.atypical([run]).verdict == "inconclusive"
+
+
+def test_examples_columns_documented():
+    from common.memorization import EXAMPLE_COLUMNS
+    from conftest import REPO
+    doc = (REPO / "docs" / "experiments" / "atypical.md").read_text()
+    table = [line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")]
+    assert [c for c in table if c in EXAMPLE_COLUMNS] == list(EXAMPLE_COLUMNS)
