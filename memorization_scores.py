@@ -67,7 +67,7 @@ subset_fraction = 0.7   # share of the images each hold-out model trains on (Fel
 holdout_model = ""      # the hold-out models' architecture ("": the run's `model`)
 holdout_width = 0.0     # their width multiplier (0: the run's `width`)
 holdout_epochs = 0      # their epochs (0: the run's `epochs`); the other training keys are the run's
-budget_s = 0            # stop starting new hold-out models after this many seconds (0: no limit); re-run to go on
+budget_s = 0.0          # stop starting new hold-out models after this many seconds (0: no limit); re-run to go on
 published = ""          # published C-scores to use instead (.npz with `scores` and `labels`, original order)
 proxies = True          # proxies from the configured run (its per-epoch checkpoints; trained first if missing)
 # -----------------------------------------------------------------------------
