@@ -97,6 +97,14 @@ def holdout_dir(cfg, recipe):
     return runs_root(cfg) / "holdout" / f"{scores_path(cfg.dataset).stem.replace('_holdout_scores', '')}_{digest}"
 
 
+def scores_command(cfg):
+    """The command that makes these scores: the recipe's and the scores' keys that differ from the defaults."""
+    keys = [k for k in RECIPE_KEYS if k != "seed"] + ["seed", "k_models", "subset_fraction", "holdout_model",
+                                                      "holdout_width", "holdout_epochs", "published"]
+    return " ".join(["python memorization_scores.py"] + [f"--{k}={getattr(cfg, k)}" for k in keys
+                                                         if getattr(cfg, k) != KNOBS[k]])
+
+
 def main(argv=()):
     cfg = config.parse(KNOBS, argv)
     if cfg.k_models == 0 and not cfg.published:
@@ -125,7 +133,7 @@ def main(argv=()):
         correct, held, seconds = collect_holdout(directory, cfg.k_models, y)
         score, se, n_held = holdout_scores(correct, held)
         estimate = score
-        meta = {"source": "estimate", "command": "python memorization_scores.py " + " ".join(argv),
+        meta = {"source": "estimate", "command": scores_command(cfg),
                 "recipe": recipe, "k_models": cfg.k_models, "train_seconds": round(seconds, 1),
                 "device": str(dev), "torch": torch.__version__}
         out["holdout"] = {"dir": str(directory), "train_seconds": seconds,
@@ -142,8 +150,10 @@ def main(argv=()):
             print(f"estimate vs published C-scores: Spearman {rho:.3f} [{lo:.3f}, {hi:.3f}], mean |diff| "
                   f"{out['published']['mean_abs_diff']:.3f} ({int(ok.sum())} examples)")
         score, se, n_held = pub, np.full(len(pub), np.nan), np.zeros(len(pub), dtype=int)
-        meta = {"source": f"published ({cfg.published})", "command": "python memorization_scores.py " + " ".join(argv)}
-    write_scores(scores_path(cfg.dataset), score, se, n_held, y.numpy(), meta)
+        meta = {"source": f"published ({cfg.published})", "command": scores_command(cfg)}
+    old = load_scores(cfg.dataset)
+    if old is None or old["meta"] != meta:  # the same scores again: the file stays as it is
+        write_scores(scores_path(cfg.dataset), score, se, n_held, y.numpy(), meta)
     print(f"hold-out scores of {len(y)} images written to {scores_path(cfg.dataset)}: mean {np.nanmean(score):.3f}, "
           f"{int((score < 0.5).sum())} below 0.5" + (f", mean standard error {np.nanmean(se):.3f}" if cfg.k_models
                                                       and not cfg.published else ""))
