@@ -18,10 +18,38 @@ from .cli import UserError
 
 LITERAL_TYPES = (bool, int, float, str, list, tuple, type(None))
 
-# The shared knob block that opens every script (declared there with `run_knobs`) is the one
-# definition of a run's keys. These of them say where and how it executes, not what it is.
+# ----------------------------------------------------------------------------- the run (shared keys)
+# The one definition of the keys that open every script: what a run is (its identity) and where and
+# how it executes. Every script shows this block at its top, where a user may edit a value for that
+# script; `run_knobs` checks the block against this one. A new shared knob is one line here (a script
+# that does not show it yet gets this default). Keep new identity keys' defaults empty (None, "",
+# False, []) where the knob can be off: then existing run directory names stay as they are.
+RUN_DEFAULTS = dict(
+    dataset="mnist_5k",    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
+    model="resnet9",       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+    width=0.25,            # channel-width multiplier
+    noise=0.1,             # fraction of training labels replaced by a wrong class: the examples to memorize
+    seed=0,                # data split and label noise
+    model_seed=0,          # initialization, batch order, augmentation, dropout
+    epochs=20,             # training epochs of the run
+    batch_size=128,        # training minibatch size
+    lr=0.05,               # peak learning rate (SGD)
+    schedule="triangle",   # triangle (one-cycle) | cosine (linear warm-up, then cosine) | constant
+    warmup=0.25,           # fraction of training spent warming up
+    momentum=0.9,          # SGD momentum
+    weight_decay=5e-4,     # SGD weight decay
+    augment=False,         # random crop + flip (off in the paper's main runs)
+    amp=True,              # bf16 autocast on CUDA (ignored elsewhere)
+    device="auto",         # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    runs_dir="runs",       # relative to the repository root
+    download=True,         # let torchvision download a missing dataset
+    overwrite=False,       # move aside a run directory trained with another configuration
+    deterministic=False,   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
+    groups=None,           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
+    init_from="",          # the user's own per-epoch state dicts (a directory or glob) instead of training here
+)
+# Keys of the block that say where and how a run executes, not what it is.
 NOT_IDENTITY = ("device", "runs_dir", "download", "overwrite", "deterministic", "groups")
-RUN_DEFAULTS = {}  # the shared block's keys and defaults, filled by run_knobs
 
 
 # key -> [(check(value, cfg) -> error text or None)], registered by the module that defines the key.
@@ -120,21 +148,21 @@ def parse(defaults, argv=()):
 
 
 def run_knobs(namespace):
-    """Declare the shared knob block of a script (call it right after the block). Every script must
-    declare the same keys and defaults: they are the run's identity. Returns the block's knobs."""
+    """The shared block of a script (call it right after the block): the script's values of the keys
+    it shows (a user may have edited them there), RUN_DEFAULTS' for the others, in RUN_DEFAULTS' order.
+    The keys it lacks are added to `namespace`, so the script's KNOBS hold the whole block."""
     block = knobs(namespace)
-    if RUN_DEFAULTS and block != RUN_DEFAULTS:
-        diff = sorted(k for k in set(block) | set(RUN_DEFAULTS) if block.get(k, ...) != RUN_DEFAULTS.get(k, ...))
-        raise RuntimeError(f"the shared knob block of {namespace.get('__name__')} differs from another "
-                           f"script's in {diff}: keep the block identical in all scripts")
-    RUN_DEFAULTS.update(block)
-    return block
+    unknown = [k for k in block if k not in RUN_DEFAULTS]
+    if unknown:
+        raise RuntimeError(f"{namespace.get('__name__')}: {unknown} in the shared block is not a shared key; "
+                           f"define it in common/config.py RUN_DEFAULTS or move it below the block")
+    for key, value in RUN_DEFAULTS.items():
+        namespace.setdefault(key, value)
+    return {k: namespace[k] for k in RUN_DEFAULTS}
 
 
 def identity_keys():
     """The keys of the shared block that identify a trained run."""
-    if not RUN_DEFAULTS:  # library use without a script: the block of the reference script
-        __import__("gradient_accounting")
     return tuple(k for k in RUN_DEFAULTS if k not in NOT_IDENTITY)
 
 
@@ -151,8 +179,7 @@ def train_config(cfg):
 
 
 def identity_defaults():
-    """The identity of a run at the scripts' defaults, on a CPU (fp32)."""
-    identity_keys()
+    """The identity of a run at the shared block's defaults, on a CPU (fp32)."""
     return train_config(SimpleNamespace(**{**RUN_DEFAULTS, "device": "cpu"}))
 
 
