@@ -519,11 +519,11 @@ def readme_block(path, repo):
     for d in rows:
         first = d["number"] not in seen
         seen.add(d["number"])
-        table.append((d["number"] if first else "", d["statement"] if first else "", _variant(d), d["statistic"],
-                      d["ci"], _verdict(d)))
+        table.append((d["number"] if first else "", d["statement"] if first else "", _variant(d), _verdict(d),
+                      d["statistic"], d["ci"]))
     return "\n".join([README_BEGIN.format(path=rel), "",
                       f"From [{report}]({report}): {_about(about)}." if about else f"From [{report}]({report}).", "",
-                      _table(["#", "paper claim", "variant", "measured", "95% CI", "verdict"], table), "",
+                      _table(["#", "paper claim", "variant", "verdict", "measured", "95% CI"], table), "",
                       README_END])
 
 
