@@ -250,12 +250,14 @@ def plot_summary(results, cfg, path):
         cum = [100 * (i + 1) / n for i in range(len(counts))]
         ax.step([0] + counts + [cfg.max_units], [0] + cum + [cum[-1] if cum else 0], where="post", color=color[kind],
                 label=f"{kind} (median {s[kind]['units_median']:g})")
-    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xscale("symlog", linthresh=1)
+    flipped = [r["n_units"] for r in records if r["flipped"]]
+    plots.integer_ticks(ax, [0] + flipped + [cfg.max_units], keep=[s[k]["units_median"] for k in ("noisy", "clean")])
     ax.set_xlabel(f"units zeroed (cap {cfg.max_units})")
     ax.set_ylabel("examples flipped (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")  # the curves start at the lower left and rise to the upper right
     ax.set_title("units needed to flip (CDF)", fontsize=10)
 
     ax = axes[0, 1]
