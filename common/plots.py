@@ -18,6 +18,17 @@ LABELS = {"clean": "clean train", "noisy": "noisy train (noisy label = memorized
           "noisy_true": "noisy train (true label)", "test": "test", "total": "total", "train": "train"}
 
 
+def pct(x, width=0):
+    """A fraction as a percentage with one decimal, "97.3%" ("-" for None): how every script prints an
+    accuracy or a share."""
+    return f"{'-':>{width}}" if x is None else f"{f'{100 * x:.1f}%':>{width}}"
+
+
+def points(x):
+    """A difference of two accuracies (fractions) in percentage points, signed: "-6.8 points"."""
+    return f"{100 * x:+.1f} points"
+
+
 def spread(cfg, shown="mean ± std"):
     """A title's tail " (mean ± std over 3 seeds)" where the figure averages several seeds; "" for one seed
     (a figure of one run has no spread to show). `shown` says what the figure draws ("means")."""
@@ -107,6 +118,7 @@ def save(fig, path):
         raise AssertionError(f"{path.name}: text outside the canvas: {outside[:3]}")
     runs.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
+    print(f"wrote {path}")
     return path
 
 

@@ -103,3 +103,10 @@ def test_report_flipping_figure_ticks_at_the_unit_counts(tmp_path, drawn, seeds)
     assert f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" in suptitle
     ticks = [int(t) for t in fig.axes[0].get_xticks()]
     assert ticks == sorted(set(noisy + clean))  # every tick at a count the data take, each count a tick
+
+
+def test_save_says_where_it_wrote_and_percentages_print_one_way(tmp_path, capsys):
+    fig, _ = plots.figure("saved", _cfg())
+    path = plots.save(fig, tmp_path / "saved.png")
+    assert capsys.readouterr().out.strip() == f"wrote {path}"
+    assert (plots.pct(0.9731), plots.pct(None, 4), plots.points(-0.068)) == ("97.3%", "   -", "-6.8 points")
