@@ -227,14 +227,14 @@ def main(argv=()):
 def print_summary(results):
     s = results["summary"]
     print(f"\n{'':<6} {'flipped':>8} {'units: median':>14} {'mean':>6} {'q1-q3':>8} {'layers/ex':>10} "
-          f"{'-> true label':>14}   accuracy drop: clean / noisy / test")
+          f"{'-> true label':>14}   accuracy drop (percentage points): clean / noisy / test")
     for kind in ("noisy", "clean"):
         k = s[kind]
-        true = "" if k["to_true_label"] is None else f"{k['to_true_label']:.0%}"
         drop = k["accuracy_drop"]
-        print(f"{kind:<6} {k['flipped']:>8.0%} {k['units_median']:>14g} {k['units_mean']:>6.1f} "
-              f"{k['units_q1']:>3g}-{k['units_q3']:<4g} {k['groups_per_example']:>10.1f} {true:>14}   "
-              f"{drop['clean']:+.3f} / {drop['noisy']:+.3f} / {drop['test']:+.3f}")
+        print(f"{kind:<6} {plots.pct(k['flipped'], 8)} {k['units_median']:>14g} {k['units_mean']:>6.1f} "
+              f"{k['units_q1']:>3g}-{k['units_q3']:<4g} {k['groups_per_example']:>10.1f} "
+              f"{plots.pct(k['to_true_label'], 14)}   "
+              f"{100 * drop['clean']:+.1f} / {100 * drop['noisy']:+.1f} / {100 * drop['test']:+.1f}")
 
 
 def plot_summary(results, cfg, path):
