@@ -126,6 +126,7 @@ def main(argv=()):
                                          f"to >= memorized_at ({cfg.memorized_at:g})"},
                "epochs": table, "memorization_phase": phase, "summary": summary}
     write_json(run.path("gradient_accounting.json"), results)
+    print(f"wrote {run.path('gradient_accounting.json')}")
 
     plot_norms(table, "norm_", "Gradient norm per layer: epoch sums of total, clean and noisy parts",
                "norm of the epoch's gradient sum", cfg, run.path("gradient_accounting_norms.png"))
@@ -241,7 +242,6 @@ def print_summary(results):
               f"{_fmt(s.get('mean_cosine_control_rest'), '17.3f')}")
     print("(means over the memorization phase; rest = clean examples outside the control group)")
     claims.print_claims([claims.accounting(results)])
-    print(f"written: {results['run']}/gradient_accounting.json and gradient_accounting_*.png")
 
 
 if __name__ == "__main__":
