@@ -200,3 +200,25 @@ def test_the_inline_python_of_the_docs_runs(tmp_path):
         from common.data import load_data
         data = load_data(SimpleNamespace(dataset=f"npz:{tmp_path / 'tiny512.npz'}", seed=0, noise=0.1))
         assert len(data.y_train) == 512 and data.num_classes == 10
+
+
+def test_a_default_stated_in_prose_names_its_knob_and_is_the_codes():
+    """"the default `knob` is value" (or "... `knob` ...; the default is value" in one sentence) anywhere in
+    the docs: the knob is named and the value is the code's."""
+    knobs = {}
+    for s in sorted(SCRIPTS):
+        module = importlib.import_module(s) if (REPO / f"{s}.py").read_text().find("KNOBS") >= 0 else None
+        for k, v in getattr(module, "KNOBS", {}).items():
+            knobs.setdefault(k, v)
+    found = 0
+    for page in DOCS:
+        text = page.read_text().replace("\n", " ")
+        for m in re.finditer(r"default(?: `([a-z_]+)`)? is `?([^`\s;,)]+?)`?[.;,)\s]", text):
+            sentence = text[max(text.rfind(". ", 0, m.start()), 0):m.end()]
+            names = [m[1]] if m[1] else [n for n in re.findall(r"`(?:--)?([a-z_]+)(?:=[^`]*)?`", sentence) if n in knobs]
+            where = f"{page.name}: {sentence.strip()[-120:]!r}"
+            assert names, f"{where}: name the knob whose default this is"
+            assert _doc_value(m[2]) in (knobs[names[-1]], str(knobs[names[-1]])), \
+                f"{where}: the code's default of {names[-1]} is {knobs[names[-1]]!r}"
+            found += 1
+    assert found >= 2
