@@ -394,12 +394,12 @@ def _render(v):
 
 def _per_seed(values, seeds):
     """One value, or each distinct value with the seeds that had it."""
-    distinct = list(dict.fromkeys(map(_render, values)))
-    if len(distinct) == 1:
-        return distinct[0]
-    return "; ".join(f"{d} (seed{'s' if n > 1 else ''} {', '.join(map(str, s_))})"
-                     for d in distinct for s_ in [[s for s, v in zip(seeds, values) if _render(v) == d]]
-                     for n in [len(s_)])
+    by = {}
+    for seed, v in zip(seeds, values):
+        by.setdefault(_render(v), []).append(str(seed))
+    if len(by) == 1:
+        return next(iter(by))
+    return "; ".join(f"{v} (seed{'s' if len(ss) > 1 else ''} {', '.join(ss)})" for v, ss in by.items())
 
 
 def configuration(cfg, results, variants):
@@ -426,6 +426,8 @@ def wall_times(timings, jobs=None):
     """Wall time per job and seed; a job whose results were reused from an earlier invocation says so."""
     if jobs is None:  # every timing recorded, nothing known about reuse
         jobs = [{"job": k.rsplit("/seed", 1)[0], "seed": k.rsplit("/seed", 1)[1], "reused": False} for k in timings]
+    if not jobs:
+        return "No wall times recorded."
     per, total = {}, 0.0
     for j in jobs:
         sec = timings.get(f"{j['job']}/seed{j['seed']}")
