@@ -353,10 +353,26 @@ def verdict_line(rows):
     return "; ".join(parts) + "."
 
 
+def _models(rows):
+    """The rows' models when they differ (a column then says which row is which model), else None."""
+    models = [d.get("model", "") for d in rows]
+    return models if len(set(models)) > 1 else None
+
+
+def model_name(c):
+    """'resnet9 x0.25' from a recorded config (the width where it applies: the zoo)."""
+    width = c.get("width", 1)
+    return c.get("model", "?") + (f" x{width:g}" if c.get("model") in plots.MODELS and width != 1 else "")
+
+
 def summary_table(rows):
-    """The verdicts first: claim, variant, verdict, statistic, CI, the one-line reason (rules below it)."""
-    return _table(["#", "variant", "verdict", "statistic", "95% CI", "why"],
-                  [(d["number"], _variant(d), _verdict(d), d["statistic"], d["ci"], d["reason"]) for d in rows])
+    """The verdicts first: claim, variant, verdict, statistic, CI, the one-line reason (rules below it);
+    the model of each row where they differ."""
+    models = _models(rows)
+    return _table(["#", "variant"] + (["model"] if models else []) + ["verdict", "statistic", "95% CI", "why"],
+                  [(d["number"], _variant(d)) + ((m,) if models else ()) + (_verdict(d), d["statistic"], d["ci"],
+                                                                          d["reason"])
+                   for d, m in zip(rows, models or [None] * len(rows))])
 
 
 def rules_text(rows):
@@ -451,15 +467,17 @@ def write_report(out, label, cfg, seeds, results, timings, machine, command, var
     `jobs`: [{"job": name in timings, "seed": s, "reused": bool}] in the order they ran (None: the timings'
     keys, reuse unknown)."""
     variants = variants or {}
-    judged, body = [], []
+    judged, body = [], []  # judged: the claims as dicts, each with the model it was measured on
     fig_cfg = SimpleNamespace(**{**vars(cfg), "seeds": list(seeds)})  # subtitles name every seed averaged
     for exp, title, fn in SECTIONS:
         if exp not in results:
             continue
         fig_path, text, section_claims = fn(results[exp], fig_cfg, out, variants.get(exp, {}))
-        judged += section_claims
+        for c in section_claims:  # the model each row was measured on: a variant's own, else the experiment's
+            ran = next((v for lab, v in variants.get(exp, {}).items() if lab in c.variant), results[exp])
+            judged.append({**c.as_dict(), "model": model_name(ran[0].get("config", vars(cfg)))})
         body += [f"## {title}", ""] + ([f"![{title}]({fig_path.name})", ""] if fig_path else []) + [text, ""]
-    rows = _plain([c.as_dict() for c in judged])
+    rows = _plain(judged)
     spread = "mean ± std over seeds (std with ddof=1)" if len(seeds) > 1 else "the one seed's values"
     lines = [f"# Reproduction report: {label}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{command}` from the JSON results of "
@@ -500,8 +518,7 @@ def _about(about):
     if not about:
         return ""
     c, seeds = about["config"], about["seeds"]
-    model = c["model"] + (f" x{c['width']:g}" if c["model"] in plots.MODELS and c.get("width", 1) != 1 else "")
-    return (f"{model} on {c['dataset']}, {c['noise']:.0%} label noise, {c['epochs']} epochs, "
+    return (f"{model_name(c)} on {c['dataset']}, {c['noise']:.0%} label noise, {c['epochs']} epochs, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, on {about['machine']['device']}"
             f" (`{about['command']}`)")
 
@@ -517,15 +534,15 @@ def readme_block(path, repo):
     about_path = src.with_name("report.json")
     about = json.loads(about_path.read_text()) if about_path.is_file() else {}
     report = src.with_name("REPORT.md").relative_to(repo).as_posix()
-    seen, table = set(), []
-    for d in rows:
+    seen, table, models = set(), [], _models(rows)
+    for d, m in zip(rows, models or [None] * len(rows)):
         first = d["number"] not in seen
         seen.add(d["number"])
-        table.append((d["number"] if first else "", d["statement"] if first else "", _variant(d), _verdict(d),
-                      d["statistic"], d["ci"]))
+        table.append((d["number"] if first else "", d["statement"] if first else "", _variant(d))
+                     + ((m,) if models else ()) + (_verdict(d), d["statistic"], d["ci"]))
     return "\n".join([README_BEGIN.format(path=rel), "",
                       f"From [{report}]({report}): {_about(about)}." if about else f"From [{report}]({report}).", "",
-                      _table(["#", "paper claim", "variant", "verdict", "measured", "95% CI"], table), "",
+                      _table(["#", "paper claim", "variant"] + (["model"] if models else []) + ["verdict", "measured", "95% CI"], table), "",
                       README_END])
 
 
