@@ -299,8 +299,8 @@ def tied_dropout(res, cfg, out, variants):
     labels = list(dict.fromkeys(lab for t in tables for lab in t))  # rows matched by label across seeds
     vals = {k: 100 * np.array([[np.nan if lab not in t or t[lab][k] is None else t[lab][k] for lab in labels]
                                for t in tables], dtype=float) for k in keys}
-    scalings = ", ".join(claims.DROP_VARIANTS.get(s, s) for s in claims.drop_scalings(res[0]))
-    fig, axes = figure(f"Example-tied dropout vs baselines{plots.spread(cfg)}; the drop mode with {scalings}", cfg,
+    scalings = " and ".join(claims.DROP_VARIANTS.get(s, s).removeprefix("drop: ") for s in claims.drop_scalings(res[0]))
+    fig, axes = figure(f"Example-tied dropout vs baselines{plots.spread(cfg)}; drop mode: {scalings}", cfg,
                        panel=(11, 4.2))
     ax, x, w = axes[0, 0], np.arange(len(labels)), 0.2
     for j, k in enumerate(keys):
