@@ -305,7 +305,7 @@ def main(argv=()):
            "train_seconds": times, "wall_seconds": round(time.time() - t_start, 1),
            "variant_dirs": {"etd": str(main_run.dir)}}
     write_json(run.path("example_tied_dropout.json"), out)
-    print()
+    print(f"wrote {run.path('example_tied_dropout.json')}")
     for s, v in scalings.items():
         acc = v["accuracy"]
         print(f"after the drop, {s} (generalization channels x {v['factor']:.3g}): noisy accuracy "

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from common import claims, cli, config
+from common import claims, cli, config, plots
 from common.accounting import (GradientAccountant, accounted_prefix, control_mask, epoch_table, memorization_phase,
                                summarize)
 from common.cli import UserError
@@ -127,6 +127,7 @@ def main(argv=()):
                                          f"to >= memorized_at ({cfg.memorized_at:g})"},
                "epochs": table, "memorization_phase": phase, "summary": summary}
     write_json(run.path("gradient_accounting.json"), results)
+    print(f"wrote {run.path('gradient_accounting.json')}")
 
     plot_norms(table, "norm_", "Gradient norm per layer: epoch sums of total, clean and noisy parts",
                "norm of the epoch's gradient sum", cfg, run.path("gradient_accounting_norms.png"))
@@ -167,18 +168,18 @@ def plot_norms(table, prefix, title, ylabel, cfg, path):
     ncols = min(3, len(windows))
     fig, axes = figure(title, cfg, ncols=ncols, nrows=math.ceil(len(windows) / ncols), panel=(4.6, 3.4))
     for ax, (name, rows) in zip(axes.flat, windows):
-        for s in SERIES:
+        for k, s in enumerate(SERIES):  # dots, not lines: the groups are categories
             v = np.array([[np.nan if r["groups"][g].get(prefix + s) is None else r["groups"][g][prefix + s]
                            for g in groups] for r in rows], dtype=float)
-            ax.plot(range(len(groups)), _nanmean(v), marker="o", ls="--" if s == "control" else "-",
-                    color=SERIES_COLORS[s], label=SERIES_LABELS[s])
+            plots.dots(ax, None, _nanmean(v), offset=0.12 * (k - 1.5), color=SERIES_COLORS[s], label=SERIES_LABELS[s],
+                       fmt="s" if s == "control" else "o")
         ax.set_yscale("log")
         ax.set_xticks(range(len(groups)), groups, rotation=60, fontsize=7)
         ax.set_xlabel("layer group (input -> output)")
         ax.set_ylabel(ylabel)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    plots.legend_beside(axes[0, -1], fontsize=7)
     for ax in list(axes.flat)[len(windows):]:
         ax.axis("off")
     save(fig, path)
@@ -242,7 +243,6 @@ def print_summary(results):
               f"{_fmt(s.get('mean_cosine_control_rest'), '17.3f')}")
     print("(means over the memorization phase; rest = clean examples outside the control group)")
     claims.print_claims([claims.accounting(results)])
-    print(f"written: {results['run']}/gradient_accounting.json and gradient_accounting_*.png")
 
 
 if __name__ == "__main__":

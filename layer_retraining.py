@@ -185,8 +185,8 @@ def main(argv=()):
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
     init_state = {k: v.to(data.device) for k, v in run.load_checkpoint(0)["model"].items()}
     final_acc = accuracies(model, data, amp=cfg.amp)
-    print(f"{run.dir.name}: final model  clean {final_acc['clean']:.3f}  noisy {final_acc['noisy']:.3f}  "
-          f"test {final_acc['test']:.3f}; retraining {len(groups)} groups on {len(data.clean_idx)} clean examples"
+    print(f"{run.dir.name}: final model  clean {plots.pct(final_acc['clean'])}  noisy {plots.pct(final_acc['noisy'])}  "
+          f"test {plots.pct(final_acc['test'])}; retraining {len(groups)} groups on {len(data.clean_idx)} clean examples"
           + (" (and on all examples: the control)" if cfg.control else ""))
 
     t_start, resets = time.time(), {}
@@ -218,7 +218,7 @@ def check_groups(cfg, names):
 
 
 def print_summary(results):
-    print(f"\nnoisy-example accuracy w.r.t. the noisy label (final model: {results['final_model']['noisy']:.3f}); "
+    print(f"\nnoisy-example accuracy w.r.t. the noisy label (final model: {plots.pct(results['final_model']['noisy'])}); "
           f"no noisy example was shown during the clean retraining; control = retrained on all examples")
     sections = [(results["frozen_bn"], results["groups"])]
     if results["ablation"]:
@@ -228,10 +228,10 @@ def print_summary(results):
         print(f"{'group':<10} {'after reset':>12} {'retrained':>10} {'control':>8} {'epochs':>7} {'clean':>7} "
               f"{'noisy_true':>11} {'test':>6}")
         for name, g in groups.items():
-            control = f"{g['control']['final']['noisy']:>8.3f}" if "control" in g else f"{'-':>8}"
-            print(f"{name:<10} {g['reset']['noisy']:>12.3f} {g['final']['noisy']:>10.3f} {control} "
-                  f"{g['epochs_trained']:>7d} {g['final']['clean']:>7.3f} {g['final']['noisy_true']:>11.3f} "
-                  f"{g['final']['test']:>6.3f}")
+            control = plots.pct(g["control"]["final"]["noisy"] if "control" in g else None, 8)
+            print(f"{name:<10} {plots.pct(g['reset']['noisy'], 12)} {plots.pct(g['final']['noisy'], 10)} {control} "
+                  f"{g['epochs_trained']:>7d} {plots.pct(g['final']['clean'], 7)} "
+                  f"{plots.pct(g['final']['noisy_true'], 11)} {plots.pct(g['final']['test'], 6)}")
 
 
 def retrain_note(cfg):
