@@ -10,8 +10,13 @@ another script uses but this one does not are ignored, so one preset serves all 
 Every value is type-checked against the default and validated by the module that defines it.
 """
 import ast
+import difflib
+import io
 import os
+import re
 import runpy
+import sys
+import tokenize
 from types import SimpleNamespace
 
 from .cli import UserError
@@ -113,15 +118,27 @@ def _parse_value(key, text, default):
         raise UserError(f"--{key}={text}: not a Python literal; e.g. --{key}={default!r}")
 
 
-def parse(defaults, argv=()):
-    """Resolve the configuration: defaults < config files (in order) < --key=value. Returns a namespace."""
+def unknown_key(key, valid):
+    """The one-line error for a key nobody defines: the closest valid key, or the list."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    if close:
+        return UserError(f"unknown key --{key}; did you mean --{close[0]}? (--help lists every key)")
+    return UserError(f"unknown key --{key}; valid keys: {', '.join(sorted(valid))} (--help explains each)")
+
+
+def parse(defaults, argv=(), script=None):
+    """Resolve the configuration: defaults < config files (in order) < --key=value. Returns a namespace.
+    --help (or -h) prints every key with its default and meaning (help_text) and exits; `script` is the
+    file whose top defines the knobs (default: the caller's file)."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(defaults, script or sys._getframe(1).f_globals.get("__file__", "")))
+        raise SystemExit(0)
     cfg = dict(defaults)
-    valid = ", ".join(sorted(cfg))
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if key not in cfg:
-                raise UserError(f"unknown key --{key}; valid keys: {valid}")
+                raise unknown_key(key, cfg)
             if not eq:
                 raise UserError(f"--{key} needs a value: --{key}=<value>")
             cfg[key] = _coerce(key, _parse_value(key, text, defaults[key]), defaults[key], f"--{key}")
@@ -145,6 +162,63 @@ def parse(defaults, argv=()):
                 if problem:
                     raise UserError(problem)
     return SimpleNamespace(**cfg)
+
+
+# ----------------------------------------------------------------------------- --help
+
+def meanings(path):
+    """{knob: its comment} for the constants of a Python file (`name = value  # meaning`, also inside a
+    dict(...) block as `name=value,  # meaning`); comment-only lines indented under one continue it."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(open(path).read()).readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}
+    lines = {}
+    for t in tokens:
+        if t.type == tokenize.COMMENT:
+            lines.setdefault(t.start[0], (t.start[1], t.line, t.string.lstrip("#").strip()))
+    out, last = {}, None
+    for n in sorted(lines):
+        col, line, text = lines[n]
+        m = re.match(r"\s{0,4}([a-z_][a-z0-9_]*)\s*=(?!=)", line)
+        if m and col > m.end():
+            last = m.group(1)
+            out[last] = text
+        elif last and not line[:col].strip() and col > 0 and n - 1 in lines:
+            out[last] += " " + text
+        else:
+            last = None
+    return out
+
+
+def help_text(defaults, script):
+    """Every knob of a script with its default and meaning, grouped: the run (the shared block), then
+    the script's own."""
+    doc = ""
+    if script and os.path.isfile(script):
+        try:
+            doc = (ast.get_docstring(ast.parse(open(script).read())) or "").splitlines()[0]
+        except (SyntaxError, IndexError):
+            pass
+    own, shared = meanings(script) if script else {}, meanings(__file__)
+    name = os.path.basename(script or "script.py")
+    out = [f"usage: python {name} [configs/preset.py ...] [--key=value ...]", doc,
+           "Values are Python literals (--lr=0.1, --seeds=[0,1]; a bare word for a text key). A config file's "
+           "constants apply first, then --key=value."]
+
+    def group(title, keys):
+        if keys:
+            out.extend(["", title])
+            for k in keys:
+                v = defaults[k]
+                shown = v if isinstance(v, str) and re.fullmatch(r"[\w.:/+*-]+", v) else repr(v)
+                flag = f"  --{k}={shown}"
+                meaning = own.get(k) or shared.get(k, "")
+                out.append(f"{flag:<34} {meaning}" if len(flag) < 34 else f"{flag}\n{'':<34} {meaning}")
+    group("the run (shared by every script; defined in common/config.py):", [k for k in defaults if k in RUN_DEFAULTS])
+    group(f"this {'experiment' if any(k in RUN_DEFAULTS for k in defaults) else 'command'}:",
+          [k for k in defaults if k not in RUN_DEFAULTS])
+    return "\n".join(x for x in out if x is not None)
 
 
 def run_knobs(namespace):
