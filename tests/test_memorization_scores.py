@@ -220,3 +220,52 @@ def test_examples_columns_documented():
     doc = (REPO / "docs" / "experiments" / "atypical.md").read_text()
     table = [line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")]
     assert [c for c in table if c in EXAMPLE_COLUMNS] == list(EXAMPLE_COLUMNS)
+
+
+@pytest.mark.parametrize("memorized", ["atypical", "both"])
+def test_every_experiment_takes_memorized(memorized, tiny_argv, tiny_npz, tmp_path, capsys):
+    """The five experiments on the tiny run with memorized = atypical / both (a scores file marking
+    every 8th image atypical): they run, report the kinds, and examples.csv gathers their results."""
+    import shutil
+
+    import example_tied_dropout
+    import gradient_accounting
+    import layer_retraining
+    import layer_rewinding
+    import neuron_flipping
+    from common import claims
+    npz = tmp_path / "tiny.npz"
+    shutil.copy(tiny_npz, npz)
+    y = np.load(npz)["y_train"]
+    write_scores(scores_path(f"npz:{npz}"), np.where(np.arange(len(y)) % 8 == 0, 0.2, 0.9), np.zeros(len(y)),
+                 np.ones(len(y)), y, {"source": "test"})
+    argv = [a for a in tiny_argv(epochs=8) if not a.startswith("--dataset")] + \
+        [f"--dataset=npz:{npz}", f"--memorized={memorized}"] + (["--noise=0.0"] if memorized == "atypical" else [])
+    acc = gradient_accounting.main(argv)
+    atypical_clean = 64 if memorized == "atypical" else None  # with label noise: the clean ones of the 64
+    assert acc["n_noisy"] == atypical_clean if atypical_clean else 51 < acc["n_noisy"] < 51 + 64
+    rew = layer_rewinding.main(argv + ["--rewind_epochs=[0]", "--compare_bn_stats=[]"])
+    assert "atypical" in json_text(rew) and "typical" in json_text(rew)
+    ret = layer_retraining.main(argv + ["--retrain_epochs=1", "--control=False", "--retrain_groups=['head']"])
+    assert "atypical" in json_text(ret)
+    flip = neuron_flipping.main(argv + ["--n_examples=1", "--n_eot=0", "--ref_batch=15", "--collateral_n=20",
+                                        "--n_show=1", "--max_units=20"])
+    kinds = {r["kind"] for r in flip["records"]}
+    assert kinds == ({"noisy", "atypical", "clean"} if memorized == "both" else {"noisy", "clean"})
+    assert {r["example_kind"] for r in flip["records"] if r["kind"] == "noisy"} == \
+        {"mislabeled" if memorized == "both" else "atypical"}
+    if memorized == "both":
+        assert claims.atypical([flip]).number == claims.ATYPICAL
+    example_tied_dropout.main(argv + ["--etd_epochs=2", "--gallery_size=2"])
+    run_dir = next((tmp_path / "runs").glob(f"*memorized{memorized}*"))
+    with open(run_dir / "examples.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 512 and {"neuron_flipping_units", "etd_drop_correct", "holdout_score"} <= set(rows[0])
+    assert sum(r["kind"] == "atypical" for r in rows) == sum(int(r["memorized"]) for r in rows
+                                                              if r["kind"] != "mislabeled")
+    assert sum(r["neuron_flipping_units"] != "" for r in rows) == len(flip["records"])
+
+
+def json_text(obj):
+    import json
+    return json.dumps(obj)
