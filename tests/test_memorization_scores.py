@@ -142,23 +142,24 @@ def _with_scores(tmp_path, score):
     from common.data import load_arrays
     x, y, _, _ = load_arrays("mnist_5k", 0)
     path = tmp_path / "d.npz"
-    np.savez(path, x_train=x[:64, 0].numpy(), y_train=y[:64].numpy())
-    write_scores(scores_path(f"npz:{path}"), score, np.zeros(64), np.ones(64), y[:64].numpy(), {"source": "test"})
-    return f"npz:{path}", y[:64]
+    x, y = x[::62][:64], y[::62][:64]  # every class
+    np.savez(path, x_train=x[:, 0].numpy(), y_train=y.numpy())
+    write_scores(scores_path(f"npz:{path}"), score, np.zeros(64), np.ones(64), y.numpy(), {"source": "test"})
+    return f"npz:{path}", y
 
 
 def test_memorized_kinds(tmp_path):
     score = np.linspace(0, 1, 64)
     name, y_pool = _with_scores(tmp_path, score)
     base = {**TINY, "dataset": name}
-    noisy = load_data(SimpleNamespace(**base, memorized="noisy"))
+    noisy = load_data(SimpleNamespace(**{**base, "memorized": "noisy"}))
     assert noisy.memorized == "noisy" and torch.equal(noisy.noisy, noisy.mislabeled)
-    both = load_data(SimpleNamespace(**base, memorized="both"))
+    both = load_data(SimpleNamespace(**{**base, "memorized": "both"}))
     pos = pool_positions(name, 0, y_pool)
     atyp = torch.from_numpy(score[pos.numpy()] < 0.5) & ~both.mislabeled
     assert torch.equal(both.kind == KINDS.index("atypical"), atyp)
     assert torch.equal(both.noisy, both.mislabeled | atyp) and atyp.any() and both.mislabeled.any()
-    atypical = load_data(SimpleNamespace(**{**base, "noise": 0.0}, memorized="atypical"))
+    atypical = load_data(SimpleNamespace(**{**base, "noise": 0.0, "memorized": "atypical"}))
     assert not atypical.mislabeled.any() and torch.equal(atypical.noisy, torch.from_numpy(score[pos.numpy()] < 0.5))
     acc = split_accuracy(both.y_train.clone(), both.y_test.clone(), both)
     assert {"typical", "mislabeled", "atypical"} <= set(acc) and acc["atypical"] == 1.0
