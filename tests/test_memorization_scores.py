@@ -270,3 +270,36 @@ def test_every_experiment_takes_memorized(memorized, tiny_argv, tiny_npz, tmp_pa
 def json_text(obj):
     import json
     return json.dumps(obj)
+
+
+def test_examples_csv_gathers_each_experiments_results(tmp_path):
+    """write_examples on a run directory holding flipping and ETD results (no training needed)."""
+    from common.memorization import write_examples
+    from common.runs import Run, write_json
+    score = np.linspace(0, 1, 64)
+    name, _ = _with_scores(tmp_path, score)
+    cfg = SimpleNamespace(**{**TINY, "dataset": name, "memorized": "both", "runs_dir": str(tmp_path / "runs")})
+    data = load_data(cfg)
+    run = Run(cfg)
+    run.dir.mkdir(parents=True)
+    noisy = torch.nonzero(data.noisy).flatten().tolist()
+    write_json(run.path("neuron_flipping.json"), {"records": [
+        {"index": 3, "kind": "clean", "n_units": 4, "flipped": True, "units": [{"group": "conv1"}, {"group": "head"}]},
+        {"index": noisy[0], "kind": "noisy", "n_units": 100, "flipped": False, "units": [{"group": "head"}]}]})
+    write_json(run.path("example_tied_dropout.json"), {
+        "per_example": {"noisy_index": noisy, "noisy_drop_correct": [1] + [0] * (len(noisy) - 1)},
+        "etd": {"clean_forgotten": [5]}})
+    write_json(run.path("neuron_flipping.partial.json"), {"records": []})  # an unfinished run is not read
+    cols = write_examples(run, data)
+    with open(run.path("examples.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == cols and len(rows) == data.n_train
+    assert "neuron_flipping.partial_units" not in cols
+    assert rows[3]["neuron_flipping_units"] == "4" and rows[3]["neuron_flipping_groups"] == "conv1;head"
+    assert rows[noisy[0]]["neuron_flipping_flipped"] == "0" and rows[noisy[0]]["etd_drop_correct"] == "1"
+    assert rows[noisy[1]]["etd_drop_correct"] == "0" and rows[noisy[1]]["etd_clean_forgotten"] == ""
+    clean = [i for i in range(data.n_train) if not data.noisy[i]]
+    assert rows[clean[0]]["etd_drop_correct"] == "" and rows[5]["etd_clean_forgotten"] in ("1", "")
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"mislabeled", "atypical", "typical"}
+    assert all(float(r["holdout_score"]) < 0.5 for r in rows if r["kind"] == "atypical")
