@@ -43,7 +43,9 @@ strict fp32 (no TF32, no autocast): a borderline example must not flip by roundi
 """
 import copy
 import itertools
+import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -279,23 +281,38 @@ def eot_generator(seed, index, step):
     return generator(seed, "neuron_flipping", "eot", index, step)
 
 
-def eot_inputs(x, n_eot, eot_noise, gen):
-    """The input of one step: x itself (n_eot = 0), or n_eot noised copies of the batch stacked
-    copy-major; each copy's Gaussian noise has norm eot_noise * the norm of the whole batch x (the
-    authors' l2_noise: one norm for the batch, not one per example; each copy noised once, as their
-    code since their fix). Drawn on the CPU (the same numbers on every device)."""
-    if n_eot == 0:
+def eot_draw(x, n_eot, gen):
+    """The Gaussian draws of one step's n_eot copies of batch x, on the CPU (the same numbers on every
+    device; no draw for n_eot = 0)."""
+    return torch.randn((n_eot,) + tuple(x.shape), generator=gen) if n_eot else None
+
+
+def eot_apply(x, z, eot_noise):
+    """x itself (z None), or its copies x + z_k scaled so that each copy's noise has norm eot_noise * the
+    norm of the whole batch x (the authors' l2_noise: one norm for the batch, not one per example; each
+    copy noised once, as their code since their fix), stacked copy-major."""
+    if z is None:
         return x
-    z = torch.randn((n_eot,) + tuple(x.shape), generator=gen).to(x.device)
+    z = z.to(x.device)
     scale = eot_noise * x.norm() / z.flatten(1).norm(dim=1)
     noisy = x.unsqueeze(0) + z * scale[:, None, None, None, None]
     return noisy.flatten(0, 1).contiguous(memory_format=torch.channels_last)
 
 
+def eot_inputs(x, n_eot, eot_noise, gen):
+    """The input of one step: x itself (n_eot = 0), or n_eot noised copies of the batch stacked copy-major
+    (eot_draw, eot_apply)."""
+    return eot_apply(x, eot_draw(x, n_eot, gen), eot_noise)
+
+
+def step_draw(x, n_eot, noise_key, step):
+    """The draws of greedy step `step` (noise_key: (seed, target index)): fresh at every step, seeded."""
+    return eot_draw(x, n_eot, eot_generator(*noise_key, step) if n_eot else None)
+
+
 def step_input(x, n_eot, eot_noise, noise_key, step):
-    """What greedy step `step` runs: the batch x, or its n_eot noised copies stacked copy-major;
-    noise_key: (seed, target index)."""
-    return eot_inputs(x, n_eot, eot_noise, eot_generator(*noise_key, step) if n_eot else None)
+    """What greedy step `step` runs: the batch x, or its n_eot noised copies stacked copy-major."""
+    return eot_apply(x, step_draw(x, n_eot, noise_key, step), eot_noise)
 
 
 @dataclass
@@ -445,10 +462,15 @@ class _Batched:
     def run(self, jobs, slots):
         names = list(self.original)
         params = {n: p.unsqueeze(0).repeat((slots,) + (1,) * p.ndim) for n, p in self.original.items()}
-        state = [None] * slots  # per slot: [key, x, y, noise_key, step, zeroed]
+        state = [None] * slots  # per slot: [key, x, y, noise_key, step, zeroed, the step's draws (a future)]
         step_fn = vmap(grad(self._loss, has_aux=True))
+        scores_fn = vmap(self.units.scores_of)
         exhausted = False
-        with strict_fp32():
+        # The noise is drawn on the CPU (the same numbers on every device), one target's copies at a time;
+        # a step's draws for all slots would keep the device waiting, so each slot's next draws are made in a
+        # thread pool while the device computes the current step (they depend on nothing computed).
+        with ThreadPoolExecutor(max_workers=min(slots, os.cpu_count() or 1)) as pool, strict_fp32():
+            draw = lambda st: pool.submit(step_draw, st[1], self.n_eot, st[3], st[4])
             while True:
                 for s in range(slots):  # fill the free slots
                     if state[s] is None and not exhausted:
@@ -457,24 +479,31 @@ class _Batched:
                             exhausted = True
                         else:
                             state[s] = [*job, 0, []]
+                            state[s].append(draw(state[s]))
                             for n in names:
                                 params[n][s].copy_(self.original[n])
                 active = [s for s in range(slots) if state[s] is not None]
                 if not active:
                     return
-                idx = torch.tensor(active, device=next(iter(params.values())).device)
-                live = {n: params[n].index_select(0, idx) for n in names}
-                inp = torch.stack([step_input(st[1], self.n_eot, self.eot_noise, st[3], st[4])
-                                   for st in (state[s] for s in active)])
-                ys = torch.stack([state[s][2] for s in active])
+                inp = []
+                for s in active:
+                    st = state[s]
+                    inp.append(eot_apply(st[1], st[6].result(), self.eot_noise))
+                    st[4] += 1
+                    st[6] = draw(st)  # the next step's, while this one computes
+                inp, ys = torch.stack(inp), torch.stack([state[s][2] for s in active])
+                if len(active) < slots:
+                    idx = torch.tensor(active, device=inp.device)
+                    live = {n: params[n].index_select(0, idx) for n in names}
+                else:
+                    live = params
                 grads, logits = step_fn(live, inp, ys)
-                scores = vmap(lambda p, g: self.units.scores_of(p, g))(live, grads)
+                scores = scores_fn(live, grads)
                 for j, s in enumerate(active):
-                    key, x, y, noise_key, step, zeroed = state[s]
+                    key, x, y, noise_key, step, zeroed, _ = state[s]
                     b, label = len(y), int(y[0])
                     z, sc = logits[j].detach(), scores[j]
-                    mean = z.view(-1, b, z.shape[-1])[:, 0].mean(0)
-                    tied = _near_tie(mean)
+                    tied = _near_tie(z.view(-1, b, z.shape[-1])[:, 0].mean(0))
                     if not tied and not (target_prediction(z, b) != label or len(zeroed) >= self.max_units):
                         tied = _near_tie(sc, zeroed)
                     if tied:  # rounding could decide: flip_sequential's own step
@@ -491,7 +520,6 @@ class _Batched:
                         for n in e.names:
                             params[n][s][index] = 0
                     zeroed.append(u)
-                    state[s][4] += 1
 
 
 # ----------------------------------------------------------------------------- the experiment's choices
