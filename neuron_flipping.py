@@ -54,7 +54,7 @@ groups = None           # layer groups as module-name prefixes, e.g. ["stem", "l
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
 RUN_KNOBS = config.run_knobs(globals())  # the block above, checked against common/config.py
 # ----------------------------------------------------------------------------- this experiment
-n_examples = 20         # target examples of each kind (noisy, clean): distinct, seeded, fitted by the model
+n_examples = 20         # target examples of each kind (noisy, clean, matched): distinct, seeded, fitted by the model
 matched = True          # also n_examples clean targets matched to the noisy ones on the trained model's margin
                         # (kind "clean_matched": is it mislabeling, or a low margin, that flips easily?)
 ref_batch = 511         # other training examples in each target's batch (fixed per target, seeded; the authors: 511)
