@@ -119,11 +119,10 @@ def _parse_value(key, text, default):
 
 
 def unknown_key(key, valid):
-    """The one-line error for a key nobody defines: the closest valid key, or the list."""
+    """The one-line error for a key nobody defines: the closest valid key first, then the list."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    if close:
-        return UserError(f"unknown key --{key}; did you mean --{close[0]}? (--help lists every key)")
-    return UserError(f"unknown key --{key}; valid keys: {', '.join(sorted(valid))} (--help explains each)")
+    guess = f"did you mean --{close[0]}? " if close else ""
+    return UserError(f"unknown key --{key}; {guess}valid keys: {', '.join(sorted(valid))} (--help explains each)")
 
 
 def parse(defaults, argv=(), script=None):
