@@ -120,11 +120,16 @@ def _parse_value(key, text, default):
         raise UserError(f"--{key}={text}: not a Python literal; e.g. --{key}={default!r}")
 
 
+def closest(key, valid):
+    """The valid key that `key` is a misspelling of, or None."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def unknown_key(key, valid):
-    """The one-line error for a key nobody defines: the closest valid key, or the list."""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    if close:
-        return UserError(f"unknown key --{key}; did you mean --{close[0]}? (--help lists every key)")
+    """The one-line error for a key nobody defines: the valid key it is a misspelling of, else the list."""
+    if closest(key, valid):
+        return UserError(f"unknown key --{key}; did you mean --{closest(key, valid)}? (--help lists every key)")
     return UserError(f"unknown key --{key}; valid keys: {', '.join(sorted(valid))} (--help explains each)")
 
 
