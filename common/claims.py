@@ -691,3 +691,14 @@ def atypical(results):
     return _claim(ATYPICAL, variant, statistic, ci_text, verdict, reason, medians=med, n=n, point=point,
                   intervals={k: list(v) for k, v in ci.items()}, test_cost=cost, groups_per_example=spread,
                   seeds=len(runs))
+
+
+def _flipping_and_atypical(results, **kwargs):
+    """Claim 4, and claim 6 where the records hold atypical targets (memorized=both runs)."""
+    out = [flipping(results, **kwargs)]
+    if any(r["kind"] == "atypical" for run in _runs(results) for r in run["records"]):
+        out.append(atypical(results))
+    return out
+
+
+JUDGES["neuron_flipping"] = _flipping_and_atypical

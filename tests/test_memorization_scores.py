@@ -303,3 +303,30 @@ def test_examples_csv_gathers_each_experiments_results(tmp_path):
     kinds = {r["kind"] for r in rows}
     assert kinds == {"mislabeled", "atypical", "typical"}
     assert all(float(r["holdout_score"]) < 0.5 for r in rows if r["kind"] == "atypical")
+
+
+def test_committed_default_scores_and_their_readme():
+    """The committed scores of the embedded default: one per image of mnist_5k, labels in its order, and
+    data/README.md states the command that made them and their cost, as recorded in the file."""
+    from conftest import REPO
+    s = load_scores("mnist_5k")
+    if s is None:
+        pytest.skip("no committed scores for mnist_5k")
+    with np.load(REPO / "data" / "mnist_5k.npz") as f:
+        assert np.array_equal(s["labels"], f["y"].astype(np.int16))
+    assert len(s["score"]) == 5000 and np.isfinite(s["score"]).all() and (s["n_held"] >= 2).all()
+    readme = (REPO / "data" / "README.md").read_text()
+    meta = s["meta"]
+    assert meta["command"] in readme and f"{meta['train_seconds'] / 60:.1f} min" in readme
+    assert f"{int((s['score'] < 0.5).sum())} of the 5,000" in readme
+
+
+def test_judge_adds_the_atypical_claim_only_with_atypical_targets():
+    from common import claims
+    both = _flip_run(0, 2)
+    for r in both["records"]:
+        r["true_label"], r["prediction"], r["units"] = 0, 1, [{"group": "g"}]
+        r["accuracy_drop"] = {"test": 0.0, "clean": 0.0, "noisy": 0.0}
+    plain = {**both, "records": [r for r in both["records"] if r["kind"] != "atypical"]}
+    assert [c.number for c in claims.judge("neuron_flipping", plain)] == [4]
+    assert [c.number for c in claims.judge("neuron_flipping", both)] == [4, claims.ATYPICAL]
