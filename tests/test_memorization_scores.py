@@ -319,6 +319,11 @@ def test_committed_default_scores_and_their_readme():
     meta = s["meta"]
     assert meta["command"] in readme and f"{meta['train_seconds'] / 60:.1f} min" in readme
     assert f"{int((s['score'] < 0.5).sum())} of the 5,000" in readme
+    n = s["n_held"]
+    assert f"{n.min()} to {n.max()}, median {np.median(n):g}" in readme
+    atypical_clean = int(((load_data(SimpleNamespace(**{**TINY, "model": "resnet9", "memorized": "both"})).kind
+                           == KINDS.index("atypical")).sum()))
+    assert f"{atypical_clean} of them are clean training examples of seed 0" in readme
 
 
 def test_judge_adds_the_atypical_claim_only_with_atypical_targets():
