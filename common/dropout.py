@@ -332,12 +332,11 @@ class _Placed(nn.Module):
             a.calls = 0
 
 
-def trace(model, example_shape):
+def trace(model, example_shape, top=None):
     """The module calls of one forward of a batch of 2 zero inputs (eval mode, nothing changed):
-    [(path below the model's root, module, call number of that module, output shape or None)] in
-    the order the calls finish (a module after the modules it contains)."""
-    from .models import root
-    _, top = root(model)
+    [(path below `top`, the model's root (default: the model), module, call number of that module,
+    output shape or None)] in the order the calls finish (a module after the modules it contains)."""
+    top = model if top is None else top
     calls, count, hooks = [], {}, []
 
     def record(path):
@@ -400,17 +399,18 @@ def _named_positions(calls, after):
     return out
 
 
-def place(model, factory, after=AFTER_AUTO, example_shape=None):
+def place(model, factory, after=AFTER_AUTO, example_shape=None, top=None):
     """Put `factory(layer_name, channels, channel_dim)` after modules of `model`, in place, by forward
     hooks; returns the placed layer names. `after`: "auto" (see _auto_positions) or a list of module
-    class names (e.g. "ReLU") and module-name patterns below the model's root (fnmatch, e.g.
-    "layer*.1.relu"); every call of a chosen module gets its own dropout layer, named by the
-    module's path (and "#k" for the k-th call of a module run more than once). Channels are dim 1,
-    or the last dim of a 3-D output (tokens). `example_shape`: (C, H, W) of one input."""
+    class names (e.g. "ReLU") and module-name patterns below `top`, the model's root (common.models.root;
+    default: the model itself) (fnmatch, e.g. "layer*.1.relu"); every call of a chosen module gets its
+    own dropout layer, named by the module's path (and "#k" for the k-th call of a module run more than
+    once). Channels are dim 1, or the last dim of a 3-D output (tokens). `example_shape`: (C, H, W) of
+    one input. (The root comes from the caller: common.models imports this module, not the reverse.)"""
     problem = check_after(after)
     if problem:
         raise UserError(problem)
-    calls = trace(model, example_shape)
+    calls = trace(model, example_shape, top)
     positions = _auto_positions(calls) if after == AFTER_AUTO else _named_positions(calls, after)
     if not positions:
         raise UserError("dropout_after='auto' found no place for dropout in this model (no Conv2d [+ norm] + "

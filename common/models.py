@@ -508,8 +508,8 @@ def build_model(name, in_channels, num_classes, image_size, width=1.0, seed=0, d
         model.group_prefixes = list(groups)
     check_groups(model)
     if dropout is not None and not builtin:
-        from . import dropout as dropout_module  # it imports this module
-        dropout_module.place(model, dropout, dropout_after, (in_channels, image_size, image_size))
+        from . import dropout as dropout_module  # lazily: torch hooks machinery only where dropout is placed
+        dropout_module.place(model, dropout, dropout_after, (in_channels, image_size, image_size), root(model)[1])
     return model
 
 
