@@ -29,6 +29,7 @@ seeds = [0, 1, 2]          # each sets both seed (data, noise) and model_seed (i
 variant_seeds = 1          # the VARIANTS and FIRST_SEEDS below run for the first this many seeds (0: none)
 reports_dir = "reports"    # relative to the repository root
 name = ""                  # report name; default: the preset's file name, or "default"
+readme = ""                # a report's claims.json (e.g. docs/results/claims.json): regenerate README.md's claims table from it, run nothing else
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.register_check("seeds", lambda v, cfg: None if v and all(isinstance(s, int) and s >= 0 for s in v)
@@ -130,6 +131,10 @@ def machine():
 def main(argv=()):
     own, presets, rest = split_argv(list(argv))
     cfg = config.parse(KNOBS, own)
+    if cfg.readme:
+        path = report.update_readme(REPO / "README.md", cfg.readme, REPO)
+        print(f"wrote {path} (its claims table, from {cfg.readme})")
+        return path
     for p in presets:
         if not Path(p).is_file():
             raise UserError(f"config file {p} not found; give the path to a file in configs/")
@@ -154,11 +159,12 @@ def main(argv=()):
     timings_path = out / "timings.json"
     timings = read_json(timings_path) if timings_path.is_file() else {}
     t_all = time.time()
-    todo = runs_for(cfg, modules)
+    todo, jobs = runs_for(cfg, modules), []
     for exp, variant, seed, extra in todo:
         module, argv_s = modules[exp], argv_for(exp, seed, extra)
         done, path = is_done(module, argv_s)
         what = exp + (f" [{variant}]" if variant else "")
+        jobs.append({"job": what, "seed": seed, "reused": done})
         if done:
             print(f"[seed {seed}] {what}: reusing {path}")
             continue
@@ -186,7 +192,8 @@ def main(argv=()):
               + " (reproduction defaults; a preset or --key=value overrides them)" for exp, args in DEFAULTS.items()]
     base_cfg = config.parse(modules["gradient_accounting"].KNOBS, presets + overrides)
     path = report.write_report(out, label, base_cfg, cfg.seeds, results, timings, machine(),
-                               " ".join(["python reproduce.py"] + list(argv)), variants=variants, notes=notes)
+                               " ".join(["python reproduce.py"] + list(argv)), variants=variants, notes=notes,
+                               jobs=jobs)
     print(f"report: {path}")
     return path
 
