@@ -168,10 +168,10 @@ def row(label, acc, mode="-"):
 
 
 def print_table(rows):
-    print(f"\n{'model':<44} {'mode':<13} " + " ".join(f"{c:>10}" for c in COLUMNS))
+    print(f"\n{'model':<46} {'mode':<13} " + " ".join(f"{c:>10}" for c in COLUMNS))
     for r in rows:
         cells = " ".join(f"{'-':>10}" if r[c] is None else f"{100 * r[c]:>9.1f}%" for c in COLUMNS)
-        print(f"{r['model']:<44} {r['mode']:<13} {cells}")
+        print(f"{r['model']:<46} {r['mode']:<13} {cells}")
 
 
 # ----------------------------------------------------------------------------- figures

@@ -273,7 +273,7 @@ def test_claim5_thresholds(monkeypatch):
     far = claims.tied_dropout([_etd([0] * 500, plain, drop), _etd([1] * 25 + [0] * 475, plain, drop)])[0]
     lo, hi = far.values["noisy_ci"]
     p_lo, p_hi = far.values["previous_noisy_ci"]
-    assert lo == 0.0 and hi == pytest.approx(0.05) and p_hi < 0.04
+    assert lo == 0.0 < p_lo and hi > 0.05 > p_hi  # a resample of seed 0 twice holds no noisy example at all
     # standard dropout in words, either way
     assert "keeps the network from memorizing" in claims.tied_dropout(runs)[0].values["standard_dropout"]
     assert "memorizes the noisy labels" in claims.tied_dropout(_etd(noisy, plain, drop, std_noisy=0.8)
@@ -289,7 +289,8 @@ def _etd_both(rescaled, unscaled, plain, tied=1.0):
     r["per_example"] = {"test_correct": {"plain": list(plain), "drop": list(rescaled[1])},
                         "noisy_drop_correct": list(rescaled[0]),
                         "drop_scalings": {s: {"noisy_drop_correct": list(n), "test_correct": list(t)}
-                                          for s, (n, t) in (("rescaled", rescaled), ("unscaled", unscaled))}}
+                                          for s, (n, t) in (("rescaled", rescaled), ("unscaled", unscaled))},
+                        "negative_control": r["per_example"]["negative_control"]}
     return r
 
 
@@ -305,6 +306,7 @@ def test_claim5_both_scalings_same_rule(monkeypatch):
     runs = [_etd_both((low, lost), (high, kept), plain), _etd_both((low[::-1], lost), (high[::-1], kept), plain)]
     rescaled, unscaled = claims.tied_dropout(runs)
     assert (rescaled.variant, unscaled.variant) == ("drop: rescaled (authors)", "drop: not rescaled")
+    assert (rescaled.previous, unscaled.previous) == ("partial", "partial")
     assert (rescaled.values["scaling"], unscaled.values["scaling"]) == ("rescaled", "unscaled")
     assert rescaled.verdict == "partial" and "noisy CI high <=" in rescaled.reason and "test CI low <" in rescaled.reason
     assert unscaled.verdict == "partial" and "noisy CI high >" in unscaled.reason and "test CI low >=" in unscaled.reason
@@ -318,10 +320,10 @@ def test_claim5_both_scalings_same_rule(monkeypatch):
     assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "yes"]
     monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo)        # at the rescaled row's test CI low: >= holds
     assert [c.verdict for c in claims.tied_dropout(runs)] == ["yes", "yes"]
-    monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo - 1e-9)
-    assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "yes"]
-    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)
-    assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "partial"]
+    monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo - 1e-9)  # the rescaled row's test CI straddles the margin
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["inconclusive", "yes"]   # (previous rule: partial)
+    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)      # and the unscaled row's noisy CI straddles DROPPED
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["inconclusive", "inconclusive"]
     monkeypatch.undo()
     # the control (the same tied-mode model) applies to both rows
     assert [c.verdict for c in claims.tied_dropout([_etd_both((low, kept), (high, kept), plain, tied=0.89)])] \
