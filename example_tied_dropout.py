@@ -26,6 +26,7 @@ import torch
 
 from common import claims, cli, config, dropout, plots
 from common.evaluation import predict, split_accuracy
+from common.memorization import write_examples
 from common.models import model_for
 from common.precision import autocast
 from common.rng import derive_seed
@@ -350,6 +351,7 @@ def main(argv=()):
            "train_seconds": times, "wall_seconds": round(time.time() - t_start, 1),
            "variant_dirs": {"etd": str(main_run.dir)}}
     write_json(run.path(results_file(cfg)), out)
+    write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
     print(f"wrote {run.path(results_file(cfg))}")
     for s, v in scalings.items():
         acc = v["accuracy"]
