@@ -97,6 +97,13 @@ def test_planted_outliers_score_low_and_duplicates_high(tmp_path, capsys):
     assert np.nanmean(score[tag == "typical"]) > 0.9
     assert np.nanmean(score[tag == "duplicate"]) > 0.5  # a copy in the training subset teaches the held-out one
     assert np.array_equal(np.isnan(score), s["n_held"] == 0) and np.nanmax(s["se"]) <= 0.5 + 1e-6
+    # published scores (here: the estimate, reversed for the outliers) are compared with the estimate and used
+    pub = tmp_path / "pub.npz"
+    np.savez(pub, scores=np.where(tag == "outlier", 1.0, np.nan_to_num(score, nan=0.5)), labels=s["labels"])
+    out = memorization_scores.main(argv + [f"--published={pub}"])  # the models are saved: nothing trains
+    assert -1 <= out["published"]["lo"] <= out["published"]["spearman"] <= out["published"]["hi"] <= 1
+    assert load_scores(f"npz:{path}")["meta"]["source"].startswith("published")
+    assert load_scores(f"npz:{path}")["score"][tag == "outlier"].min() == 1.0
 
 
 def test_proxies_agree_and_examples_csv(tmp_path, tiny_npz, capsys):
