@@ -24,6 +24,7 @@ import torch
 
 from common import claims, cli, config, dropout, plots
 from common.evaluation import predict
+from common.memorization import write_examples
 from common.models import model_for
 from common.precision import autocast
 from common.runs import Run, write_json
@@ -305,6 +306,7 @@ def main(argv=()):
            "train_seconds": times, "wall_seconds": round(time.time() - t_start, 1),
            "variant_dirs": {"etd": str(main_run.dir)}}
     write_json(run.path("example_tied_dropout.json"), out)
+    write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
     print(f"wrote {run.path('example_tied_dropout.json')}")
     for s, v in scalings.items():
         acc = v["accuracy"]

@@ -140,8 +140,9 @@ def main(argv=()):
     known = set().union(*(m.KNOBS for m in modules.values()))
     for arg in rest:  # a config file ignores keys it does not know, so a typo would pass silently
         if _key(arg) not in known:
-            raise UserError(f"unknown key --{_key(arg)}: no experiment uses it; "
-                            f"valid keys: {', '.join(sorted(known | set(KNOBS)))}")
+            guess = config.closest(_key(arg), known | set(KNOBS))
+            raise UserError(f"unknown key --{_key(arg)}: no experiment uses it; " +
+                            (f"did you mean --{guess}?" if guess else f"valid keys: {', '.join(sorted(known | set(KNOBS)))}"))
     for exp, m in modules.items():  # validate every override before writing anything or hours of work
         config.parse(m.KNOBS, DEFAULTS.get(exp, []) + FIRST_SEEDS.get(exp, []) + presets
                      + [a for a in rest if _key(a) in m.KNOBS])

@@ -619,3 +619,75 @@ def judge(experiment, results, **kwargs):
 def print_claims(claims):
     for c in claims:
         print(c.line())
+
+
+# ----------------------------------------------------------------------------- atypical examples (memorized=both)
+# The finding of docs/experiments/atypical.md: do atypical clean examples behave like mislabeled ones?
+# Judged on neuron_flipping.json of `memorized=both` runs (targets of three kinds: noisy = mislabeled,
+# atypical = clean with a hold-out score < 0.5, clean = typical clean).
+ATYPICAL = 6
+EASIER = 0.5            # A = P(units of an atypical target < units of a typical one) + ties / 2: CI low > 0.5
+STATEMENTS[ATYPICAL] = ("Atypical clean examples behave like mislabeled ones: they flip after fewer units than "
+                        "typical clean examples, and not detectably more than mislabeled ones")
+RULES[ATYPICAL] = (
+    f"units to flip (not flipped = max_units), records of kinds noisy (mislabeled), atypical and clean (typical) "
+    f"of memorized=both runs. A = P(atypical < typical) + ties/2, B = P(atypical > mislabeled) + ties/2, "
+    f"control C = P(mislabeled < typical) + ties/2; CIs: bootstrap over seeds, then examples. yes: A's CI low > "
+    f"{EASIER:g} and B's CI low <= {EASIER:g}; partial: A's CI low > {EASIER:g} and B's CI low > {EASIER:g} "
+    f"(between typical and mislabeled); no: A's CI high < {EASIER:g}; inconclusive: A's CI straddles {EASIER:g}, "
+    f"or the control fails (C's CI low <= {EASIER:g}: the search does not separate mislabeled from typical)")
+
+
+def superiority(x, y):
+    """P(x < y) + P(x = y) / 2 over all pairs (the common-language effect size; from the U statistic)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not len(x) or not len(y):
+        return float("nan")
+    u, _ = mann_whitney_less(x, y)  # pairs with x > y, ties one half
+    return 1 - u / (len(x) * len(y))
+
+
+def atypical(results):
+    """The atypical-vs-mislabeled claim from neuron_flipping.json of memorized=both runs (one per seed)."""
+    runs = _runs(results)
+    kinds = {k: [flip_counts(r, k) for r in runs] for k in ("noisy", "atypical", "clean")}
+    variant = f"unit: {runs[0]['settings'].get('unit', '?')}"
+    if any(not sum(map(len, v)) for v in kinds.values()):
+        return _claim(ATYPICAL, variant, "needs noisy, atypical and clean targets (memorized=both)", "n/a",
+                      "inconclusive", "a kind is missing")
+    strata = list(zip(kinds["atypical"], kinds["clean"], kinds["noisy"]))
+    stat = {"A": lambda s: superiority(_pooled(s, 0), _pooled(s, 1)),
+            "B": lambda s: superiority(_pooled(s, 2), _pooled(s, 0)),  # P(mislabeled < atypical) = P(atyp > misl)
+            "C": lambda s: superiority(_pooled(s, 2), _pooled(s, 1))}
+    point = {k: f(strata) for k, f in stat.items()}
+    ci = {k: bootstrap(strata, f, f"atypical:{variant}:{k}", resample_strata=True) for k, f in stat.items()}
+    med = {k: float(np.median(np.concatenate(v))) for k, v in kinds.items()}
+    n = {k: int(sum(map(len, v))) for k, v in kinds.items()}
+    recs = {k: [x for r in runs for x in r["records"] if x["kind"] == k] for k in kinds}
+    cost = {k: _mean([x["accuracy_drop"]["test"] for x in v]) for k, v in recs.items()}
+    spread = {k: _mean([len({u["group"] for u in x["units"]}) for x in v]) for k, v in recs.items()}
+    statistic = (f"median units mislabeled {med['noisy']:g} / atypical {med['atypical']:g} / typical {med['clean']:g} "
+                 f"(n = {n['noisy']}, {n['atypical']}, {n['clean']}); A = P(atypical < typical) {point['A']:.2f}, "
+                 f"B = P(atypical > mislabeled) {point['B']:.2f}, control C = P(mislabeled < typical) "
+                 f"{point['C']:.2f}; test cost of an edit {100 * cost['noisy']:.2f} / {100 * cost['atypical']:.2f} / "
+                 f"{100 * cost['clean']:.2f} points; layer groups per example {spread['noisy']:.1f} / "
+                 f"{spread['atypical']:.1f} / {spread['clean']:.1f}")
+    ci_text = f"A {_interval(*ci['A'])}; B {_interval(*ci['B'])}; C {_interval(*ci['C'])}"
+    (a_lo, a_hi), (b_lo, _), (c_lo, _) = ci["A"], ci["B"], ci["C"]
+    if not all(np.isfinite(v) for v in (a_lo, a_hi, b_lo, c_lo)):
+        verdict, reason = "inconclusive", "an interval could not be computed"
+    elif c_lo <= EASIER:
+        verdict, reason = "inconclusive", f"control failed: C's CI low {c_lo:.2f} <= {EASIER:g}"
+    elif a_lo > EASIER:
+        like = b_lo <= EASIER
+        verdict = "yes" if like else "partial"
+        reason = (f"atypical need fewer units than typical (A's CI low {a_lo:.2f} > {EASIER:g}); "
+                  + ("not detectably more than mislabeled" if like else
+                     f"but more than mislabeled (B's CI low {b_lo:.2f} > {EASIER:g})"))
+    elif a_hi < EASIER:
+        verdict, reason = "no", f"atypical need more units than typical (A's CI high {a_hi:.2f} < {EASIER:g})"
+    else:
+        verdict, reason = "inconclusive", f"A's CI [{a_lo:.2f}, {a_hi:.2f}] straddles {EASIER:g}"
+    return _claim(ATYPICAL, variant, statistic, ci_text, verdict, reason, medians=med, n=n, point=point,
+                  intervals={k: list(v) for k, v in ci.items()}, test_cost=cost, groups_per_example=spread,
+                  seeds=len(runs))

@@ -34,6 +34,8 @@ RUN_DEFAULTS = dict(
     model="resnet9",       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
     width=0.25,            # channel-width multiplier
     noise=0.1,             # fraction of training labels replaced by a wrong class: the examples to memorize
+    memorized="noisy",     # noisy (mislabeled) | atypical (no label noise: clean examples with hold-out score
+                           # < 0.5) | both (mislabeled + atypical clean); docs/experiments/atypical.md
     seed=0,                # data split and label noise
     model_seed=0,          # initialization, batch order, augmentation, dropout
     epochs=20,             # training epochs of the run
@@ -118,11 +120,16 @@ def _parse_value(key, text, default):
         raise UserError(f"--{key}={text}: not a Python literal; e.g. --{key}={default!r}")
 
 
+def closest(key, valid):
+    """The valid key that `key` is a misspelling of, or None."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def unknown_key(key, valid):
-    """The one-line error for a key nobody defines: the closest valid key, or the list."""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    if close:
-        return UserError(f"unknown key --{key}; did you mean --{close[0]}? (--help lists every key)")
+    """The one-line error for a key nobody defines: the valid key it is a misspelling of, else the list."""
+    if closest(key, valid):
+        return UserError(f"unknown key --{key}; did you mean --{closest(key, valid)}? (--help lists every key)")
     return UserError(f"unknown key --{key}; valid keys: {', '.join(sorted(valid))} (--help explains each)")
 
 
@@ -249,6 +256,8 @@ def train_config(cfg):
     if "amp" in ident:
         del ident["amp"]
         ident["precision"] = precision(cfg)
+    if ident.get("memorized") == "noisy":  # the default, as before the knob existed: run names unchanged
+        del ident["memorized"]
     return ident
 
 
