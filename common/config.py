@@ -61,11 +61,19 @@ NOT_IDENTITY = ("device", "runs_dir", "download", "overwrite", "deterministic", 
 
 # key -> [(check(value, cfg) -> error text or None)], registered by the module that defines the key.
 _CHECKS = {}
+# key -> types it takes beside its default's (a str default that also takes a list where its docs say so).
+_ALSO = {}
 
 
 def register_check(key, check):
     """Register `check(value, cfg)` returning None when valid or the error text (problem and fix)."""
     _CHECKS.setdefault(key, []).append(check)
+
+
+def also_accepts(key, *types):
+    """Let `key` take values of `types` besides its default's type, e.g. also_accepts("dropout_after", list)
+    for a default "auto"; its registered checks then validate the value."""
+    _ALSO[key] = _ALSO.get(key, ()) + types + ((tuple,) if list in types else ())  # one kind, as below
 
 
 def range_check(key, lo, hi, lo_open=False, hi_open=False):
@@ -95,7 +103,10 @@ def knobs(namespace):
 
 
 def _coerce(key, value, default, source):
-    """Type-check `value` against `default` (int for float is fine; list and tuple are one kind)."""
+    """Type-check `value` against `default` (int for float is fine; list and tuple are one kind), or
+    against the types registered with also_accepts."""
+    if isinstance(value, _ALSO.get(key, ())):
+        return list(value) if isinstance(value, tuple) else value
     if default is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
