@@ -23,6 +23,8 @@ from common import claims, cli, config, plots
 from common.flipping import (OBJECTIVES, UNITS, Collateral, Units, candidates, collateral_sets, flip_batched,
                              flip_sequential, graph_rows, margins, nearest_on_margin, reference_batch,
                              refresh_batchnorm, summarize, zeroed_copy)
+from common.data import KINDS as EXAMPLE_KINDS
+from common.memorization import write_examples
 from common.models import layer_groups
 from common.runs import read_json, write_json
 from common.training import trained_run
@@ -120,7 +122,8 @@ def make_record(data, index, kind, units, result, after, drop, margin, seconds, 
     if not result.units:
         raise ValueError(f"target {index}: a record with 0 units (its prediction was not its training label "
                          f"before any edit); such a target must be passed over, not recorded")
-    return {"index": index, "kind": kind, "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
+    return {"index": index, "kind": kind, "example_kind": EXAMPLE_KINDS[int(data.kind[index])],  # mislabeled/atypical/typical
+            "label": int(data.y_train[index]), "true_label": int(data.y_true[index]),
             "margin": margin,  # logit of the training label minus the largest other logit, the unedited model
             "n_units": len(result.units), "flipped": result.flipped, "prediction": result.prediction,
             "units": [units.describe(u) for u in result.units],
@@ -136,7 +139,7 @@ def plan_targets(cfg, order, margin, records, passed_over):
     nearest to it on the margin, not matched before (clean_matched). A candidate not yet searched
     ends a kind's list: it is to search."""
     chosen, todo = {}, {}
-    for kind in ("noisy", "clean"):
+    for kind in order:  # noisy, (atypical,) clean: common.flipping.target_kinds
         chosen[kind], todo[kind] = [], []
         for index in order[kind]:
             if len(chosen[kind]) + len(todo[kind]) == cfg.n_examples:
@@ -174,6 +177,7 @@ def main(argv=()):
     order = candidates(data, fits, cfg.seed)
     for kind, pool in order.items():
         if len(pool) < cfg.n_examples:
+            kind = "atypical (the memorized set)" if kind == "noisy" and data.memorized == "atypical" else kind
             raise cli.UserError(f"n_examples={cfg.n_examples}, but only {len(pool)} {kind} training examples are "
                                 f"predicted with their training label; pass --n_examples={len(pool)} or less")
     noisy_fit = float(fits[data.noisy].float().mean()) if bool(data.noisy.any()) else float("nan")
@@ -188,8 +192,8 @@ def main(argv=()):
     step_rows = max(cfg.n_eot, 1) * (1 + cfg.ref_batch)
     slots = slots_for(cfg.batch_targets, data.device, rows, step_rows)
     searcher = "batched" if slots > 1 else "sequential"
-    print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean "
-          f"{'+ ' + str(cfg.n_examples) + ' margin-matched clean ' if cfg.matched else ''}targets, batch of "
+    print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); " + " + ".join(f"{cfg.n_examples} {k}" for k in order) +
+          f" {'+ ' + str(cfg.n_examples) + ' margin-matched clean ' if cfg.matched else ''}targets, batch of "
           f"1 + {cfg.ref_batch}, {cfg.n_eot} noised copies, objective {cfg.objective}, "
           f"{f'{slots} targets per forward' if slots > 1 else 'one target at a time'}"
           f"{f', steps in pieces of {rows} rows' if rows < step_rows * slots else ''}; before any edit: "
@@ -228,7 +232,7 @@ def main(argv=()):
     # Targets: see plan_targets. A candidate that the search's own first step finds mispredicted (noise can
     # do that to a borderline example) is passed over and listed, and the next one taken: rounds of
     # searches until every kind has its targets. Every finished example is saved at once.
-    with tqdm(total=(2 + cfg.matched) * cfg.n_examples, desc="examples", disable=None) as bar:
+    with tqdm(total=(len(order) + cfg.matched) * cfg.n_examples, desc="examples", disable=None) as bar:
         while True:
             chosen, todo = plan_targets(cfg, order, margin, records, passed_over)
             bar.n = sum(map(len, chosen.values()))
@@ -248,7 +252,7 @@ def main(argv=()):
                 t0 = time.time()
                 write_json(partial_path, {"settings": settings, "records": list(records.values()),
                                           "passed_over": list(passed_over.values())})
-    for kind in ("noisy", "clean") + (("clean_matched",) if cfg.matched else ()):
+    for kind in tuple(order) + (("clean_matched",) if cfg.matched else ()):
         if len(chosen[kind]) < cfg.n_examples:
             n = len(chosen[kind])
             raise cli.UserError(f"n_examples={cfg.n_examples}, but only {n} {kind} examples keep their training "
@@ -274,6 +278,7 @@ def main(argv=()):
                "passed_over": list(passed_over.values()),  # mispredicted on their noised copies before any edit
                "records": chosen_records}
     write_json(final_path, results)
+    write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
     if partial_path.is_file():
         partial_path.unlink()
 
@@ -303,7 +308,10 @@ def print_summary(results):
 def plot_summary(results, cfg, path):
     """Units needed (CDF), where the zeroed units are (layer groups), and the collateral accuracy drop."""
     records, s, groups = results["records"], results["summary"], results["groups"]
-    color = {"noisy": plots.COLORS["noisy"], "clean": plots.COLORS["clean"], "clean_matched": plots.COLORS["clean"]}
+    color = {"noisy": plots.COLORS["noisy"], "atypical": plots.COLORS["atypical"], "clean": plots.COLORS["clean"],
+             "clean_matched": plots.COLORS["clean"]}
+    bars = [k for k in ("noisy", "atypical", "clean") if k in s]  # the kinds side by side in the bar panels
+    w = 0.8 / len(bars)
     fig, axes = plots.figure(f"Neuron flipping: units zeroed to flip a training prediction ({cfg.unit} units)",
                              cfg, ncols=3, panel=(5.0, 3.9))
     ax = axes[0, 0]
@@ -326,9 +334,9 @@ def plot_summary(results, cfg, path):
 
     ax = axes[0, 1]
     xs = list(range(len(groups)))
-    for j, kind in enumerate(("noisy", "clean")):
+    for j, kind in enumerate(bars):
         frac = s[kind]["group_fraction"]
-        ax.bar([x + (j - 0.5) * 0.4 for x in xs], [100 * frac.get(g, 0) for g in groups], 0.4, color=color[kind],
+        ax.bar([x + (j - (len(bars) - 1) / 2) * w for x in xs], [100 * frac.get(g, 0) for g in groups], w, color=color[kind],
                label=f"{kind} ({s[kind]['groups_per_example']:.1f} groups per example)")
     ax.set_xticks(xs)
     ax.set_xticklabels(groups, rotation=45, fontsize=8)
@@ -340,12 +348,12 @@ def plot_summary(results, cfg, path):
 
     ax = axes[0, 2]
     splits = ("clean", "noisy", "test")
-    for j, kind in enumerate(("noisy", "clean")):
+    for j, kind in enumerate(bars):
         drops = [[100 * r["accuracy_drop"][k] for r in records if r["kind"] == kind]
                  for k in splits]
         means = [sum(d) / len(d) for d in drops]
         sd = [(sum((v - m) ** 2 for v in d) / max(1, len(d) - 1)) ** 0.5 for d, m in zip(drops, means)]
-        ax.bar([x + (j - 0.5) * 0.4 for x in range(3)], means, 0.4, yerr=sd, capsize=3, color=color[kind],
+        ax.bar([x + (j - (len(bars) - 1) / 2) * w for x in range(3)], means, w, yerr=sd, capsize=3, color=color[kind],
                label=f"after flipping a {kind} example")
     ax.set_xticks(range(3))
     ax.set_xticklabels([plots.LABELS[k].replace(" (noisy label = memorized)", "\n(noisy label)") for k in splits],
@@ -361,7 +369,8 @@ def plot_summary(results, cfg, path):
 
 def plot_examples(results, data, cfg, path):
     """A few targets of each kind: image, training label, true label, prediction after the edit."""
-    shown = [r for kind in ("noisy", "clean")
+    kinds = [k for k in ("noisy", "atypical", "clean") if k in results["summary"]]
+    shown = [r for kind in kinds
              for r in [r for r in results["records"] if r["kind"] == kind][:cfg.n_show]]
     fig, axes = plots.figure("Neuron flipping: examples (train = training label, true = original label)", cfg,
                              ncols=max(1, len(shown)), panel=(1.9, 2.3))
@@ -379,8 +388,8 @@ def plot_examples(results, data, cfg, path):
         ax.axis("off")
     axes[0, 0].set_xlabel("28 x 28 input" if data.image_size == 28 else "input image", fontsize=8)
     axes[0, 0].set_ylabel("target example", fontsize=8)
-    fig.legend(handles=[Patch(color=plots.COLORS[k], label=f"{k} target") for k in ("noisy", "clean")],
-               loc="lower center", ncol=2, fontsize=8)
+    fig.legend(handles=[Patch(color=plots.COLORS[k], label=f"{k} target") for k in kinds],
+               loc="lower center", ncol=len(kinds), fontsize=8)
     return plots.save(fig, path)
 
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from .cli import UserError
+from .data import KINDS as EXAMPLE_KINDS
 from .models import layer_groups, root, stages
 from .precision import strict_fp32
 from .rng import generator
@@ -536,11 +537,22 @@ def refresh_batchnorm(model, data, batch_size):
     model.eval()
 
 
+def target_kinds(data):
+    """[(kind, mask)] of the targets: noisy = the memorized set (mislabeled; with memorized=atypical the
+    atypical clean examples) and clean; with memorized=both, noisy (mislabeled), atypical (clean, the
+    authors' `rare`) and clean (typical)."""
+    if getattr(data, "memorized", "noisy") != "both":
+        return [("noisy", data.noisy), ("clean", ~data.noisy)]
+    return [(kind, data.kind == EXAMPLE_KINDS.index(k))
+            for kind, k in (("noisy", "mislabeled"), ("atypical", "atypical"), ("clean", "typical"))]
+
+
 def candidates(data, fits, seed):
-    """{"noisy": [...], "clean": [...]}: the training examples of each kind that the model fits
-    (predicts with their training label), in a seeded random order (targets are taken from the front)."""
+    """{"noisy": [...], ("atypical": [...],) "clean": [...]} (target_kinds): the training examples of each
+    kind that the model fits (predicts with their training label), in a seeded random order (targets are
+    taken from the front)."""
     order = {}
-    for kind, mask in (("noisy", data.noisy), ("clean", ~data.noisy)):
+    for kind, mask in target_kinds(data):
         pool = torch.nonzero((mask & fits).cpu()).flatten()
         order[kind] = pool[torch.randperm(len(pool), generator=generator(seed, "neuron_flipping", kind))].tolist()
     return order
@@ -697,10 +709,10 @@ class Collateral:
 
 
 def summarize(records, baseline, max_units):
-    """Per kind (noisy, clean, clean_matched): counts (not flipped counted as max_units: a lower bound), fraction
+    """Per kind (noisy, atypical, clean, clean_matched; those present): counts (not flipped counted as max_units: a lower bound), fraction
     flipped, layer groups of the zeroed units, and mean accuracy drop on the evaluation sets."""
     out = {}
-    for kind in ("noisy", "clean", "clean_matched"):
+    for kind in ("noisy", "atypical", "clean", "clean_matched"):
         rs = [r for r in records if r["kind"] == kind]
         if not rs:
             continue
