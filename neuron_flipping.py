@@ -14,7 +14,6 @@ import time
 
 import torch
 from matplotlib.patches import Patch
-from tqdm.auto import tqdm
 
 from common import cli, config, plots
 from common.evaluation import predict
@@ -176,7 +175,7 @@ def main(argv=()):
     # example) is passed over and listed. Every finished example is saved at once.
     flipper = Flipper(model, units) if fast else None
     targets, reused, pools = [], 0, {kind: iter(order[kind]) for kind in order}
-    with tqdm(total=2 * cfg.n_examples, desc="examples", disable=None) as bar:
+    with cli.progress(total=2 * cfg.n_examples, desc="examples") as bar:
         for kind in ("noisy", "clean") * cfg.n_examples:
             for index in pools[kind]:
                 if index in records:

@@ -187,3 +187,30 @@ def test_figure_titles_are_wrapped_inside_the_canvas(tmp_path):
     assert plots.overflowing_text(fig) == []
     path = plots.save(fig, tmp_path / "f.png")
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_help_lists_every_knob_with_its_default_and_meaning_and_a_typo_gets_a_guess():
+    r = subprocess.run([sys.executable, "layer_rewinding.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    run_part, own_part = r.stdout.split("this experiment:")
+    assert "the run (shared by every script" in run_part
+    assert re.search(r"--width=0\.25 +channel-width multiplier", run_part)
+    assert re.search(r"--epochs=20 +training epochs of the run", run_part)  # the library's comment
+    assert re.search(r"--rewind_bn_stats=final +BatchNorm statistics of the rewound group", own_part)
+    assert all(f"--{k}=" in r.stdout for k in __import__("layer_rewinding").KNOBS)
+    r = subprocess.run([sys.executable, "layer_rewinding.py", "--epoch=3"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown key --epoch; did you mean --epochs? (--help lists every key)"
+
+
+def test_progress_off_a_terminal_is_a_plain_line_at_an_interval(capsys):
+    from common.cli import progress
+    for _ in progress(range(3), every=0.3, desc="short"):
+        pass
+    for _ in progress(range(4), every=0.3, desc="long"):
+        time.sleep(0.2)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "short" not in err and "\r" not in err  # a loop shorter than the interval prints nothing
+    assert 1 <= len(lines) <= 4 and lines[-1].startswith("long: 4/4 (100%)"), lines
