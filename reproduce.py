@@ -1,16 +1,24 @@
 """Reproduce the paper on one configuration: the five experiments for several seeds, then a report.
 
-    python reproduce.py [configs/preset.py] [--seeds=[0,1,2]] [--key=value ...]
-    make reproduce [CONFIG=configs/cifar10_resnet9.py]
+    python reproduce.py [configs/preset.py] [--seeds=[0,1,2]] [--jobs=2] [--key=value ...]
+    make reproduce [CONFIG=configs/cifar10_resnet9.py] [ARGS='--jobs=2']
 
-For every seed s the five scripts run in order with --seed=s --model_seed=s (gradient accounting
-first: it trains the run the others reuse), then, for the first `variant_seeds` seeds, the variants
-the claims need beyond the scripts' defaults (VARIANTS). An experiment whose JSON already holds the
-same configuration is reused, so a second invocation only rebuilds the report. Keys other than this
+For every seed s the five scripts run with --seed=s --model_seed=s (gradient accounting first: it
+trains the run the others reuse), then, for the first `variant_seeds` seeds, the variants the claims
+need beyond the scripts' defaults (VARIANTS). With --jobs=N they run as N separate processes at a time
+(each with its log in <report>/logs/; on a CPU the cores divided among them, on GPUs the processes take
+them in turn; a seed's other experiments wait for its training). An experiment whose JSON already holds
+the same configuration is reused, so a second invocation only rebuilds the report. Keys other than this
 script's own are passed to every script (through a generated config file, so each script takes the
-keys it knows). The report, reports/<config name>/REPORT.md, holds the paper-claims table (judged by
-common/claims.py, each rule beside its verdict), the configuration, the machine, the wall times, and
-seed-averaged tables and figures (mean +- std over seeds).
+keys it knows).
+
+Each finished experiment's JSON (with the run's metrics, never a checkpoint) is also kept per seed in
+docs/results/<name>/seed<s>/ (`results_dir`), with the code version that made it: committed, seeds run
+on other machines or days add up, since the report reads every seed there. A stored seed made with
+another configuration or code is refused, in one line naming the difference, before anything runs.
+The report, reports/<name>/REPORT.md, holds the paper-claims table (judged by common/claims.py, each
+rule beside its verdict), the configuration, the machine, the wall times, and seed-averaged tables and
+figures (mean +- std over seeds).
 """
 import ast
 import hashlib
