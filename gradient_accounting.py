@@ -22,6 +22,7 @@ from common.accounting import (GradientAccountant, accounted_prefix, control_mas
                                summarize)
 from common.cli import UserError
 from common.data import load_data
+from common.memorization import write_examples
 from common.models import model_for
 from common.plots import COLORS, LABELS, accuracy_curves, figure, save
 from common.rewinding import auto_rewind_epochs
@@ -127,6 +128,7 @@ def main(argv=()):
                                          f"to >= memorized_at ({cfg.memorized_at:g})"},
                "epochs": table, "memorization_phase": phase, "summary": summary}
     write_json(run.path("gradient_accounting.json"), results)
+    write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
     print(f"wrote {run.path('gradient_accounting.json')}")
 
     plot_norms(table, "norm_", "Gradient norm per layer: epoch sums of total, clean and noisy parts",

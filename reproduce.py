@@ -63,7 +63,10 @@ EXPERIMENTS = ("gradient_accounting", "layer_rewinding", "layer_retraining", "ne
 # off, except for the first `variant_seeds` seeds (FIRST_SEEDS). The control asks whether a reset group
 # can re-memorize when shown the noisy examples, a property of the architecture and the budget rather
 # than of the seed, and it costs more than the clean retraining itself.
-DEFAULTS = {"neuron_flipping": ["--n_examples=50"], "layer_retraining": ["--control=False"]}
+# Claim 5's primary row is the authors' ETD model: ResNet-18 (dropout after layer2 and layer3), at the
+# width that fits the CPU budget (docs/experiments/example_tied_dropout.md); its plain run is trained there.
+DEFAULTS = {"neuron_flipping": ["--n_examples=50"], "layer_retraining": ["--control=False"],
+            "example_tied_dropout": ["--model=resnet18", "--width=0.125"]}
 FIRST_SEEDS = {"layer_retraining": ["--control=True"]}
 
 # The variants the claims need, for the first `variant_seeds` seeds: (experiment, label in the report,
@@ -71,7 +74,8 @@ FIRST_SEEDS = {"layer_retraining": ["--control=True"]}
 # one without adds its part to the same JSON (the retraining ablation), so it replaces that seed's run.
 VARIANTS = [("neuron_flipping", "unit: channel_out", ["--unit=channel_out"]),
             ("neuron_flipping", "unit: channel, BatchNorm re-estimated (train pass)", ["--bn_train=True"]),
-            ("layer_retraining", "frozen BatchNorm ablation", ["--bn_ablation=True"])]
+            ("layer_retraining", "frozen BatchNorm ablation", ["--bn_ablation=True"]),
+            ("example_tied_dropout", "resnet9 x0.25, after every conv block", ["--model=resnet9", "--width=0.25"])]
 
 # Keys that cannot change an experiment's numbers: the shared block's non-identity keys, except the
 # layer groups (they do not identify the trained run, but every experiment's numbers are per group).

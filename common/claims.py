@@ -83,11 +83,15 @@ RULES = {
         f"{MEDIAN_RATIO:g} with CI low > {RATIO_CI_LOW:g} (bootstrap over examples, stratified by seed), "
         f"one-sided Mann-Whitney p < {ALPHA:g} (seeds pooled), and mean test-accuracy drop after a noisy edit "
         f"< {100 * MAX_TEST_COST:g} point: yes. partial: p < {ALPHA:g} but not all of the rest; no: otherwise"),
-    5: (f"noisy accuracy after the drop: CI high <= {DROPPED:.0%} (bootstrap over noisy examples, stratified "
-        f"by seed); test accuracy drop - plain: CI low >= -{100 * TEST_MARGIN:g} point (paired bootstrap over "
-        f"seeds, then test examples). yes: both; partial: one; no: neither. Control: the ETD model memorized "
-        f"(tied-mode noisy >= {MEMORIZED:.0%}), else inconclusive. The same rule for each scaling of the drop "
-        f"(generalization channels x (p_gen + p_mem) / p_gen, the authors', first; not rescaled), one row each"),
+    5: (f"(a) removed: noisy accuracy after the drop, CI high <= {DROPPED:.0%} (CI low > {DROPPED:.0%}: not "
+        f"removed); (b) kept: test accuracy drop - plain, CI low >= -{100 * TEST_MARGIN:g} point (CI high < "
+        f"-{100 * TEST_MARGIN:g}: not kept); both CIs bootstrap over seeds, then examples (paired for the test). "
+        f"yes: (a) and (b); partial: one, the other not; no: neither; inconclusive: a CI straddles its "
+        f"threshold. Controls, else inconclusive: the ETD model memorized (tied-mode noisy >= {MEMORIZED:.0%}); "
+        f"negative control: the plain model with as many randomly chosen channels dropped at the same places "
+        f"(same scaling, mean over draws) does not meet (a) and (b) itself. The same rule for each scaling of "
+        f"the drop (generalization channels x (p_gen + p_mem) / p_gen, the authors', first; not rescaled) and "
+        f"each model (the authors' ResNet-18 with dropout after layer2 and layer3 first), one row each"),
 }
 
 
@@ -101,6 +105,7 @@ class Claim:
     verdict: str            # one of VERDICTS
     reason: str             # why this verdict (which parts of the rule held)
     values: dict = field(default_factory=dict)  # the numbers behind the row (for tables and tests)
+    previous: str = ""      # the verdict under the previous rule when this release changed it (values["previous_rule"])
 
     @property
     def statement(self):
@@ -554,51 +559,118 @@ def standard_dropout_words(runs, scaling=None):
                    f"({_pct(tied)} tied -> {_pct(drop)} {after}).")
 
 
-def tied_dropout(results):
+# The rule before this release: a one-level noisy CI (examples, stratified by seed), no negative control,
+# no undecided band (docs/protocol.md, "Rule history"); its verdict is still shown beside the new one.
+RULE5_PREVIOUS = (f"noisy accuracy after the drop: CI high <= {DROPPED:.0%} (bootstrap over noisy examples, "
+                  f"stratified by seed); test accuracy drop - plain: CI low >= -{100 * TEST_MARGIN:g} point (paired "
+                  f"bootstrap over seeds, then test examples). yes: both; partial: one; no: neither. Control: the "
+                  f"ETD model memorized (tied-mode noisy >= {MEMORIZED:.0%}), else inconclusive")
+
+
+def setup_words(run):
+    """The ETD model of a run in words, e.g. "resnet18 x0.125, dropout after layer2, layer3" ("" when the
+    results do not say)."""
+    c, places = run.get("config", {}), run.get("etd", {}).get("places")
+    if "model" not in c:
+        return ""
+    where = ("" if places is None else f", dropout after {', '.join(places)}" if len(places) <= 3
+             else f", dropout at {len(places)} places")
+    return f"{c['model']} x{c.get('width', 1):g}{where}"
+
+
+def tied_dropout(results, variant=None):
     """Claim 5 from example_tied_dropout.json (one per seed): one Claim per scaling of the drop mode that
-    every seed holds (drop_scalings; the authors' rescaled first), each by the same rule."""
+    every seed holds (drop_scalings; the authors' rescaled first), each by the same rule; `variant` (e.g.
+    the model, from reproduce.py's variants) prefixes the rows' labels."""
     runs = _runs(results)
     per_run = [drop_scalings(r) for r in runs]
     present = [s for s in DROP_VARIANTS if all(s in p for p in per_run)]
     if not present:
-        return [_claim(5, "", "no drop scaling common to every seed", "n/a", "inconclusive",
+        return [_claim(5, variant or "", "no drop scaling common to every seed", "n/a", "inconclusive",
                        "the seeds' results hold different drop scalings (re-run example_tied_dropout.py)")]
-    return [_tied_dropout_scaling(runs, [p[s] for p in per_run], s) for s in present]
+    return [_tied_dropout_scaling(runs, [p[s] for p in per_run], s, variant) for s in present]
 
 
-def _tied_dropout_scaling(runs, drops, scaling):
-    variant = DROP_VARIANTS[scaling]
+def _part(held, not_held, text_held, text_not, text_undecided):
+    """One part of a rule: "held" | "not held" | "undecided" (its CI straddles the threshold), and its words."""
+    return ("held", text_held) if held else ("not held", text_not) if not_held else ("undecided", text_undecided)
+
+
+def _mean_ci(strata, name, two_level=True):
+    """Pooled mean of per-example 0/1 values (or fractions) and its bootstrap CI (seeds, then examples)."""
+    return (float(np.concatenate(strata).mean()),
+            *bootstrap([(x,) for x in strata], lambda s: _pooled(s).mean(), name, resample_strata=two_level))
+
+
+def _diff_ci(paired, name):
+    """Mean of column 0 minus column 1 of paired per-example values, and its two-level bootstrap CI."""
+    diff = lambda s: (lambda a: a[:, 0].mean() - a[:, 1].mean())(_pooled(s))  # noqa: E731
+    return (float(diff([(p,) for p in paired])),
+            *bootstrap([(p,) for p in paired], diff, name, resample_strata=True))
+
+
+def _tied_dropout_scaling(runs, drops, scaling, variant=None):
+    label = f"{variant}; {DROP_VARIANTS[scaling]}" if variant else DROP_VARIANTS[scaling]
     tied = _mean([r["etd"]["modes"]["tied"]["noisy"] for r in runs])
     words = standard_dropout_words(runs, scaling)
+    setup = setup_words(runs[0])
     if any(d["per_example"] is None for d in drops):
-        return _claim(5, variant, f"noisy after drop {_pct(_mean([d['noisy'] for d in drops]))}", "n/a",
+        return _claim(5, label, f"noisy after drop {_pct(_mean([d['noisy'] for d in drops]))}", "n/a",
                       "inconclusive", "no per-example results (re-run example_tied_dropout.py)",
                       scaling=scaling, standard_dropout=words)
     noisy = [np.array(d["per_example"]["noisy_drop_correct"], dtype=float) for d in drops]
-    paired = [np.stack([np.array(d["per_example"]["test_correct"], dtype=float),
-                        np.array(r["per_example"]["test_correct"]["plain"], dtype=float)], 1)
-              for r, d in zip(runs, drops)]
-    noisy_acc = float(np.concatenate(noisy).mean())
+    plain = [np.array(r["per_example"]["test_correct"]["plain"], dtype=float) for r in runs]
+    paired = [np.stack([np.array(d["per_example"]["test_correct"], dtype=float), p], 1) for d, p in zip(drops, plain)]
     # the same generators for both scalings: the same resamples, so their intervals differ by the data alone
-    # (and an earlier file's intervals are unchanged)
-    n_lo, n_hi = bootstrap([(x,) for x in noisy], lambda s: _pooled(s).mean(), "tied_dropout:noisy")
-    diff = lambda s: (lambda a: a[:, 0].mean() - a[:, 1].mean())(_pooled(s))  # noqa: E731
-    d = float(diff([(p,) for p in paired]))
-    d_lo, d_hi = bootstrap([(p,) for p in paired], diff, "tied_dropout:test", resample_strata=True)
-    statistic = (f"noisy accuracy after the drop {_pct(noisy_acc)} (tied mode {_pct(tied)}); test accuracy "
-                 f"drop - plain {100 * d:+.2f} points")
+    noisy_acc, n_lo, n_hi = _mean_ci(noisy, "tied_dropout:noisy2")
+    d, d_lo, d_hi = _diff_ci(paired, "tied_dropout:test")
+    removed = _part(n_hi <= DROPPED, n_lo > DROPPED, f"noisy CI high <= {DROPPED:.0%}",
+                    f"noisy CI high > {DROPPED:.0%} and low > {DROPPED:.0%}",
+                    f"noisy CI high > {DROPPED:.0%} but low <= {DROPPED:.0%}: undecided")
+    kept = _part(d_lo >= -TEST_MARGIN, d_hi < -TEST_MARGIN, f"test CI low >= -{100 * TEST_MARGIN:g} point",
+                 f"test CI low < -{100 * TEST_MARGIN:g} point and high < -{100 * TEST_MARGIN:g}",
+                 f"test CI low < -{100 * TEST_MARGIN:g} point but high >= -{100 * TEST_MARGIN:g}: undecided")
+    # the negative control: the plain model with as many random channels dropped at the same places
+    ctl = [(r.get("per_example") or {}).get("negative_control", {}).get(scaling) for r in runs]
+    control = None
+    if all(c is not None for c in ctl):
+        c_noisy, c_lo, c_hi = _mean_ci([np.array(c["noisy_correct"], dtype=float) for c in ctl],
+                                       "tied_dropout:control_noisy")
+        c_d, cd_lo, cd_hi = _diff_ci([np.stack([np.array(c["test_correct"], dtype=float), p], 1)
+                                      for c, p in zip(ctl, plain)], "tied_dropout:control_test")
+        control = dict(control_noisy=c_noisy, control_noisy_ci=(c_lo, c_hi), control_test_diff=c_d,
+                       control_test_diff_ci=(cd_lo, cd_hi),
+                       control_meets=bool(c_hi <= DROPPED and cd_lo >= -TEST_MARGIN))
+    statistic = ((f"{setup}: " if setup else "") + f"noisy accuracy after the drop {_pct(noisy_acc)} (tied mode "
+                 f"{_pct(tied)}); test accuracy drop - plain {100 * d:+.2f} points")
     ci = f"{_pct_interval(n_lo, n_hi)} (noisy); {_interval(100 * d_lo, 100 * d_hi, '{:+.2f}')} points (test)"
-    removed = n_hi <= DROPPED
-    kept = d_lo >= -TEST_MARGIN
+    if control:
+        statistic += (f"; negative control (plain model, random channels dropped): noisy "
+                      f"{_pct(control['control_noisy'])}, test {100 * control['control_test_diff']:+.2f} points")
+        ci += (f"; control {_pct_interval(*control['control_noisy_ci'])} (noisy), "
+               f"{_interval(*(100 * v for v in control['control_test_diff_ci']), '{:+.2f}')} points (test)")
+    reason = f"{removed[1]}; {kept[1]}"
     if not tied >= MEMORIZED:
         verdict, reason = "inconclusive", f"the ETD model did not memorize (tied-mode noisy {_pct(tied)})"
+    elif control is None:
+        verdict, reason = "inconclusive", f"{reason}; no negative control in the results (re-run example_tied_dropout.py)"
+    elif control["control_meets"]:
+        verdict, reason = "inconclusive", (f"{reason}; but dropping random channels of the plain model meets the rule "
+                                           f"too (negative control): the drop is not specific to ETD's channels")
+    elif "undecided" in (removed[0], kept[0]):
+        verdict, reason = "inconclusive", f"{reason} (at {len(runs)} seed{'s' if len(runs) > 1 else ''})"
     else:
-        verdict = "yes" if removed and kept else "partial" if removed or kept else "no"
-        reason = (f"noisy CI high {'<=' if removed else '>'} {DROPPED:.0%}; test CI low "
-                  f"{'>=' if kept else '<'} -{100 * TEST_MARGIN:g} point")
-    return _claim(5, variant, statistic, ci, verdict, reason, scaling=scaling, noisy_after_drop=noisy_acc,
-                  noisy_ci=(n_lo, n_hi), test_diff=d, test_diff_ci=(d_lo, d_hi), tied_noisy=tied,
-                  standard_dropout=words, seeds=len(runs))
+        held = [removed[0], kept[0]].count("held")
+        verdict = ("no", "partial", "yes")[held]
+    # the previous rule's verdict: one-level noisy CI, no negative control, no undecided band
+    _, p_lo, p_hi = _mean_ci(noisy, "tied_dropout:noisy", two_level=False)
+    previous = ("inconclusive" if not tied >= MEMORIZED else
+                ("no", "partial", "yes")[(p_hi <= DROPPED) + (d_lo >= -TEST_MARGIN)])
+    return Claim(5, label, statistic, ci, verdict, reason,
+                 dict(scaling=scaling, setup=setup, noisy_after_drop=noisy_acc, noisy_ci=(n_lo, n_hi), test_diff=d,
+                      test_diff_ci=(d_lo, d_hi), tied_noisy=tied, standard_dropout=words, seeds=len(runs),
+                      previous_rule=RULE5_PREVIOUS, previous_noisy_ci=(p_lo, p_hi), **(control or {})),
+                 previous=previous)
 
 
 # ----------------------------------------------------------------------------- all of them
@@ -619,3 +691,86 @@ def judge(experiment, results, **kwargs):
 def print_claims(claims):
     for c in claims:
         print(c.line())
+
+
+# ----------------------------------------------------------------------------- atypical examples (memorized=both)
+# The finding of docs/experiments/atypical.md: do atypical clean examples behave like mislabeled ones?
+# Judged on neuron_flipping.json of `memorized=both` runs (targets of three kinds: noisy = mislabeled,
+# atypical = clean with a hold-out score < 0.5, clean = typical clean).
+ATYPICAL = 6
+EASIER = 0.5            # A = P(units of an atypical target < units of a typical one) + ties / 2: CI low > 0.5
+STATEMENTS[ATYPICAL] = ("Atypical clean examples behave like mislabeled ones: they flip after fewer units than "
+                        "typical clean examples, and not detectably more than mislabeled ones")
+RULES[ATYPICAL] = (
+    f"units to flip (not flipped = max_units), records of kinds noisy (mislabeled), atypical and clean (typical) "
+    f"of memorized=both runs. A = P(atypical < typical) + ties/2, B = P(atypical > mislabeled) + ties/2, "
+    f"control C = P(mislabeled < typical) + ties/2; CIs: bootstrap over seeds, then examples. yes: A's CI low > "
+    f"{EASIER:g} and B's CI low <= {EASIER:g}; partial: A's CI low > {EASIER:g} and B's CI low > {EASIER:g} "
+    f"(between typical and mislabeled); no: A's CI high < {EASIER:g}; inconclusive: A's CI straddles {EASIER:g}, "
+    f"or the control fails (C's CI low <= {EASIER:g}: the search does not separate mislabeled from typical)")
+
+
+def superiority(x, y):
+    """P(x < y) + P(x = y) / 2 over all pairs (the common-language effect size; from the U statistic)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not len(x) or not len(y):
+        return float("nan")
+    u, _ = mann_whitney_less(x, y)  # pairs with x > y, ties one half
+    return 1 - u / (len(x) * len(y))
+
+
+def atypical(results):
+    """The atypical-vs-mislabeled claim from neuron_flipping.json of memorized=both runs (one per seed)."""
+    runs = _runs(results)
+    kinds = {k: [flip_counts(r, k) for r in runs] for k in ("noisy", "atypical", "clean")}
+    variant = f"unit: {runs[0]['settings'].get('unit', '?')}"
+    if any(not sum(map(len, v)) for v in kinds.values()):
+        return _claim(ATYPICAL, variant, "needs noisy, atypical and clean targets (memorized=both)", "n/a",
+                      "inconclusive", "a kind is missing")
+    strata = list(zip(kinds["atypical"], kinds["clean"], kinds["noisy"]))
+    stat = {"A": lambda s: superiority(_pooled(s, 0), _pooled(s, 1)),
+            "B": lambda s: superiority(_pooled(s, 2), _pooled(s, 0)),  # P(mislabeled < atypical) = P(atyp > misl)
+            "C": lambda s: superiority(_pooled(s, 2), _pooled(s, 1))}
+    point = {k: f(strata) for k, f in stat.items()}
+    ci = {k: bootstrap(strata, f, f"atypical:{variant}:{k}", resample_strata=True) for k, f in stat.items()}
+    med = {k: float(np.median(np.concatenate(v))) for k, v in kinds.items()}
+    n = {k: int(sum(map(len, v))) for k, v in kinds.items()}
+    recs = {k: [x for r in runs for x in r["records"] if x["kind"] == k] for k in kinds}
+    cost = {k: _mean([x["accuracy_drop"]["test"] for x in v]) for k, v in recs.items()}
+    spread = {k: _mean([len({u["group"] for u in x["units"]}) for x in v]) for k, v in recs.items()}
+    statistic = (f"median units mislabeled {med['noisy']:g} / atypical {med['atypical']:g} / typical {med['clean']:g} "
+                 f"(n = {n['noisy']}, {n['atypical']}, {n['clean']}); A = P(atypical < typical) {point['A']:.2f}, "
+                 f"B = P(atypical > mislabeled) {point['B']:.2f}, control C = P(mislabeled < typical) "
+                 f"{point['C']:.2f}; test cost of an edit {100 * cost['noisy']:.2f} / {100 * cost['atypical']:.2f} / "
+                 f"{100 * cost['clean']:.2f} points; layer groups per example {spread['noisy']:.1f} / "
+                 f"{spread['atypical']:.1f} / {spread['clean']:.1f}")
+    ci_text = f"A {_interval(*ci['A'])}; B {_interval(*ci['B'])}; C {_interval(*ci['C'])}"
+    (a_lo, a_hi), (b_lo, _), (c_lo, _) = ci["A"], ci["B"], ci["C"]
+    if not all(np.isfinite(v) for v in (a_lo, a_hi, b_lo, c_lo)):
+        verdict, reason = "inconclusive", "an interval could not be computed"
+    elif c_lo <= EASIER:
+        verdict, reason = "inconclusive", f"control failed: C's CI low {c_lo:.2f} <= {EASIER:g}"
+    elif a_lo > EASIER:
+        like = b_lo <= EASIER
+        verdict = "yes" if like else "partial"
+        reason = (f"atypical need fewer units than typical (A's CI low {a_lo:.2f} > {EASIER:g}); "
+                  + ("not detectably more than mislabeled" if like else
+                     f"but more than mislabeled (B's CI low {b_lo:.2f} > {EASIER:g})"))
+    elif a_hi < EASIER:
+        verdict, reason = "no", f"atypical need more units than typical (A's CI high {a_hi:.2f} < {EASIER:g})"
+    else:
+        verdict, reason = "inconclusive", f"A's CI [{a_lo:.2f}, {a_hi:.2f}] straddles {EASIER:g}"
+    return _claim(ATYPICAL, variant, statistic, ci_text, verdict, reason, medians=med, n=n, point=point,
+                  intervals={k: list(v) for k, v in ci.items()}, test_cost=cost, groups_per_example=spread,
+                  seeds=len(runs))
+
+
+def _flipping_and_atypical(results, **kwargs):
+    """Claim 4, and claim 6 where the records hold atypical targets (memorized=both runs)."""
+    out = [flipping(results, **kwargs)]
+    if any(r["kind"] == "atypical" for run in _runs(results) for r in run["records"]):
+        out.append(atypical(results))
+    return out
+
+
+JUDGES["neuron_flipping"] = _flipping_and_atypical

@@ -6,7 +6,7 @@ Every method returns a ranking: a permutation of all units, the most responsible
 score units rank by score, exact ties broken in a seeded random order (unit order would favour the
 first layers wherever many scores tie, e.g. units that a mask never moved).
 
-  greedy        the neuron-flipping search (common.flipping.Flipper): zero the best unit by w * dL/dw,
+  greedy        the neuron-flipping search (common.flipping.flip_sequential): zero the best unit by w * dL/dw,
                 recompute, ...; its zeroed units in order, continued past the flip to K units with the
                 same rule; the rest by the scores after the K-th.
   oneshot       w * dL/dw of the flipping objective once, on the unedited model (greedy's first step).
@@ -50,7 +50,7 @@ from torch.func import functional_call
 
 from .cli import UserError
 from .dropout import ExampleTiedDropout, StandardDropout, etd_modules
-from .flipping import Flipper, objective, zeroed_copy
+from .flipping import flip_sequential, objective, zeroed_copy
 from .plots import figure, save
 from .precision import strict_fp32
 from .rng import generator
@@ -257,10 +257,10 @@ def mask_scores(model, units, x, y, kind, steps, lr, penalty, gen):
     return theta.detach()
 
 
-def greedy_ranking(flipper, model, units, x, y, k_max, gen):
-    """The flipping search's zeroed units (Flipper, until the flip), continued with the same rule to k_max
+def greedy_ranking(model, units, x, y, k_max, gen):
+    """The flipping search's zeroed units (flip_sequential, until the flip), continued with the same rule to k_max
     units; then the rest by the scores after the last. Returns (ranking, units zeroed at the flip or None)."""
-    result = flipper.flip(x, y, k_max)
+    result = flip_sequential(model, units, x, y, k_max)
     order = list(result.units)
     m = zeroed_copy(model, units, order)
     params = [m.get_parameter(n).requires_grad_() for n in units.grad_names]
@@ -289,7 +289,7 @@ class Localizer:
         self.max_k, self.ig_steps, self.mask_steps = max_k, ig_steps, mask_steps
         self.lr = {"hardconcrete": hc_lr, "slimming": slim_lr}
         self.penalty = {"hardconcrete": l0_penalty, "slimming": l1_penalty}
-        self._flipper = self._probe = None
+        self._probe = None
 
     def gen(self, *tags):
         return generator(self.seed, "localization", *tags)
@@ -302,8 +302,7 @@ class Localizer:
     def _rank(self, method, x, y, index):
         ties = self.gen("ties", method, index)
         if method == "greedy":
-            self._flipper = self._flipper or Flipper(self.model, self.units)
-            ranking, flip_at = greedy_ranking(self._flipper, self.model, self.units, x, y, self.max_k, ties)
+            ranking, flip_at = greedy_ranking(self.model, self.units, x, y, self.max_k, ties)
             return ranking, {"flip_at": flip_at}
         if method == "oneshot":
             return rank(oneshot_scores(self.model, self.units, x, y), ties), {}

@@ -13,9 +13,12 @@ from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 from .models import MODELS  # noqa: E402
 
 COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
-          "total": "black", "train": "tab:purple"}
+          "total": "black", "train": "tab:purple", "atypical": "tab:brown", "mislabeled": "tab:red",
+          "typical": "tab:blue"}
 LABELS = {"clean": "clean train", "noisy": "noisy train (noisy label = memorized)",
-          "noisy_true": "noisy train (true label)", "test": "test", "total": "total", "train": "train"}
+          "noisy_true": "noisy train (true label)", "test": "test", "total": "total", "train": "train",
+          "atypical": "atypical clean train (low hold-out score)", "mislabeled": "mislabeled train",
+          "typical": "typical clean train"}
 
 
 def pct(x, width=0):

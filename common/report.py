@@ -293,7 +293,8 @@ def _etd_table(run):
 
 
 def tied_dropout(res, cfg, out, variants):
-    judged = claims.tied_dropout(res)
+    judged = claims.tied_dropout(res) + [c for label, seeds in variants.items()   # e.g. the 8-place ResNet-9
+                                         for c in claims.tied_dropout(seeds, variant=label)]
     keys = ("clean", "noisy", "noisy_true", "test")
     tables = [_etd_table(r) for r in res]
     labels = list(dict.fromkeys(lab for t in tables for lab in t))  # rows matched by label across seeds

@@ -194,14 +194,21 @@ def test_claim4_thresholds():
 
 # ----------------------------------------------------------------------------- claim 5
 
-def _etd(noisy_correct, plain, drop, tied=1.0, std_noisy=0.01):
-    return {"etd": {"modes": {"tied": {"noisy": tied}, "drop": {"noisy": float(np.mean(noisy_correct))}}},
-            "plain_test": float(np.mean(plain)),
-            "table": [{"model": "no dropout (20 epochs)", "noisy": 0.99, "test": float(np.mean(plain))},
-                      {"model": "standard dropout p=0.4", "noisy": std_noisy, "test": 0.96},
-                      {"model": "standard dropout p=0.4, BN re-estimated", "noisy": 0.0, "test": 0.97}],
-            "per_example": {"noisy_drop_correct": list(noisy_correct),
-                            "test_correct": {"plain": list(plain), "drop": list(drop)}}}
+def _etd(noisy_correct, plain, drop, tied=1.0, std_noisy=0.01, control=(0.5, 0.5)):
+    """A result with one drop scaling; `control`: the negative control's (noisy, test) accuracy, every
+    example at that fraction of draws (None: no control in the results, as in earlier files)."""
+    r = {"etd": {"modes": {"tied": {"noisy": tied}, "drop": {"noisy": float(np.mean(noisy_correct))}}},
+         "plain_test": float(np.mean(plain)),
+         "table": [{"model": "no dropout (20 epochs)", "noisy": 0.99, "test": float(np.mean(plain))},
+                   {"model": "standard dropout p=0.4", "noisy": std_noisy, "test": 0.96},
+                   {"model": "standard dropout p=0.4, BN re-estimated", "noisy": 0.0, "test": 0.97}],
+         "per_example": {"noisy_drop_correct": list(noisy_correct),
+                         "test_correct": {"plain": list(plain), "drop": list(drop)}}}
+    if control is not None:
+        r["per_example"]["negative_control"] = {s: {"noisy_correct": [control[0]] * len(noisy_correct),
+                                                    "test_correct": [control[1]] * len(plain)}
+                                                for s in claims.DROP_VARIANTS}
+    return r
 
 
 def test_claim5_thresholds(monkeypatch):
@@ -213,25 +220,60 @@ def test_claim5_thresholds(monkeypatch):
     runs = [_etd(noisy, plain.tolist(), drop.tolist()), _etd(noisy[::-1], plain.tolist(), drop.tolist())]
     c, = claims.tied_dropout(runs)  # an earlier file: one drop scaling, named by its config (no config: unscaled)
     assert c.verdict == "yes" and c.values["seeds"] == 2 and c.variant == "drop: not rescaled"
-    n_hi = c.values["noisy_ci"][1]
+    assert c.previous == "yes" and c.values["previous_rule"] == claims.RULE5_PREVIOUS
+    # the previous rule (one-level noisy CI, no undecided band), at its own CI's ends
+    p_hi = c.values["previous_noisy_ci"][1]
     d_lo = c.values["test_diff_ci"][0]
-    assert n_hi < 0.05 and d_lo > -0.01
-    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)      # the CI's high end just above the threshold
-    assert claims.tied_dropout(runs)[0].verdict == "partial"
-    monkeypatch.setattr(claims, "DROPPED", n_hi)             # at it: <= holds
-    assert claims.tied_dropout(runs)[0].verdict == "yes"
+    assert p_hi < 0.05 and d_lo > -0.01
+    monkeypatch.setattr(claims, "DROPPED", p_hi - 1e-9)      # the CI's high end just above the threshold
+    assert claims.tied_dropout(runs)[0].previous == "partial"
+    monkeypatch.setattr(claims, "DROPPED", p_hi)             # at it: <= holds
+    assert claims.tied_dropout(runs)[0].previous == "yes"
     monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo - 1e-9)  # the CI's low end just below -margin
-    assert claims.tied_dropout(runs)[0].verdict == "partial"
-    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)
-    assert claims.tied_dropout(runs)[0].verdict == "no"          # neither holds
+    assert claims.tied_dropout(runs)[0].previous == "partial"
+    monkeypatch.setattr(claims, "DROPPED", p_hi - 1e-9)
+    assert claims.tied_dropout(runs)[0].previous == "no"          # neither holds
     monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo)
-    assert claims.tied_dropout(runs)[0].verdict == "partial"     # test kept again, noisy still above
-    monkeypatch.setattr(claims, "DROPPED", n_hi)
+    assert claims.tied_dropout(runs)[0].previous == "partial"     # test kept again, noisy still above
+    monkeypatch.setattr(claims, "DROPPED", p_hi)
+    assert claims.tied_dropout(runs)[0].previous == "yes"
+    monkeypatch.undo()
+    # the rule now: a CI that straddles its threshold leaves the verdict undecided (inconclusive)
+    (n_lo, n_hi), (d_lo, d_hi) = c.values["noisy_ci"], c.values["test_diff_ci"]
+    assert n_lo < n_hi and d_lo < d_hi
+    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)      # straddled
+    c2, = claims.tied_dropout(runs)
+    assert c2.verdict == "inconclusive" and "undecided" in c2.reason and "at 2 seeds" in c2.reason
+    monkeypatch.setattr(claims, "DROPPED", n_lo - 1e-9)      # the whole CI above: not removed, test kept
+    assert claims.tied_dropout(runs)[0].verdict == "partial"
+    monkeypatch.setattr(claims, "TEST_MARGIN", -d_hi - 1e-9)  # the whole test CI below -margin: not kept either
+    assert claims.tied_dropout(runs)[0].verdict == "no"
+    monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo - 1e-9)  # straddled
+    assert claims.tied_dropout(runs)[0].verdict == "inconclusive"
+    monkeypatch.setattr(claims, "DROPPED", n_hi)             # removed; test straddled: yes or partial, undecided
+    assert claims.tied_dropout(runs)[0].verdict == "inconclusive"
+    monkeypatch.setattr(claims, "TEST_MARGIN", -d_lo)
     assert claims.tied_dropout(runs)[0].verdict == "yes"
     monkeypatch.undo()
-    # the control: the ETD model must have memorized (tied mode >= 90%)
+    # the controls: the ETD model must have memorized (tied mode >= 90%) ...
     assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.9))[0].verdict == "yes"
     assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.89))[0].verdict == "inconclusive"
+    assert claims.tied_dropout(_etd(noisy, plain, drop, tied=0.89))[0].previous == "inconclusive"
+    # ... and random channels dropped from the plain model must not meet the rule too (negative control)
+    assert claims.tied_dropout(_etd(noisy, plain, drop, control=(0.06, 0.97)))[0].verdict == "yes"  # not removed
+    assert claims.tied_dropout(_etd(noisy, plain, drop, control=(0.0, 0.9)))[0].verdict == "yes"    # test lost
+    same = claims.tied_dropout(_etd(noisy, plain, drop, control=(0.0, 1.0)))[0]  # removes it, keeps test
+    assert same.verdict == "inconclusive" and "negative control" in same.reason and same.previous == "yes"
+    assert same.values["control_meets"] and same.values["control_noisy"] == 0.0
+    assert same.values["control_test_diff"] == pytest.approx(1.0 - np.mean(plain))
+    no_control = claims.tied_dropout(_etd(noisy, plain, drop, control=None))[0]
+    assert no_control.verdict == "inconclusive" and "no negative control" in no_control.reason
+    assert no_control.previous == "yes"
+    # the noisy CI resamples seeds, then examples: two seeds far apart widen it; the previous one did not
+    far = claims.tied_dropout([_etd([0] * 500, plain, drop), _etd([1] * 25 + [0] * 475, plain, drop)])[0]
+    lo, hi = far.values["noisy_ci"]
+    p_lo, p_hi = far.values["previous_noisy_ci"]
+    assert lo == 0.0 < p_lo and hi > 0.05 > p_hi  # a resample of seed 0 twice holds no noisy example at all
     # standard dropout in words, either way
     assert "keeps the network from memorizing" in claims.tied_dropout(runs)[0].values["standard_dropout"]
     assert "memorizes the noisy labels" in claims.tied_dropout(_etd(noisy, plain, drop, std_noisy=0.8)
@@ -247,7 +289,8 @@ def _etd_both(rescaled, unscaled, plain, tied=1.0):
     r["per_example"] = {"test_correct": {"plain": list(plain), "drop": list(rescaled[1])},
                         "noisy_drop_correct": list(rescaled[0]),
                         "drop_scalings": {s: {"noisy_drop_correct": list(n), "test_correct": list(t)}
-                                          for s, (n, t) in (("rescaled", rescaled), ("unscaled", unscaled))}}
+                                          for s, (n, t) in (("rescaled", rescaled), ("unscaled", unscaled))},
+                        "negative_control": r["per_example"]["negative_control"]}
     return r
 
 
@@ -263,6 +306,7 @@ def test_claim5_both_scalings_same_rule(monkeypatch):
     runs = [_etd_both((low, lost), (high, kept), plain), _etd_both((low[::-1], lost), (high[::-1], kept), plain)]
     rescaled, unscaled = claims.tied_dropout(runs)
     assert (rescaled.variant, unscaled.variant) == ("drop: rescaled (authors)", "drop: not rescaled")
+    assert (rescaled.previous, unscaled.previous) == ("partial", "partial")
     assert (rescaled.values["scaling"], unscaled.values["scaling"]) == ("rescaled", "unscaled")
     assert rescaled.verdict == "partial" and "noisy CI high <=" in rescaled.reason and "test CI low <" in rescaled.reason
     assert unscaled.verdict == "partial" and "noisy CI high >" in unscaled.reason and "test CI low >=" in unscaled.reason
@@ -276,10 +320,10 @@ def test_claim5_both_scalings_same_rule(monkeypatch):
     assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "yes"]
     monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo)        # at the rescaled row's test CI low: >= holds
     assert [c.verdict for c in claims.tied_dropout(runs)] == ["yes", "yes"]
-    monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo - 1e-9)
-    assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "yes"]
-    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)
-    assert [c.verdict for c in claims.tied_dropout(runs)] == ["partial", "partial"]
+    monkeypatch.setattr(claims, "TEST_MARGIN", -r_lo - 1e-9)  # the rescaled row's test CI straddles the margin
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["inconclusive", "yes"]   # (previous rule: partial)
+    monkeypatch.setattr(claims, "DROPPED", n_hi - 1e-9)      # and the unscaled row's noisy CI straddles DROPPED
+    assert [c.verdict for c in claims.tied_dropout(runs)] == ["inconclusive", "inconclusive"]
     monkeypatch.undo()
     # the control (the same tied-mode model) applies to both rows
     assert [c.verdict for c in claims.tied_dropout([_etd_both((low, kept), (high, kept), plain, tied=0.89)])] \
@@ -302,5 +346,5 @@ def test_every_claim_has_a_rule_and_prints_it():
     c, = claims.tied_dropout(_etd([0] * 50, [1] * 50, [1] * 50))
     line = c.line()
     assert c.rule in line and "YES" in line
-    assert set(claims.RULES) == set(claims.STATEMENTS) == {1, 2, 3, 4, 5}
+    assert set(claims.RULES) == set(claims.STATEMENTS) == {1, 2, 3, 4, 5, claims.ATYPICAL}
     assert claims.judge("localization_methods", {}) == []   # a section without a claim

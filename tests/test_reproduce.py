@@ -20,7 +20,7 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     text = path.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(images) == 5 and all((path.parent / im).is_file() for im in images)
-    run_dir = tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir())
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if "cnn" in p.name)  # (the ETD variant: resnet9's)
     for exp in reproduce.EXPERIMENTS:
         assert (run_dir / f"{exp}.json").is_file(), exp
     # the variants the claims need ran beside the defaults (first seed)
@@ -34,14 +34,17 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
     assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "verdict", "statistic", "95% CI",
                                                                      "why"]
-    # BN modes, ablation, flip variants, drop scalings
-    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5"]
+    # BN modes, ablation, flip variants, drop scalings x (the run's model, the resnet9 variant)
+    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5", "5", "5"]
     for r in rows:
         assert len(r) == 6 and r[1] and r[3] and r[4] and r[5]
         assert r[2].split("**")[1] in ("yes", "partial", "no", "inconclusive")
     assert {r[1] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
-    assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled"]
+    etd_variant = reproduce.VARIANTS[-1][1]
+    assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled",
+                                                  f"{etd_variant}; drop: rescaled (authors)",
+                                                  f"{etd_variant}; drop: not rescaled"]
     rules = text.split("## Rules")[1].split("\n## ")[0]
     for n in range(1, 6):
         assert rules.count(f"**Claim {n}.**") == 1 and len(rules.split(f"**Claim {n}.**")[1].split("*Rule:*")[1]) > 40
