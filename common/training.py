@@ -250,7 +250,7 @@ def trained_run(cfg, data=None, quiet=False):
     With init_from: the user's own checkpoints, nothing trained (common/checkpoints.py)."""
     if getattr(cfg, "init_from", ""):
         from .checkpoints import imported_run
-        return imported_run(cfg, data)
+        return imported_run(cfg, data or load_data(cfg, pick_device(cfg.device)))
     run = Run(cfg)
     if not distributed.on_main(run.is_complete):
         with run.lock():

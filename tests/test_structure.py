@@ -91,13 +91,35 @@ def test_the_shared_block_is_defined_once_in_the_library():
     assert list(block) == list(config.RUN_DEFAULTS) and block["width"] == 0.5 and ns["epochs"] == 20
     with pytest.raises(RuntimeError, match="not a shared key"):
         config.run_knobs({"__name__": "script", "widht": 0.5})
-    for path in (REPO / "common").glob("*.py"):
+    # the import graph of scripts and library (imports inside functions count): no library module imports
+    # a script, and there is no cycle
+    edges = {}
+    for path in [*REPO.glob("*.py"), *(REPO / "common").glob("*.py")]:
+        mod = path.stem if path.parent == REPO else f"common.{path.stem}"
+        edges[mod] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (f"common.{node.module}" if node.module else "common") if node.level else node.module or ""
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
                 names = [getattr(node.args[0], "value", "")]
-            assert not set(names) & set(scripts), f"{path.name} imports a script: {names}"
+            else:
+                continue
+            edges[mod] |= {n for n in names if n != mod}
+        if mod.startswith("common."):
+            assert not edges[mod] & set(scripts), f"{path.name} imports a script: {edges[mod] & set(scripts)}"
+    done = set()
+
+    def visit(mod, stack):
+        assert mod not in stack, "import cycle: " + " -> ".join(stack[stack.index(mod):] + [mod])
+        if mod in edges and mod not in done:
+            for other in sorted(edges[mod]):
+                visit(other, stack + [mod])
+            done.add(mod)
+    for mod in edges:
+        visit(mod, [])
 
 
 def test_runs_of_a_sweep_sit_side_by_side_and_old_config_files_still_match(make_cfg):
