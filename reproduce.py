@@ -262,7 +262,7 @@ def run_processes(tasks, cfg, log_dir, on_done):
     pending, running, failed = list(tasks), {}, []
     trains = {t[1]: t for t in tasks if t[3] == "gradient_accounting"}
     t_start = last = time.time()
-    while pending or running:
+    while running or (pending and not failed):
         while not failed and pending and len(running) < cfg.jobs:
             blocked = {t[1] for t in list(pending) + [r[0] for r in running.values()] if t is trains.get(t[1])}
             task = next((t for t in pending if t is trains.get(t[1]) or t[1] not in blocked), None)
