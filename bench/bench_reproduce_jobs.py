@@ -21,8 +21,8 @@ from common import cli, config  # noqa: E402
 seeds = [0, 1]             # the seeds both arms reproduce
 arms = [1, 2]              # the --jobs values compared (the first is the baseline of the ratio)
 repeats = 1                # alternating repetitions of every arm (medians reported)
-args = ["--epochs=4", "--n_examples=5", "--variant_seeds=0", "--retrain_epochs=2", "--etd_epochs=4",
-        "--rewind_epochs=[0,2]"]  # the reduced budget (same for every arm); [] for the reproduction defaults
+args = ["--epochs=2", "--n_examples=3", "--variant_seeds=0", "--retrain_epochs=1", "--etd_epochs=2",
+        "--rewind_epochs=[0,1]", "--collateral_n=100"]  # the reduced budget (every arm); [] for the defaults
 KNOBS = config.knobs(globals())
 
 
