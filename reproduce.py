@@ -245,7 +245,7 @@ def store_result(store, seed, task, module, path, seconds, cfg):
             os.replace(seed_dir / f".{f.name}.tmp", seed_dir / f.name)
     prov = provenance(seed_dir)
     prov[path.name] = {"experiment": exp, "variant": variant, "code": code_version(exp), "wall_s": seconds,
-                       "machine": machine()["device"], "jobs": cfg.jobs, "time": time.strftime("%Y-%m-%d %H:%M")}
+                       "machine": f"{machine()['device']}, {cores()} cores", "jobs": cfg.jobs, "time": time.strftime("%Y-%m-%d %H:%M")}
     write_json(seed_dir / "provenance.json", dict(sorted(prov.items())))
 
 
@@ -449,7 +449,8 @@ def main(argv=()):
                                                f"{variant_seeds_ran}" if exp in FIRST_SEEDS else "")
               + " (reproduction defaults; a preset or --key=value overrides them)" for exp, args in DEFAULTS.items()]
     if store:
-        notes.append(f"Seeds {seeds_in}: every complete seed in {os.path.relpath(store, REPO)}/ (per-seed result "
+        where = store.relative_to(REPO) if store.is_relative_to(REPO) else store
+        notes.append(f"Seeds {seeds_in}: every complete seed in {where}/ (per-seed result "
                      f"files, each checked against this configuration and code version)"
                      + (f"; {len(earlier)} of them made by earlier invocations" if earlier else "") + ".")
     base_cfg = config.parse(modules["gradient_accounting"].KNOBS, presets + overrides)
