@@ -17,7 +17,6 @@ import time
 
 import torch
 from matplotlib.patches import Patch
-from tqdm.auto import tqdm
 
 from common import claims, cli, config, plots
 from common.flipping import (OBJECTIVES, UNITS, Collateral, Units, candidates, collateral_sets, flip_batched,
@@ -246,7 +245,7 @@ def main(argv=()):
     # Targets: see plan_targets. A candidate that the search's own first step finds mispredicted (noise can
     # do that to a borderline example) is passed over and listed, and the next one taken: rounds of
     # searches until every kind has its targets. Every finished example is saved at once.
-    with tqdm(total=(len(order) + cfg.matched) * cfg.n_examples, desc="examples", disable=None) as bar:
+    with cli.progress(total=(len(order) + cfg.matched) * cfg.n_examples, desc="examples") as bar:
         while True:
             chosen, todo = plan_targets(cfg, order, margin, records, passed_over)
             bar.n = sum(map(len, chosen.values()))
