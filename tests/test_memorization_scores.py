@@ -330,6 +330,8 @@ def test_committed_default_scores_and_their_readme():
     atypical_clean = int(((load_data(SimpleNamespace(**{**TINY, "model": "resnet9", "memorized": "both"})).kind
                            == KINDS.index("atypical")).sum()))
     assert f"{atypical_clean} of them are clean training examples of seed 0" in readme
+    page = (REPO / "docs" / "experiments" / "atypical.md").read_text().replace("\n", " ")
+    assert f"With {atypical_clean} atypical clean training examples in seed 0" in page
 
 
 def test_judge_adds_the_atypical_claim_only_with_atypical_targets():
