@@ -181,8 +181,6 @@ def test_every_command_in_the_docs_names_existing_files_and_knobs(page, cmd):
     except UserError as e:
         if any(n in str(e) for n in READERS_OWN | {"tiny512.npz"}):  # the reader's own files, not ours
             return
-        if "dropout_after must be str" in str(e):
-            pytest.xfail("a list-valued --dropout_after is refused on the command line (being fixed)")
         raise AssertionError(f"{page}: python {' '.join(cmd)}: {e}")
 
 
