@@ -17,7 +17,6 @@ import time
 
 import torch
 from matplotlib.ticker import MaxNLocator
-from tqdm.auto import tqdm
 
 import example_tied_dropout as etd_script
 from common import cli, config, dropout, plots
@@ -168,7 +167,7 @@ def main(argv=()):
     print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean targets, "
           f"batch of 1 + {cfg.ref_batch}; methods {', '.join(cfg.methods)}; top k = 1..{cfg.max_k}")
     localizer = Localizer(model, units, cfg.seed, **options)
-    for index, kind in tqdm([t for t in targets if ("plain", t[0]) not in records], desc="plain model", disable=None):
+    for index, kind in cli.progress([t for t in targets if ("plain", t[0]) not in records], desc="plain model"):
         idx, x, y = target_batch(data, index, cfg)
         before = collateral.accuracies(collateral.before, index)
         rec = {"model": "plain", "index": index, "kind": kind, "label": int(y[0]),
@@ -192,7 +191,7 @@ def main(argv=()):
             tied_fits = predict(etd_model, data, "train", amp=False) == data.y_train
         etd_targets = [i for i, kind in pick_targets(data, tied_fits, cfg.n_examples, cfg.seed) if kind == "noisy"]
         print(f"ETD model {etd_run.dir.name} (tied): {len(etd_targets)} noisy targets")
-        for index in tqdm([i for i in etd_targets if ("etd", i) not in records], desc="ETD model", disable=None):
+        for index in cli.progress([i for i in etd_targets if ("etd", i) not in records], desc="ETD model"):
             idx, x, y = target_batch(data, index, cfg)
             pinned = pin_tied(etd_model, idx)  # tied evaluation of this batch, without example indices
             own = truth.own(tied_channels(etd_model, cfg.p_gen, cfg.p_mem, cfg.model_seed, idx[:1]))

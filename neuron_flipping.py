@@ -17,7 +17,6 @@ import time
 
 import torch
 from matplotlib.patches import Patch
-from tqdm.auto import tqdm
 
 from common import claims, cli, config, plots
 from common.flipping import (OBJECTIVES, UNITS, Collateral, Units, candidates, collateral_sets, flip_batched,
@@ -70,9 +69,10 @@ eot_noise = 0.01        # each copy's noise norm as a fraction of the whole batc
 bn_train = False        # first one train-mode pass over the training set re-estimates the BatchNorm statistics
                         # (what the authors' analysis script does; no parameter changes)
 collateral_n = 300      # collateral damage measured on this many clean, noisy and test examples (0: all; no targets)
-graph_gb = 1.5          # memory for the autograd graph of one forward; larger steps run in pieces (one more forward)
+graph_gb = 0            # GiB for the autograd graph of one forward (larger steps run in pieces, one more forward);
+                        # 0: auto, a quarter of a CUDA device's memory, elsewhere 1.5
 batch_targets = 0       # targets searched together in one forward (per-target parameters); 0: auto, on CUDA as
-                        # many as graph_gb holds (at most 16), on a CPU or MPS 1 (the plain loop; same answers)
+                        # many as the graph memory holds (at most 16), elsewhere 1 (the plain loop; same answers)
 n_show = 4              # examples of each kind shown in the examples figure
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
@@ -84,13 +84,15 @@ config.range_check("max_units", 1, None)
 config.range_check("n_eot", 0, None)
 config.range_check("eot_noise", 0, None)
 config.range_check("collateral_n", 0, None)
-config.range_check("graph_gb", 0, None, lo_open=True)
+config.range_check("graph_gb", 0, None)
 config.range_check("batch_targets", 0, None)
 config.range_check("n_show", 0, None)
 # Results computed under the same settings are reused by an interrupted or extended run.
 SETTINGS = ("unit", "objective", "ref_batch", "max_units", "n_eot", "eot_noise", "bn_train", "collateral_n")
 KINDS = ("noisy", "clean", "clean_matched")
 MAX_SLOTS = 16          # batch_targets=0 on CUDA: at most this many targets in one forward
+GRAPH_GB = 1.5          # graph_gb=0 off CUDA
+VMAP_GRAPH = 2          # the batched search holds about this many times a step's graph per target (measured, CPU)
 
 
 def results_file(cfg, ending=".json"):
@@ -108,12 +110,23 @@ def results_file(cfg, ending=".json"):
     return stem + ending
 
 
+def graph_budget(graph_gb, device):
+    """Bytes for the autograd graph of one forward: graph_gb GiB, or for 0 (auto) a quarter of a CUDA
+    device's memory (processes may share the card), elsewhere GRAPH_GB."""
+    if graph_gb:
+        return graph_gb * 2 ** 30
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 4
+    return GRAPH_GB * 2 ** 30
+
+
 def slots_for(batch_targets, device, rows, step_rows):
     """Targets per forward: batch_targets, or for 0 (auto) on CUDA as many whole steps (step_rows input
-    rows each) as `rows` holds, at most MAX_SLOTS, and 1 elsewhere (docs/experiments/neuron_flipping.md)."""
+    rows each, VMAP_GRAPH times over) as `rows` holds, at most MAX_SLOTS, and 1 elsewhere
+    (docs/experiments/neuron_flipping.md)."""
     if batch_targets:
         return batch_targets
-    return max(1, min(MAX_SLOTS, rows // step_rows)) if device.type == "cuda" else 1
+    return max(1, min(MAX_SLOTS, rows // (VMAP_GRAPH * step_rows))) if device.type == "cuda" else 1
 
 
 def make_record(data, index, kind, units, result, after, drop, margin, seconds, search):
@@ -188,7 +201,7 @@ def main(argv=()):
     collateral = Collateral(model, data, collateral_sets(data, cfg.collateral_n, cfg.seed))
     baseline = collateral.accuracies(collateral.before)
     x0 = data.batch(reference_batch(data.n_train, 0, min(2, data.n_train - 1), cfg.seed))
-    rows = graph_rows(model, x0, cfg.graph_gb * 2 ** 30)
+    rows = graph_rows(model, x0, graph_budget(cfg.graph_gb, data.device))
     step_rows = max(cfg.n_eot, 1) * (1 + cfg.ref_batch)
     slots = slots_for(cfg.batch_targets, data.device, rows, step_rows)
     searcher = "batched" if slots > 1 else "sequential"
@@ -232,7 +245,7 @@ def main(argv=()):
     # Targets: see plan_targets. A candidate that the search's own first step finds mispredicted (noise can
     # do that to a borderline example) is passed over and listed, and the next one taken: rounds of
     # searches until every kind has its targets. Every finished example is saved at once.
-    with tqdm(total=(len(order) + cfg.matched) * cfg.n_examples, desc="examples", disable=None) as bar:
+    with cli.progress(total=(len(order) + cfg.matched) * cfg.n_examples, desc="examples") as bar:
         while True:
             chosen, todo = plan_targets(cfg, order, margin, records, passed_over)
             bar.n = sum(map(len, chosen.values()))

@@ -77,11 +77,12 @@ def main(argv):
     for index, kind in targets:
         idx = torch.cat([torch.tensor([index]), reference_batch(data.n_train, index, cfg.ref_batch, cfg.seed)])
         jobs.append((index, data.batch(idx), data.labels(idx), (cfg.seed, index)))
-    rows = graph_rows(model, jobs[0][1], cfg.graph_gb * 2 ** 30)
+    rows = graph_rows(model, jobs[0][1], neuron_flipping.graph_budget(cfg.graph_gb, data.device))
     step_rows = max(cfg.n_eot, 1) * (1 + cfg.ref_batch)
     print(f"{run.dir.name}: {len(units)} {cfg.unit} units, batch 1 + {cfg.ref_batch}, {cfg.n_eot} noised copies, "
           f"objective {cfg.objective}, max_units {cfg.max_units}, {len(jobs)} targets, {torch.get_num_threads()} "
-          f"threads, device {data.device}; graph_gb {cfg.graph_gb:g}: {rows} rows per forward with its graph "
+          f"threads, device {data.device}; graph memory {neuron_flipping.graph_budget(cfg.graph_gb, data.device) / 2 ** 30:g} "
+          f"GiB: {rows} rows per forward with its graph "
           f"({'whole steps' if rows >= step_rows else f'steps of {step_rows} rows in pieces'}); batched: {cfg.slots} "
           f"targets per forward")
 

@@ -406,7 +406,7 @@ def part_flipping(cfg, data, budget):
             raise RuntimeError("no target: the briefly trained model fits no training example of each kind; "
                                "raise --flip_train_epochs")
         units = Units(model, cfg.unit, sample=data.batch(torch.tensor([0])))
-        rows = graph_rows(model, data.batch(torch.arange(2)), cfg.graph_gb * 2 ** 30)
+        rows = graph_rows(model, data.batch(torch.arange(2)), flip_script.graph_budget(cfg.graph_gb, data.device))
         slots = cfg.flip_slots or flip_script.slots_for(0, torch.device("cuda"), rows,
                                                         max(cfg.n_eot, 1) * (1 + cfg.ref_batch))
         jobs = []
