@@ -317,7 +317,8 @@ def expected_cost(pending, timings, jobs):
                 f"(docs/benchmarks.md has measured ones)")
     missing = len(pending) - len(est)
     return (f"expected: about {sum(est) / jobs / 60:.0f} min for {len(pending)} experiments with jobs={jobs} "
-            f"(the median earlier wall time of each here, summed / jobs)"
+            f"(the median earlier wall time of each in {os.path.relpath(timings_path.parent, REPO)}/timings.json and the "
+            f"stored seeds' provenance.json, summed / jobs)"
             + (f"; {missing} of them never timed here" if missing else ""))
 
 
@@ -395,7 +396,12 @@ def main(argv=()):
             continue
         jobs.append({"job": what, "seed": seed, "reused": False})
         pending.append((f"{what}/seed{seed}", seed, what, exp, argv_s, task, path))
-    cost = expected_cost([p[2] for p in pending], timings, min(cfg.jobs, max(1, len(pending))))
+    history = dict(timings)  # and the wall times recorded with the stored seeds (maybe another machine's)
+    for seed in (stored_seeds(store) if store else []):
+        for file, entry in provenance(store / f"seed{seed}").items():
+            what = entry["experiment"] + (f" [{entry['variant']}]" if entry["variant"] else "")
+            history.setdefault(f"{what}/seed{seed}", entry.get("wall_s"))
+    cost = expected_cost([p[2] for p in pending], history, min(cfg.jobs, max(1, len(pending))))
     if cost:
         print(cost, flush=True)
 
