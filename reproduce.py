@@ -317,8 +317,8 @@ def expected_cost(pending, timings, jobs):
                 f"(docs/benchmarks.md has measured ones)")
     missing = len(pending) - len(est)
     return (f"expected: about {sum(est) / jobs / 60:.0f} min for {len(pending)} experiments with jobs={jobs} "
-            f"(the median earlier wall time of each in {os.path.relpath(timings_path.parent, REPO)}/timings.json and the "
-            f"stored seeds' provenance.json, summed / jobs)"
+            f"(the median earlier wall time of each, from timings.json of the report and provenance.json of the "
+            f"stored seeds, summed / jobs)"
             + (f"; {missing} of them never timed here" if missing else ""))
 
 
