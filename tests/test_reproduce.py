@@ -77,9 +77,10 @@ SMALL = ["--model=cnn", "--width=0.5", "--epochs=3", "--device=cpu", "--n_exampl
 
 
 def _numbers(obj):
-    """A results JSON without what depends on when and how fast it ran."""
-    if isinstance(obj, dict):
-        return {k: _numbers(v) for k, v in obj.items() if not any(w in k for w in ("second", "time", "wall"))}
+    """A results JSON without what depends on when, where and how fast it ran."""
+    if isinstance(obj, dict):  # nor where it ran (runs_dir, ...)
+        return {k: _numbers(v) for k, v in obj.items()
+                if not any(w in k for w in ("second", "time", "wall")) and k not in reproduce.IGNORED}
     return [_numbers(v) for v in obj] if isinstance(obj, list) else obj
 
 
