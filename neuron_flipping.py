@@ -92,6 +92,7 @@ SETTINGS = ("unit", "objective", "ref_batch", "max_units", "n_eot", "eot_noise",
 KINDS = ("noisy", "clean", "clean_matched")
 MAX_SLOTS = 16          # batch_targets=0 on CUDA: at most this many targets in one forward
 GRAPH_GB = 1.5          # graph_gb=0 off CUDA
+VMAP_GRAPH = 2          # the batched search holds about this many times a step's graph per target (measured, CPU)
 
 
 def results_file(cfg, ending=".json"):
@@ -111,8 +112,7 @@ def results_file(cfg, ending=".json"):
 
 def graph_budget(graph_gb, device):
     """Bytes for the autograd graph of one forward: graph_gb GiB, or for 0 (auto) a quarter of a CUDA
-    device's memory (the batched search's vmap holds about twice the graph's own tensors, measured on the
-    CPU: docs/experiments/neuron_flipping.md), elsewhere GRAPH_GB."""
+    device's memory (processes may share the card), elsewhere GRAPH_GB."""
     if graph_gb:
         return graph_gb * 2 ** 30
     if device.type == "cuda":
@@ -122,10 +122,11 @@ def graph_budget(graph_gb, device):
 
 def slots_for(batch_targets, device, rows, step_rows):
     """Targets per forward: batch_targets, or for 0 (auto) on CUDA as many whole steps (step_rows input
-    rows each) as `rows` holds, at most MAX_SLOTS, and 1 elsewhere (docs/experiments/neuron_flipping.md)."""
+    rows each, VMAP_GRAPH times over) as `rows` holds, at most MAX_SLOTS, and 1 elsewhere
+    (docs/experiments/neuron_flipping.md)."""
     if batch_targets:
         return batch_targets
-    return max(1, min(MAX_SLOTS, rows // step_rows)) if device.type == "cuda" else 1
+    return max(1, min(MAX_SLOTS, rows // (VMAP_GRAPH * step_rows))) if device.type == "cuda" else 1
 
 
 def make_record(data, index, kind, units, result, after, drop, margin, seconds, search):

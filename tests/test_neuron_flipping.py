@@ -389,7 +389,7 @@ def test_targets_per_forward(monkeypatch):
     slots = neuron_flipping.slots_for
     assert neuron_flipping.KNOBS["batch_targets"] == 0  # the default: auto
     assert slots(0, torch.device("cpu"), 10 ** 6, 2560) == 1 and slots(0, torch.device("mps"), 10 ** 6, 2560) == 1
-    assert slots(0, torch.device("cuda"), 3 * 2560 + 5, 2560) == 3 and slots(0, torch.device("cuda:1"), 100, 2560) == 1
+    assert slots(0, torch.device("cuda"), 3 * 2 * 2560 + 5, 2560) == 3 and slots(0, torch.device("cuda:1"), 100, 2560) == 1
     assert slots(0, torch.device("cuda"), 10 ** 9, 2560) == neuron_flipping.MAX_SLOTS
     assert slots(4, torch.device("cpu"), 1, 2560) == 4  # asked for: as asked
     budget = neuron_flipping.graph_budget
