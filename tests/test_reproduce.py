@@ -59,6 +59,11 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     n_runs = 4 + len(reproduce.VARIANTS)  # the retraining ablation replaces seed 0's default retraining
     assert len(timings) == n_runs and all(k.endswith("/seed0") for k in timings)
 
+    # every experiment and variant kept with its seed under its own name (two ETD runs, one file name)
+    stored = json.loads((tmp_path / "res" / "smoke" / "seed0" / "provenance.json").read_text())
+    assert len(stored) == n_runs and all((tmp_path / "res" / "smoke" / "seed0" / f).is_file() for f in stored)
+    assert {"example_tied_dropout.json", "example_tied_dropout.resnet9-x0.25-after-every-conv-block.json"} <= set(stored)
+
     # a second invocation reuses every result and only rebuilds the report
     files = [p for p in run_dir.glob("*.json")]
     mtimes = {p: p.stat().st_mtime_ns for p in files}
@@ -77,9 +82,10 @@ SMALL = ["--model=cnn", "--width=0.5", "--epochs=3", "--device=cpu", "--n_exampl
 
 
 def _numbers(obj):
-    """A results JSON without what depends on when and how fast it ran."""
-    if isinstance(obj, dict):
-        return {k: _numbers(v) for k, v in obj.items() if not any(w in k for w in ("second", "time", "wall"))}
+    """A results JSON without what depends on when, where and how fast it ran."""
+    if isinstance(obj, dict):  # nor where it ran (runs_dir, ...)
+        return {k: _numbers(v) for k, v in obj.items()
+                if not any(w in k for w in ("second", "time", "wall")) and k not in reproduce.IGNORED}
     return [_numbers(v) for v in obj] if isinstance(obj, list) else obj
 
 
@@ -104,7 +110,8 @@ def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, 
     for seed in (0, 1):
         files = sorted(p.name for p in (par / "res" / "t" / f"seed{seed}").iterdir())
         assert files == sorted(p.name for p in (seq / "res" / "t" / f"seed{seed}").iterdir())
-        assert {"gradient_accounting.json", "neuron_flipping.json", "metrics.jsonl", "provenance.json"} <= set(files)
+        assert {"gradient_accounting.json", "neuron_flipping.json", "gradient_accounting.metrics.jsonl",
+                "provenance.json"} <= set(files)
         assert not any(f.endswith(".pt") for f in files)  # never a checkpoint
         for f in ("gradient_accounting.json", "neuron_flipping.json"):
             a, b = (json.loads((d / "res" / "t" / f"seed{seed}" / f).read_text()) for d in (par, seq))
