@@ -501,9 +501,26 @@ def combine(cfg):
     prefix = Path(cfg.combine_out)
     write_json(prefix.with_suffix(".json"), out)
     plot_tradeoff(comparison, methods + [ORACLE], cfg, prefix.with_name(prefix.name + "_cost.png"))
-    print(comparison_table(comparison))
+    print(measured_section(out))
     print(f"wrote {prefix.with_suffix('.json')} and {prefix.name}_cost.png")
     return out
+
+
+def measured_section(out):
+    """The docs' measured block, from a combined JSON: what was measured, the comparison table, the masks'
+    convergence and chosen penalties, seconds per target (tests check the docs hold it verbatim)."""
+    masks = list(out["converged"])
+    lines = [f"Seeds {out['seeds']}; targets per seed: " + "; ".join(
+                 ", ".join(f"{k} {v}" for k, v in t.items()) for t in out["targets"]) + ".", "",
+             comparison_table(out["comparison"]), "",
+             "Masks stopped by the rule (not the cap): " + ", ".join(
+                 f"{LABELS[m]} {sum(out['converged'][m])}/{len(out['mask_steps'][m])} (median "
+                 f"{statistics.median(out['mask_steps'][m]):.0f} steps, max {max(out['mask_steps'][m])})" for m in masks) + ".",
+             "Penalties chosen on the development targets, per seed: " + "; ".join(
+                 ", ".join(f"{m} {t[m]['chosen']:g}" for m in t) for t in out["tuning"] if t) + ".",
+             "Seconds per target (mean over both models' targets; 2 shared cores): " + ", ".join(
+                 f"{m} {statistics.fmean(c[m] for c in out['cost_seconds']):.2f}" for m in out["cost_seconds"][0]) + "."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
