@@ -130,9 +130,9 @@ def test_hand_built_unit_is_found_by_every_method_but_random():
             assert {int(u) for u in torch.nonzero(s == s.max()).flatten()} == {filter2} | edges
             assert all(t == {filter2} | edges for t in tops)
         elif method == "hardconcrete":
-            # Adam moves the three log_alphas at the same rate while removing each helps; the gate noise
-            # then decides their order: the filter first for most seeds, the three always on top.
-            assert all(t == {filter2} | edges for t in tops) and firsts.count(filter2) >= 6, firsts
+            # Run to convergence the three removal gates end open; their order is the gate noise's: the
+            # three on top for every seed.
+            assert all(t == {filter2} | edges for t in tops), tops
         elif method in ("keep_hc", "keep_slim"):
             # Keeping the target's class 2 needs filter 2 and a head weight from it; every other unit's mask
             # only pays the penalty: the three stay on top, their order among equal masks seeded.
