@@ -75,8 +75,10 @@ hc_lr = 0.1             # Adam learning rate of the HardConcrete masks' log_alph
 slim_lr = 0.02          # Adam learning rate of the slimming masks (removal and keep)
 l0_penalty = 0.01       # removal HardConcrete: weight of the expected number of removed units
 l1_penalty = 0.01       # removal slimming: weight of the L1 norm of the removal mask
-keep_penalty = 1.0      # keep masks (Chang et al.): weight of the mean open gate / mean mask
+keep_hc_penalty = 1.0   # HardConcrete keep mask (Chang et al.): weight of the mean open-gate probability
+keep_slim_penalty = 1.0 # slimming keep mask (Chang et al.): weight of the mean mask
 penalty_factors = [0.1, 1, 10]  # each mask's penalty is its default times the factor best on the dev targets
+                        # (one factor: no choice, the dev targets are not ranked)
 collateral_n = 200      # collateral accuracy on this many clean, noisy and test examples (0: all; no targets)
 collateral_k = [1, 2, 3, 5, 10, 20]  # the k at which the collateral accuracy is measured (those <= max_k)
 etd = True              # also judge the methods on the example-tied dropout model against its known channels
@@ -103,7 +105,8 @@ config.range_check("hc_lr", 0, None, lo_open=True)
 config.range_check("slim_lr", 0, None, lo_open=True)
 config.range_check("l0_penalty", 0, None)
 config.range_check("l1_penalty", 0, None)
-config.range_check("keep_penalty", 0, None)
+config.range_check("keep_hc_penalty", 0, None)
+config.range_check("keep_slim_penalty", 0, None)
 config.range_check("collateral_n", 0, None)
 config.range_check("resamples", 1, None)
 config.register_check("penalty_factors", lambda v, cfg: None if v and all(isinstance(f, (int, float)) and f > 0 for f in v)
@@ -115,10 +118,12 @@ config.register_check("collateral_k", lambda v, cfg: None if all(type(k) is int 
 # Records computed under the same settings are reused by an interrupted or extended run. Not drop_rescale:
 # it changes only the ETD drop-mode evaluation, which the methods never use (tied mode is the ground truth).
 SETTINGS = ("unit", "n_dev", "ref_batch", "max_k", "ig_steps", "mask_max_steps", "mask_window", "mask_tol", "hc_lr",
-            "slim_lr", "l0_penalty", "l1_penalty", "keep_penalty", "penalty_factors", "collateral_n", "collateral_k",
+            "slim_lr", "l0_penalty", "l1_penalty", "keep_hc_penalty", "keep_slim_penalty",
+            "penalty_factors", "collateral_n", "collateral_k",
             "p_gen", "p_mem", "etd_epochs", "dropout_after")
 OPTIONS = ("max_k", "ig_steps", "mask_max_steps", "mask_window", "mask_tol", "hc_lr", "slim_lr")  # Localizer's
-PENALTY = {"hardconcrete": "l0_penalty", "slimming": "l1_penalty", "keep_hc": "keep_penalty", "keep_slim": "keep_penalty"}
+PENALTY = {"hardconcrete": "l0_penalty", "slimming": "l1_penalty", "keep_hc": "keep_hc_penalty",
+           "keep_slim": "keep_slim_penalty"}
 
 
 def target_batch(data, index, cfg):
@@ -205,6 +210,7 @@ def main(argv=()):
                                 cfg.penalty_factors, cfg.max_k)
         print("penalties chosen on the development targets: " +
               ", ".join(f"{m} {t['chosen']:g}" for m, t in tuning.items()))
+        write_json(partial_path, {"settings": settings, "tuning": tuning, "records": list(records.values())})
     penalties = {m: t["chosen"] for m, t in (tuning or {}).items()}
     localizer.penalties.update(penalties)
     for index, kind in tqdm([t for t in targets if ("plain", t[0]) not in records], desc="plain model", disable=None):

@@ -525,17 +525,17 @@ def flip_auc(flipped):
 def tune_penalties(localizer, dev, base, factors, k_max):
     """Per learned mask, the sparsity weight (base[method] x a factor) whose rankings flip the development
     targets `dev` ([(x, y, index)]) soonest: the largest mean area under the flip curve (k = 1..k_max;
-    the first factor on ties). Sets localizer.penalties; returns {method: {"chosen", "auc": {penalty: mean}}}."""
+    the first factor on ties; a single factor is taken without ranking). Sets localizer.penalties; returns {method: {"chosen", "auc": {penalty: mean}}}."""
     out = {}
     for method in base:
         auc = {}
-        for f in factors:
+        for f in (factors if len(factors) > 1 else ()):  # one factor: nothing to choose
             localizer.penalties[method] = base[method] * f
             auc[base[method] * f] = statistics.fmean(
                 flip_auc([p != int(y[0]) for p in topk_predictions(localizer.model, localizer.units,
                                                                   localizer.rank(method, x, y, i)[0], x, k_max)])
                 for x, y, i in dev)
-        chosen = max(auc, key=lambda p: auc[p])  # dicts keep order: the first of equal maxima
+        chosen = max(auc, key=lambda p: auc[p]) if auc else base[method] * factors[0]  # the first of equal maxima
         localizer.penalties[method] = chosen
         out[method] = {"chosen": chosen, "auc": {f"{p:g}": a for p, a in auc.items()}}
     return out
