@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 from collections import OrderedDict
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -410,10 +409,3 @@ def test_bad_input_is_one_line(run_copy):
         with pytest.raises(UserError, match=match):
             localization_methods.main(argv(bad))
 
-
-def test_docs_measured_block_is_the_committed_comparison():
-    """Every number of the docs' measured block comes from the committed combined JSON through
-    localization_methods.measured_section."""
-    docs = Path(localization_methods.__file__).parent / "docs" / "experiments"
-    saved = json.loads((docs / "localization_methods.json").read_text())
-    assert localization_methods.measured_section(saved) in (docs / "localization_methods.md").read_text()
