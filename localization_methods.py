@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
-from tqdm.auto import tqdm
 
 import example_tied_dropout as etd_script
 from common import cli, config, dropout, plots
@@ -35,7 +34,8 @@ from common.runs import read_json, write_json
 from common.training import trained_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
-# The same names and defaults in all five scripts: together they identify the trained run.
+# Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
+# for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
 model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
@@ -58,7 +58,7 @@ overwrite = False       # move aside a run directory trained with another config
 deterministic = False   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
 groups = None           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
-RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
+RUN_KNOBS = config.run_knobs(globals())  # the block above, checked against common/config.py
 # ----------------------------------------------------------------------------- this experiment
 n_examples = 10         # targets of each kind: noisy and clean on the plain model, noisy and clean on the ETD model
 n_dev = 2               # development targets (noisy, after the measured ones) on which each mask's penalty is chosen
@@ -213,7 +213,7 @@ def main(argv=()):
         write_json(partial_path, {"settings": settings, "tuning": tuning, "records": list(records.values())})
     penalties = {m: t["chosen"] for m, t in (tuning or {}).items()}
     localizer.penalties.update(penalties)
-    for index, kind in tqdm([t for t in targets if ("plain", t[0]) not in records], desc="plain model", disable=None):
+    for index, kind in cli.progress([t for t in targets if ("plain", t[0]) not in records], desc="plain model"):
         idx, x, y = target_batch(data, index, cfg)
         before = collateral.accuracies(collateral.before, index)
         rec = {"model": "plain", "index": index, "kind": kind, "label": int(y[0]),
@@ -249,7 +249,7 @@ def main(argv=()):
                                                                    if kind == "noisy"]
         print(f"ETD model {etd_run.dir.name} (tied): {cfg.n_examples} noisy + {cfg.n_examples} clean targets; "
               f"baseline (a): the plain weights with the same masks pinned, on the noisy ones")
-        for name, index, kind in tqdm([j for j in jobs if (j[0], j[1]) not in records], desc="ETD models", disable=None):
+        for name, index, kind in cli.progress([j for j in jobs if (j[0], j[1]) not in records], desc="ETD models"):
             idx, x, y = target_batch(data, index, cfg)
             pinned = pin_tied(etd_model if name == "etd" else base_model, idx)  # tied, without example indices
             own = truth.own(tied_channels(etd_model, cfg.p_gen, cfg.p_mem, cfg.model_seed, idx[:1]))

@@ -6,7 +6,7 @@ Every method returns a ranking: a permutation of all units, the most responsible
 score units rank by score, exact ties broken in a seeded random order (unit order would favour the
 first layers wherever many scores tie, e.g. units that a mask never moved).
 
-  greedy        the neuron-flipping search (common.flipping.Flipper): zero the best unit by w * dL/dw,
+  greedy        the neuron-flipping search (common.flipping.flip_sequential): zero the best unit by w * dL/dw,
                 recompute, ...; its zeroed units in order, continued past the flip to K units with the
                 same rule; the rest by the scores after the K-th.
   oneshot       w * dL/dw of the flipping objective once, on the unedited model (greedy's first step).
@@ -71,7 +71,7 @@ from torch.func import functional_call
 
 from .cli import UserError
 from .dropout import ExampleTiedDropout, StandardDropout, etd_modules
-from .flipping import Flipper, entry_scores, objective, stage_positions, zeroed_copy
+from .flipping import entry_scores, flip_sequential, objective, stage_positions, zeroed_copy
 from .models import stages
 from .plots import figure, save
 from .precision import strict_fp32
@@ -406,10 +406,10 @@ def mask_scores(model, units, x, y, kind, lr, penalty, gen, plateau, max_steps):
     return theta.detach(), {"steps": steps, "converged": converged, "trace": [round(m, 6) for m in plateau.means]}
 
 
-def greedy_ranking(flipper, model, units, x, y, k_max, gen):
-    """The flipping search's zeroed units (Flipper, until the flip), continued with the same rule to k_max
+def greedy_ranking(model, units, x, y, k_max, gen):
+    """The flipping search's zeroed units (flip_sequential, until the flip), continued with the same rule to k_max
     units; then the rest by the scores after the last. Returns (ranking, units zeroed at the flip or None)."""
-    result = flipper.flip(x, y, k_max)
+    result = flip_sequential(model, units, x, y, k_max)
     order = list(result.units)
     m = zeroed_copy(model, units, order)
     params = [m.get_parameter(n).requires_grad_() for n in units.grad_names]
@@ -453,7 +453,7 @@ class Localizer:
         self.max_steps, self.window, self.tol = mask_max_steps, mask_window, mask_tol
         self.lr = {"hardconcrete": hc_lr, "keep_hc": hc_lr, "slimming": slim_lr, "keep_slim": slim_lr}
         self.penalties = dict(penalties)
-        self._flipper = self._probe = None
+        self._probe = None
         self.counting, self.passes = True, None
         self.model.register_forward_hook(self._count)
 
@@ -488,9 +488,8 @@ class Localizer:
     def _rank(self, method, x, y, index):
         ties = self.gen("ties", method, index)
         if method == "greedy":
-            self._flipper = self._flipper or Flipper(self.model, self.units)
-            self.counting = False  # the search restarts from cached stages: counted as whole passes, K + 1
-            ranking, flip_at = greedy_ranking(self._flipper, self.model, self.units, x, y, self.max_k, ties)
+            self.counting = False  # zeroed copies' passes (which keep the hook): counted here, K + 1
+            ranking, flip_at = greedy_ranking(self.model, self.units, x, y, self.max_k, ties)
             self._add(self.max_k + 1, self.max_k + 1, len(x))
             return ranking, {"flip_at": flip_at}
         if method == "oneshot":
@@ -910,7 +909,8 @@ def report_section(results_per_seed, cfg, out_dir):
     has_etd = all(r.get("etd") for r in res)
     plain = lambda r, m, kind="noisy": r["summary"]["plain"][m][kind]
     etd = lambda r, m: r["summary"]["etd"][m]["noisy"]
-    fig, axes = figure("Localization methods: zeroing each method's top-k units (mean ± std over seeds)", cfg,
+    over = f" (mean ± std over {len(res)} seeds)" if len(res) > 1 else ""  # one seed: no spread to show
+    fig, axes = figure(f"Localization methods: zeroing each method's top-k units{over}", cfg,
                        ncols=4 if has_etd else 3, panel=(4.4, 3.6))
     for m in methods:
         color, label = COLORS[m], LABELS[m]
