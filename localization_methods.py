@@ -506,7 +506,7 @@ def combine(cfg):
            "cost_seconds": [r["cost_seconds"] for r in res], "wall_seconds": [r["wall_seconds"] for r in res]}
     prefix = Path(cfg.combine_out)
     write_json(prefix.with_suffix(".json"), out)
-    plot_tradeoff(comparison, methods + [ORACLE], cfg, prefix.with_name(prefix.name + "_cost.png"))
+    plot_tradeoff(comparison, list(comparison), cfg, prefix.with_name(prefix.name + "_cost.png"))
     print(measured_section(out))
     print(f"wrote {prefix.with_suffix('.json')} and {prefix.name}_cost.png")
     return out

@@ -384,11 +384,6 @@ def test_script_end_to_end_and_report_section(run_copy, tmp_path):
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN (an AP without hits) != NaN
     assert same(again["plain"]["records"], plain) and same(again["etd"]["records"], etd)
     assert again["tuning"] == results["tuning"]
-    fewer = localization_methods.main(argv("--methods=['oneshot','random']", "--etd=False"))
-    assert fewer["methods"] == ["oneshot", "random"] and fewer["etd"] is None
-    assert [r["methods"]["oneshot"]["top"] for r in fewer["plain"]["records"]] == \
-        [r["methods"]["oneshot"]["top"] for r in plain]
-
     # the comparison over seeds: each seed's JSON combined (here one file twice)
     out = tmp_path / "combined"
     path = str(run_dir / "localization_methods.json")
@@ -396,6 +391,11 @@ def test_script_end_to_end_and_report_section(run_copy, tmp_path):
                                               f"--combine_out={out}"))
     assert (tmp_path / "combined.json").is_file() and (tmp_path / "combined_cost.png").is_file()
     assert combined["comparison"]["oneshot"]["auc"]["n"] == 4 and combined["targets"][0]["etd_base/noisy"] == 2
+
+    fewer = localization_methods.main(argv("--methods=['oneshot','random']", "--etd=False"))
+    assert fewer["methods"] == ["oneshot", "random"] and fewer["etd"] is None
+    assert [r["methods"]["oneshot"]["top"] for r in fewer["plain"]["records"]] == \
+        [r["methods"]["oneshot"]["top"] for r in plain]
 
     fig, text = report_section([results, results], SimpleNamespace(**results["config"]), tmp_path / "report")
     assert fig.is_file() and all(f"| {localization_methods.LABELS[m]}" in text for m in METHODS)
