@@ -143,11 +143,12 @@ def negative_control(cfg, data, plain):
             acc = split_accuracy(train_pred, test_pred, data)
             o = out[s]
             o["acc"].append({**acc, "gap": acc["train"] - acc["test"]})
-            o["noisy"] = o["noisy"] + (train_pred[data.noisy_idx] == data.y_train[data.noisy_idx]).float()
-            o["test"] = o["test"] + (test_pred == data.y_test).float()
+            o["noisy"] = o["noisy"] + (train_pred[data.noisy_idx] == data.y_train[data.noisy_idx]).int()
+            o["test"] = o["test"] + (test_pred == data.y_test).int()
     n = cfg.control_draws
     return {s: {"accuracy": {k: sum(a[k] for a in o["acc"]) / n for k in COLUMNS},
-                "noisy_correct": (o["noisy"] / n).tolist(), "test_correct": (o["test"] / n).tolist()}
+                "noisy_correct": [c / n for c in o["noisy"].tolist()],
+                "test_correct": [c / n for c in o["test"].tolist()]}
             for s, o in out.items()} if n else {}
 
 
