@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -199,15 +200,24 @@ def cores():
 
 
 # ----------------------------------------------------------------------------- seeds that add up
-# <results_dir>/<name>/seed<s>/: each experiment's JSON (and the run's per-epoch metrics.jsonl and any
-# per-example *.csv beside it; never a checkpoint), and provenance.json: per file, the experiment, the
-# variant, the code version (code_version) and where and how long it ran.
+# <results_dir>/<name>/seed<s>/: each experiment's JSON (store_name), its run's per-epoch metrics and any
+# per-example *.csv beside it (<experiment>.metrics.jsonl, ...; never a checkpoint), and provenance.json:
+# per JSON, the experiment, the variant, the code version (code_version) and where and how long it ran.
 
-def store_files(run_dir, results):
-    """The files of one finished experiment that are kept with the seed: its JSON, the run's metrics and
-    its small per-example tables."""
-    extra = [run_dir / "metrics.jsonl"] + sorted(p for p in run_dir.glob("*.csv") if p.stat().st_size < 2_000_000)
-    return [results] + [p for p in extra if p.is_file()]
+def store_name(exp, variant, path):
+    """A finished experiment's name in its seed's directory: its results file's, or, for a variant whose
+    results file has the default's name (it sits in another run's directory), that name with the
+    variant's label in it."""
+    if variant and path.name == f"{exp}.json":
+        return f"{exp}.{re.sub(r'[^A-Za-z0-9.+-]+', '-', variant).strip('-')}.json"
+    return path.name
+
+
+def store_files(name, path):
+    """(file to copy, its name in the seed's directory) for one finished experiment: its JSON, then its
+    run's per-epoch metrics and small per-example tables, named after it (runs differ between experiments)."""
+    extra = [path.parent / "metrics.jsonl"] + sorted(p for p in path.parent.glob("*.csv") if p.stat().st_size < 2_000_000)
+    return [(path, name)] + [(p, f"{Path(name).stem}.{p.name}") for p in extra if p.is_file()]
 
 
 def provenance(seed_dir):
@@ -233,18 +243,20 @@ def check_stored(store, seed, entry, file, module, argv, skip=()):
         if why else None
 
 
-def store_result(store, seed, task, module, path, seconds, cfg):
+def store_result(store, seed, task, path, seconds, cfg):
     """Copy a finished experiment's files into its seed's directory and record their provenance."""
     exp, variant, _, _ = task
     seed_dir = store / f"seed{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    for f in store_files(path.parent, path):
-        if not (seed_dir / f.name).is_file() or (seed_dir / f.name).read_bytes() != f.read_bytes():
-            shutil.copyfile(f, seed_dir / f".{f.name}.tmp")
-            os.replace(seed_dir / f".{f.name}.tmp", seed_dir / f.name)
+    name = store_name(exp, variant, path)
+    for f, stored in store_files(name, path):
+        if not (seed_dir / stored).is_file() or (seed_dir / stored).read_bytes() != f.read_bytes():
+            shutil.copyfile(f, seed_dir / f".{stored}.tmp")
+            os.replace(seed_dir / f".{stored}.tmp", seed_dir / stored)
     prov = provenance(seed_dir)
-    prov[path.name] = {"experiment": exp, "variant": variant, "code": code_version(exp), "wall_s": seconds,
-                       "machine": f"{machine()['device']}, {cores()} cores", "jobs": cfg.jobs, "time": time.strftime("%Y-%m-%d %H:%M")}
+    prov[name] = {"experiment": exp, "variant": variant, "code": code_version(exp), "wall_s": seconds,
+                  "machine": f"{machine()['device']}, {cores()} cores", "jobs": cfg.jobs,
+                  "time": time.strftime("%Y-%m-%d %H:%M")}
     write_json(seed_dir / "provenance.json", dict(sorted(prov.items())))
 
 
@@ -317,7 +329,8 @@ def expected_cost(pending, timings, jobs):
                 f"(docs/benchmarks.md has measured ones)")
     missing = len(pending) - len(est)
     return (f"expected: about {sum(est) / jobs / 60:.0f} min for {len(pending)} experiments with jobs={jobs} "
-            f"(the median earlier wall time of each here, summed / jobs)"
+            f"(the median earlier wall time of each, from timings.json of the report and provenance.json of the "
+            f"stored seeds, summed / jobs)"
             + (f"; {missing} of them never timed here" if missing else ""))
 
 
@@ -381,21 +394,27 @@ def main(argv=()):
         module, argv_s = modules[exp], argv_for(exp, seed, extra, overrides)
         what = exp + (f" [{variant}]" if variant else "")
         done, path = is_done(module, argv_s)
-        stored = store / f"seed{seed}" / path.name if store else None
-        entry = provenance(stored.parent).get(path.name) if stored else None
-        if entry and entry.get("variant") == variant and not check_stored(store, seed, entry, path.name, module, argv_s):
+        name = store_name(exp, variant, path)
+        stored = store / f"seed{seed}" / name if store else None
+        entry = provenance(stored.parent).get(name) if stored else None
+        if entry and entry.get("variant") == variant and not check_stored(store, seed, entry, name, module, argv_s):
             print(f"[seed {seed}] {what}: reusing {stored}")
             jobs.append({"job": what, "seed": seed, "reused": True})
             continue
         if done:
             print(f"[seed {seed}] {what}: reusing {path}")
             if store:
-                store_result(store, seed, task, module, path, timings.get(f"{what}/seed{seed}"), cfg)
+                store_result(store, seed, task, path, timings.get(f"{what}/seed{seed}"), cfg)
             jobs.append({"job": what, "seed": seed, "reused": True})
             continue
         jobs.append({"job": what, "seed": seed, "reused": False})
         pending.append((f"{what}/seed{seed}", seed, what, exp, argv_s, task, path))
-    cost = expected_cost([p[2] for p in pending], timings, min(cfg.jobs, max(1, len(pending))))
+    history = dict(timings)  # and the wall times recorded with the stored seeds (maybe another machine's)
+    for seed in (stored_seeds(store) if store else []):
+        for file, entry in provenance(store / f"seed{seed}").items():
+            what = entry["experiment"] + (f" [{entry['variant']}]" if entry["variant"] else "")
+            history.setdefault(f"{what}/seed{seed}", entry.get("wall_s"))
+    cost = expected_cost([p[2] for p in pending], history, min(cfg.jobs, max(1, len(pending))))
     if cost:
         print(cost, flush=True)
 
@@ -404,7 +423,7 @@ def main(argv=()):
         timings[key] = seconds
         write_json(timings_path, timings)
         if store:
-            store_result(store, seed, task, modules[exp], path, seconds, cfg)
+            store_result(store, seed, task, path, seconds, cfg)
 
     if cfg.jobs > 1 and len(pending) > 1:
         by_key = {p[0]: p for p in pending}

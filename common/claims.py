@@ -384,6 +384,9 @@ def accounting(results):
     trusted = match_loss >= MATCHED_LOSS
 
     def two_level(per_seed, fn, name):
+        pooled = np.concatenate(per_seed)
+        if len(pooled) and (pooled == pooled[0]).all():  # every resample is the same value: no need to draw
+            return Interval((float(fn(pooled)),) * 2)
         return bootstrap([(v,) for v in per_seed], lambda s: fn(_pooled(s)) if len(_pooled(s)) else np.nan, name,
                          resample_strata=True)
 

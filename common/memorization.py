@@ -260,7 +260,7 @@ def write_examples(run, data):
         if len(pos) == n and np.array_equal(scores["labels"][pos].astype(np.int64), np.array(y_true)):
             for key, name in (("score", "holdout_score"), ("se", "holdout_se"), ("n_held", "holdout_n")):
                 cols[name] = scores[key][pos].tolist()
-            cols["kind"] = [k if k != "typical" or s >= ATYPICAL_BELOW else "atypical"
+            cols["kind"] = [k if k != "typical" or not s < ATYPICAL_BELOW else "atypical"  # NaN (never held out): typical
                             for k, s in zip(kind, cols["holdout_score"])]
     if run.path("memorization_scores.json").is_file():
         per = read_json(run.path("memorization_scores.json"))["per_example"]

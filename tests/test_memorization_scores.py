@@ -128,6 +128,7 @@ def test_proxies_agree_and_examples_csv(tmp_path, tiny_npz, capsys):
     assert sum(r["kind"] == "mislabeled" for r in rows) == 51
     assert all((r["true_label"] != r["training_label"]) == (r["kind"] == "mislabeled") for r in rows)
     assert all(r["kind"] != "atypical" or float(r["holdout_score"]) < 0.5 for r in rows)
+    assert all(r["kind"] != "atypical" for r in rows if r["holdout_score"] == "")  # never held out: no score
 
 
 def test_published_scores_checked_by_labels(tmp_path):

@@ -32,13 +32,15 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     rows = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in claims_md.splitlines()
             if r.startswith("| ") and not r.startswith("| #")]
     header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
-    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "verdict", "statistic", "95% CI",
-                                                                     "why"]
+    # a model column, since the ETD variant's rows are measured on another model than the run's
+    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "model", "verdict", "statistic",
+                                                                     "95% CI", "why"]
     # BN modes, ablation, flip variants, drop scalings x (the run's model, the resnet9 variant)
     assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5", "5", "5"]
     for r in rows:
-        assert len(r) == 6 and r[1] and r[3] and r[4] and r[5]
-        assert r[2].split("**")[1] in ("yes", "partial", "no", "inconclusive")
+        assert len(r) == 7 and r[1] and r[2] and r[4] and r[5] and r[6]
+        assert r[3].split("**")[1] in ("yes", "partial", "no", "inconclusive")
+    assert [r[2] for r in rows] == ["cnn x0.5"] * 10 + ["resnet9 x0.25"] * 2
     assert {r[1] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
     etd_variant = reproduce.VARIANTS[-1][1]
@@ -59,6 +61,11 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     n_runs = 4 + len(reproduce.VARIANTS)  # the retraining ablation replaces seed 0's default retraining
     assert len(timings) == n_runs and all(k.endswith("/seed0") for k in timings)
 
+    # every experiment and variant kept with its seed under its own name (two ETD runs, one file name)
+    stored = json.loads((tmp_path / "res" / "smoke" / "seed0" / "provenance.json").read_text())
+    assert len(stored) == n_runs and all((tmp_path / "res" / "smoke" / "seed0" / f).is_file() for f in stored)
+    assert {"example_tied_dropout.json", "example_tied_dropout.resnet9-x0.25-after-every-conv-block.json"} <= set(stored)
+
     # a second invocation reuses every result and only rebuilds the report
     files = [p for p in run_dir.glob("*.json")]
     mtimes = {p: p.stat().st_mtime_ns for p in files}
@@ -77,9 +84,10 @@ SMALL = ["--model=cnn", "--width=0.5", "--epochs=3", "--device=cpu", "--n_exampl
 
 
 def _numbers(obj):
-    """A results JSON without what depends on when and how fast it ran."""
-    if isinstance(obj, dict):
-        return {k: _numbers(v) for k, v in obj.items() if not any(w in k for w in ("second", "time", "wall"))}
+    """A results JSON without what depends on when, where and how fast it ran."""
+    if isinstance(obj, dict):  # nor where it ran (runs_dir, ...)
+        return {k: _numbers(v) for k, v in obj.items()
+                if not any(w in k for w in ("second", "time", "wall")) and k not in reproduce.IGNORED}
     return [_numbers(v) for v in obj] if isinstance(obj, list) else obj
 
 
@@ -104,7 +112,8 @@ def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, 
     for seed in (0, 1):
         files = sorted(p.name for p in (par / "res" / "t" / f"seed{seed}").iterdir())
         assert files == sorted(p.name for p in (seq / "res" / "t" / f"seed{seed}").iterdir())
-        assert {"gradient_accounting.json", "neuron_flipping.json", "metrics.jsonl", "provenance.json"} <= set(files)
+        assert {"gradient_accounting.json", "neuron_flipping.json", "gradient_accounting.metrics.jsonl",
+                "provenance.json"} <= set(files)
         assert not any(f.endswith(".pt") for f in files)  # never a checkpoint
         for f in ("gradient_accounting.json", "neuron_flipping.json"):
             a, b = (json.loads((d / "res" / "t" / f"seed{seed}" / f).read_text()) for d in (par, seq))
