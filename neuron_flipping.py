@@ -275,7 +275,8 @@ def main(argv=()):
         print(f"resumed: {reused} examples were already done")
 
     matched_to = dict(zip(chosen.get("clean_matched", []), chosen["noisy"]))
-    chosen_records = [{**records[i], "kind": kind, **({"matched_to": matched_to[i]} if kind == "clean_matched" else {})}
+    bare = lambda i: {k: v for k, v in records[i].items() if k != "matched_to"}  # a record read back may carry one
+    chosen_records = [{**bare(i), "kind": kind, **({"matched_to": matched_to[i]} if kind == "clean_matched" else {})}
                       for group in itertools.zip_longest(*chosen.values()) for i, kind in zip(group, chosen)
                       if i is not None]
     kinds = list(chosen)

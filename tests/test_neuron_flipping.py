@@ -512,6 +512,7 @@ def test_flipped_predictions_are_real(tiny_trained, run_copy, monkeypatch, capsy
         monkeypatch.setattr(neuron_flipping, plot, lambda *a: None)
     more = neuron_flipping.main(argv("--batch_targets=3", "--n_examples=4"))
     assert more["search"] == "batched" and more["records"][:9] == records and calls
+    assert all(("matched_to" in r) == (r["kind"] == "clean_matched") for r in more["records"])
     new = [r for r in more["records"][9:] if r["index"] not in {q["index"] for q in records}]
     assert new and {r["search"] for r in new} == {"batched"}
 

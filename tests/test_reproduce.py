@@ -32,13 +32,15 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     rows = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in claims_md.splitlines()
             if r.startswith("| ") and not r.startswith("| #")]
     header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
-    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "verdict", "statistic", "95% CI",
-                                                                     "why"]
+    # a model column, since the ETD variant's rows are measured on another model than the run's
+    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "model", "verdict", "statistic",
+                                                                     "95% CI", "why"]
     # BN modes, ablation, flip variants, drop scalings x (the run's model, the resnet9 variant)
     assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5", "5", "5"]
     for r in rows:
-        assert len(r) == 6 and r[1] and r[3] and r[4] and r[5]
-        assert r[2].split("**")[1] in ("yes", "partial", "no", "inconclusive")
+        assert len(r) == 7 and r[1] and r[2] and r[4] and r[5] and r[6]
+        assert r[3].split("**")[1] in ("yes", "partial", "no", "inconclusive")
+    assert [r[2] for r in rows] == ["cnn x0.5"] * 10 + ["resnet9 x0.25"] * 2
     assert {r[1] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
     etd_variant = reproduce.VARIANTS[-1][1]
