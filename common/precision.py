@@ -16,9 +16,14 @@ AUTOCAST_DEVICES = ("cuda",)  # where amp autocasts; on a CPU bf16 is slower tha
 
 
 def autocast(device, enabled=True):
-    """bf16 autocast on the AUTOCAST_DEVICES when `enabled` (no loss scaling needed); a no-op elsewhere."""
+    """bf16 autocast on the AUTOCAST_DEVICES when `enabled` (no loss scaling needed); a no-op elsewhere.
+
+    Without autocast's weight cache: it keeps each weight's bf16 copy for the life of a region, so a
+    weight changed in place inside one (a rewind, a reset, a zeroed unit) would go unseen. Callers also
+    open one region per forward and change weights outside it; each weight is cast once per forward
+    either way."""
     if enabled and device.type in AUTOCAST_DEVICES:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
