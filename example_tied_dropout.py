@@ -30,7 +30,8 @@ from common.runs import Run, write_json
 from common.training import train_run, trained_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
-# The same names and defaults in all five scripts: together they identify the trained run.
+# Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
+# for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
 model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
@@ -53,7 +54,7 @@ overwrite = False       # move aside a run directory trained with another config
 deterministic = False   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
 groups = None           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
-RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
+RUN_KNOBS = config.run_knobs(globals())  # the block above, checked against common/config.py
 # ----------------------------------------------------------------------------- this experiment
 p_gen = 0.5             # fraction of channels that are generalization channels (always on); why 0.5:
                         # docs/experiments/example_tied_dropout.md
@@ -304,7 +305,7 @@ def main(argv=()):
            "train_seconds": times, "wall_seconds": round(time.time() - t_start, 1),
            "variant_dirs": {"etd": str(main_run.dir)}}
     write_json(run.path("example_tied_dropout.json"), out)
-    print()
+    print(f"wrote {run.path('example_tied_dropout.json')}")
     for s, v in scalings.items():
         acc = v["accuracy"]
         print(f"after the drop, {s} (generalization channels x {v['factor']:.3g}): noisy accuracy "

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from common import claims, cli, config
+from common import claims, cli, config, plots
 from common.accounting import (GradientAccountant, accounted_prefix, control_mask, epoch_table, memorization_phase,
                                summarize)
 from common.cli import UserError
@@ -29,7 +29,8 @@ from common.runs import Run, write_json
 from common.training import pick_device, train_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
-# The same names and defaults in all five scripts: together they identify the trained run.
+# Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
+# for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
 model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
@@ -52,7 +53,7 @@ overwrite = False       # move aside a run directory trained with another config
 deterministic = False   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
 groups = None           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
-RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
+RUN_KNOBS = config.run_knobs(globals())  # the block above, checked against common/config.py
 # ----------------------------------------------------------------------------- this experiment
 window = 5              # epochs per panel of the norm-per-layer figures (besides the all-epochs panel)
 keep_checkpoints = "all"  # all | needed: once trained, keep only epoch 0, the automatic rewind epochs and the
@@ -126,6 +127,7 @@ def main(argv=()):
                                          f"to >= memorized_at ({cfg.memorized_at:g})"},
                "epochs": table, "memorization_phase": phase, "summary": summary}
     write_json(run.path("gradient_accounting.json"), results)
+    print(f"wrote {run.path('gradient_accounting.json')}")
 
     plot_norms(table, "norm_", "Gradient norm per layer: epoch sums of total, clean and noisy parts",
                "norm of the epoch's gradient sum", cfg, run.path("gradient_accounting_norms.png"))
@@ -166,18 +168,18 @@ def plot_norms(table, prefix, title, ylabel, cfg, path):
     ncols = min(3, len(windows))
     fig, axes = figure(title, cfg, ncols=ncols, nrows=math.ceil(len(windows) / ncols), panel=(4.6, 3.4))
     for ax, (name, rows) in zip(axes.flat, windows):
-        for s in SERIES:
+        for k, s in enumerate(SERIES):  # dots, not lines: the groups are categories
             v = np.array([[np.nan if r["groups"][g].get(prefix + s) is None else r["groups"][g][prefix + s]
                            for g in groups] for r in rows], dtype=float)
-            ax.plot(range(len(groups)), _nanmean(v), marker="o", ls="--" if s == "control" else "-",
-                    color=SERIES_COLORS[s], label=SERIES_LABELS[s])
+            plots.dots(ax, None, _nanmean(v), offset=0.12 * (k - 1.5), color=SERIES_COLORS[s], label=SERIES_LABELS[s],
+                       fmt="s" if s == "control" else "o")
         ax.set_yscale("log")
         ax.set_xticks(range(len(groups)), groups, rotation=60, fontsize=7)
         ax.set_xlabel("layer group (input -> output)")
         ax.set_ylabel(ylabel)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    plots.legend_beside(axes[0, -1], fontsize=7)
     for ax in list(axes.flat)[len(windows):]:
         ax.axis("off")
     save(fig, path)
@@ -241,7 +243,6 @@ def print_summary(results):
               f"{_fmt(s.get('mean_cosine_control_rest'), '17.3f')}")
     print("(means over the memorization phase; rest = clean examples outside the control group)")
     claims.print_claims([claims.accounting(results)])
-    print(f"written: {results['run']}/gradient_accounting.json and gradient_accounting_*.png")
 
 
 if __name__ == "__main__":

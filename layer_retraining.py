@@ -31,7 +31,8 @@ from common.runs import write_json
 from common.training import SCHEDULES, batch_order, make_optimizer, train_epoch, trained_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
-# The same names and defaults in all five scripts: together they identify the trained run.
+# Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
+# for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
 model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
@@ -54,7 +55,7 @@ overwrite = False       # move aside a run directory trained with another config
 deterministic = False   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
 groups = None           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
-RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
+RUN_KNOBS = config.run_knobs(globals())  # the block above, checked against common/config.py
 # ----------------------------------------------------------------------------- this experiment
 retrain_groups = []         # layer groups to retrain, e.g. ["conv1", "head"]; [] = every group
 retrain_epochs = 20         # at most this many epochs per group (the authors' budget)
@@ -184,8 +185,8 @@ def main(argv=()):
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
     init_state = {k: v.to(data.device) for k, v in run.load_checkpoint(0)["model"].items()}
     final_acc = accuracies(model, data, amp=cfg.amp)
-    print(f"{run.dir.name}: final model  clean {final_acc['clean']:.3f}  noisy {final_acc['noisy']:.3f}  "
-          f"test {final_acc['test']:.3f}; retraining {len(groups)} groups on {len(data.clean_idx)} clean examples"
+    print(f"{run.dir.name}: final model  clean {plots.pct(final_acc['clean'])}  noisy {plots.pct(final_acc['noisy'])}  "
+          f"test {plots.pct(final_acc['test'])}; retraining {len(groups)} groups on {len(data.clean_idx)} clean examples"
           + (" (and on all examples: the control)" if cfg.control else ""))
 
     t_start, resets = time.time(), {}
@@ -217,7 +218,7 @@ def check_groups(cfg, names):
 
 
 def print_summary(results):
-    print(f"\nnoisy-example accuracy w.r.t. the noisy label (final model: {results['final_model']['noisy']:.3f}); "
+    print(f"\nnoisy-example accuracy w.r.t. the noisy label (final model: {plots.pct(results['final_model']['noisy'])}); "
           f"no noisy example was shown during the clean retraining; control = retrained on all examples")
     sections = [(results["frozen_bn"], results["groups"])]
     if results["ablation"]:
@@ -227,10 +228,10 @@ def print_summary(results):
         print(f"{'group':<10} {'after reset':>12} {'retrained':>10} {'control':>8} {'epochs':>7} {'clean':>7} "
               f"{'noisy_true':>11} {'test':>6}")
         for name, g in groups.items():
-            control = f"{g['control']['final']['noisy']:>8.3f}" if "control" in g else f"{'-':>8}"
-            print(f"{name:<10} {g['reset']['noisy']:>12.3f} {g['final']['noisy']:>10.3f} {control} "
-                  f"{g['epochs_trained']:>7d} {g['final']['clean']:>7.3f} {g['final']['noisy_true']:>11.3f} "
-                  f"{g['final']['test']:>6.3f}")
+            control = plots.pct(g["control"]["final"]["noisy"] if "control" in g else None, 8)
+            print(f"{name:<10} {plots.pct(g['reset']['noisy'], 12)} {plots.pct(g['final']['noisy'], 10)} {control} "
+                  f"{g['epochs_trained']:>7d} {plots.pct(g['final']['clean'], 7)} "
+                  f"{plots.pct(g['final']['noisy_true'], 11)} {plots.pct(g['final']['test'], 6)}")
 
 
 def retrain_note(cfg):

@@ -22,7 +22,8 @@ from common.runs import write_json
 from common.training import trained_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
-# The same names and defaults in all five scripts: together they identify the trained run.
+# Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
+# for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
 model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
@@ -45,7 +46,7 @@ overwrite = False       # move aside a run directory trained with another config
 deterministic = False   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
 groups = None           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
-RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
+RUN_KNOBS = config.run_knobs(globals())  # the block above, checked against common/config.py
 # ----------------------------------------------------------------------------- this experiment
 rewind_epochs = None          # checkpoints to rewind to (0 = initialization); None: 0, 10/25/50/75% of epochs, epochs-1
 rewind_bn_stats = "final"     # BatchNorm statistics of the rewound group in the primary result (figures, `accuracy`):
@@ -144,29 +145,19 @@ def epoch_label(e):
 
 
 def plot_by_depth(cfg, res, path):
-    """The paper's view, primary BatchNorm mode: x = layer depth, one line per rewind epoch, one panel per subset."""
+    """The paper's view, primary BatchNorm mode: accuracy per layer group (input at top) x rewind epoch, one
+    panel per subset. Cells, not lines: the groups are categories, and a line between them is no trend."""
     groups, epochs, final, acc = res["groups"], res["rewind_epochs"], res["final"], res["accuracy"]
-    fig, axes = plots.figure(f"Layer rewinding: accuracy with one layer group rewound to an earlier checkpoint "
+    fig, axes = plots.figure(f"Layer rewinding: accuracy (%) with one layer group rewound to an earlier checkpoint "
                              f"(BatchNorm statistics: {res['rewind_bn_stats']})", cfg,
-                             ncols=len(SUBSETS), panel=(4.6, 4.0))
-    cmap = plots.plt.get_cmap("viridis")
-    x = range(1, len(groups) + 1)
+                             ncols=len(SUBSETS), panel=(0.55 * len(epochs) + 2.6, 0.32 * len(groups) + 1.6))
     for ax, subset in zip(axes[0], SUBSETS):
-        for i, e in enumerate(epochs):
-            ax.plot(x, [100 * acc[g][str(e)][subset] for g in groups], marker="o", ms=4,
-                    color=cmap(i / max(1, len(epochs) - 1)), label=f"rewound to {epoch_label(e)}")
-        ax.axhline(100 * final[subset], color="black", ls="--", lw=1, label=f"final model (epoch {cfg.epochs})")
-        if subset == "noisy":
-            ax.axhline(100 * claims.CRITICAL_NOISY, color="tab:red", ls=":", lw=1.2,
-                       label="critical below this at epoch 0 (claim 2's rule)")
-        ax.set_title(plots.LABELS[subset], fontsize=9)
-        ax.set_xticks(list(x), groups, rotation=45, ha="right", fontsize=8)
-        ax.set_xlabel("layer group (input -> output)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][1].get_legend_handles_labels()  # the noisy panel has every line
-    axes[0][-1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
+        im = plots.heatmap(ax, [[100 * acc[g][str(e)][subset] for e in epochs] for g in groups],
+                           [str(e) for e in epochs], groups)
+        ax.set_title(f"{plots.LABELS[subset]}\nfinal model (epoch {cfg.epochs}): {100 * final[subset]:.1f}%", fontsize=9)
+        ax.set_xlabel("rewound to epoch (0 = init)")
+        ax.set_ylabel("layer group (input at top)")
+    fig.colorbar(im, ax=axes[0][-1], label="accuracy (%)")
     return plots.save(fig, path)
 
 

@@ -26,7 +26,8 @@ from common.runs import read_json, write_json
 from common.training import trained_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
-# The same names and defaults in all five scripts: together they identify the trained run.
+# Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
+# for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
 model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
@@ -49,7 +50,7 @@ overwrite = False       # move aside a run directory trained with another config
 deterministic = False   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
 groups = None           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
 init_from = ""          # the user's own per-epoch state dicts (a directory or glob) instead of training here
-RUN_KNOBS = config.run_knobs(globals())  # the shared keys above (one definition of the run's identity)
+RUN_KNOBS = config.run_knobs(globals())  # the block above, checked against common/config.py
 # ----------------------------------------------------------------------------- this experiment
 n_examples = 20         # target examples of each kind (noisy, clean): distinct, seeded, fitted by the model
 ref_batch = 511         # other training examples in each target's batch (fixed per target, seeded; the authors: 511)
@@ -227,14 +228,14 @@ def main(argv=()):
 def print_summary(results):
     s = results["summary"]
     print(f"\n{'':<6} {'flipped':>8} {'units: median':>14} {'mean':>6} {'q1-q3':>8} {'layers/ex':>10} "
-          f"{'-> true label':>14}   accuracy drop: clean / noisy / test")
+          f"{'-> true label':>14}   accuracy drop (percentage points): clean / noisy / test")
     for kind in ("noisy", "clean"):
         k = s[kind]
-        true = "" if k["to_true_label"] is None else f"{k['to_true_label']:.0%}"
         drop = k["accuracy_drop"]
-        print(f"{kind:<6} {k['flipped']:>8.0%} {k['units_median']:>14g} {k['units_mean']:>6.1f} "
-              f"{k['units_q1']:>3g}-{k['units_q3']:<4g} {k['groups_per_example']:>10.1f} {true:>14}   "
-              f"{drop['clean']:+.3f} / {drop['noisy']:+.3f} / {drop['test']:+.3f}")
+        print(f"{kind:<6} {plots.pct(k['flipped'], 8)} {k['units_median']:>14g} {k['units_mean']:>6.1f} "
+              f"{k['units_q1']:>3g}-{k['units_q3']:<4g} {k['groups_per_example']:>10.1f} "
+              f"{plots.pct(k['to_true_label'], 14)}   "
+              f"{100 * drop['clean']:+.1f} / {100 * drop['noisy']:+.1f} / {100 * drop['test']:+.1f}")
 
 
 def plot_summary(results, cfg, path):
@@ -250,12 +251,14 @@ def plot_summary(results, cfg, path):
         cum = [100 * (i + 1) / n for i in range(len(counts))]
         ax.step([0] + counts + [cfg.max_units], [0] + cum + [cum[-1] if cum else 0], where="post", color=color[kind],
                 label=f"{kind} (median {s[kind]['units_median']:g})")
-    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xscale("symlog", linthresh=1)
+    flipped = [r["n_units"] for r in records if r["flipped"]]
+    plots.integer_ticks(ax, [0] + flipped + [cfg.max_units], keep=[s[k]["units_median"] for k in ("noisy", "clean")])
     ax.set_xlabel(f"units zeroed (cap {cfg.max_units})")
     ax.set_ylabel("examples flipped (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")  # the curves start at the lower left and rise to the upper right
     ax.set_title("units needed to flip (CDF)", fontsize=10)
 
     ax = axes[0, 1]

@@ -29,6 +29,7 @@ seeds = [0, 1, 2]          # each sets both seed (data, noise) and model_seed (i
 variant_seeds = 1          # the VARIANTS and FIRST_SEEDS below run for the first this many seeds (0: none)
 reports_dir = "reports"    # relative to the repository root
 name = ""                  # report name; default: the preset's file name, or "default"
+readme = ""                # a report's claims.json (e.g. docs/results/claims.json): regenerate README.md's claims table from it, run nothing else
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.register_check("seeds", lambda v, cfg: None if v and all(isinstance(s, int) and s >= 0 for s in v)
@@ -126,6 +127,10 @@ def machine():
 def main(argv=()):
     own, presets, rest = split_argv(list(argv))
     cfg = config.parse(KNOBS, own)
+    if cfg.readme:
+        path = report.update_readme(REPO / "README.md", cfg.readme, REPO)
+        print(f"wrote {path} (its claims table, from {cfg.readme})")
+        return path
     for p in presets:
         if not Path(p).is_file():
             raise UserError(f"config file {p} not found; give the path to a file in configs/")
@@ -135,8 +140,9 @@ def main(argv=()):
     known = set().union(*(m.KNOBS for m in modules.values()))
     for arg in rest:  # a config file ignores keys it does not know, so a typo would pass silently
         if _key(arg) not in known:
-            raise UserError(f"unknown key --{_key(arg)}: no experiment uses it; "
-                            f"valid keys: {', '.join(sorted(known | set(KNOBS)))}")
+            guess = config.closest(_key(arg), known | set(KNOBS))
+            raise UserError(f"unknown key --{_key(arg)}: no experiment uses it; " +
+                            (f"did you mean --{guess}?" if guess else f"valid keys: {', '.join(sorted(known | set(KNOBS)))}"))
     for exp, m in modules.items():  # validate every override before writing anything or hours of work
         config.parse(m.KNOBS, DEFAULTS.get(exp, []) + FIRST_SEEDS.get(exp, []) + presets
                      + [a for a in rest if _key(a) in m.KNOBS])
@@ -150,11 +156,12 @@ def main(argv=()):
     timings_path = out / "timings.json"
     timings = read_json(timings_path) if timings_path.is_file() else {}
     t_all = time.time()
-    todo = runs_for(cfg, modules)
+    todo, jobs = runs_for(cfg, modules), []
     for exp, variant, seed, extra in todo:
         module, argv_s = modules[exp], argv_for(exp, seed, extra)
         done, path = is_done(module, argv_s)
         what = exp + (f" [{variant}]" if variant else "")
+        jobs.append({"job": what, "seed": seed, "reused": done})
         if done:
             print(f"[seed {seed}] {what}: reusing {path}")
             continue
@@ -182,7 +189,8 @@ def main(argv=()):
               + " (reproduction defaults; a preset or --key=value overrides them)" for exp, args in DEFAULTS.items()]
     base_cfg = config.parse(modules["gradient_accounting"].KNOBS, presets + overrides)
     path = report.write_report(out, label, base_cfg, cfg.seeds, results, timings, machine(),
-                               " ".join(["python reproduce.py"] + list(argv)), variants=variants, notes=notes)
+                               " ".join(["python reproduce.py"] + list(argv)), variants=variants, notes=notes,
+                               jobs=jobs)
     print(f"report: {path}")
     return path
 

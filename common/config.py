@@ -10,18 +10,51 @@ another script uses but this one does not are ignored, so one preset serves all 
 Every value is type-checked against the default and validated by the module that defines it.
 """
 import ast
+import difflib
+import io
 import os
+import re
 import runpy
+import sys
+import tokenize
 from types import SimpleNamespace
 
 from .cli import UserError
 
 LITERAL_TYPES = (bool, int, float, str, list, tuple, type(None))
 
-# The shared knob block that opens every script (declared there with `run_knobs`) is the one
-# definition of a run's keys. These of them say where and how it executes, not what it is.
+# ----------------------------------------------------------------------------- the run (shared keys)
+# The one definition of the keys that open every script: what a run is (its identity) and where and
+# how it executes. Every script shows this block at its top, where a user may edit a value for that
+# script; `run_knobs` checks the block against this one. A new shared knob is one line here (a script
+# that does not show it yet gets this default). Keep new identity keys' defaults empty (None, "",
+# False, []) where the knob can be off: then existing run directory names stay as they are.
+RUN_DEFAULTS = dict(
+    dataset="mnist_5k",    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
+    model="resnet9",       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+    width=0.25,            # channel-width multiplier
+    noise=0.1,             # fraction of training labels replaced by a wrong class: the examples to memorize
+    seed=0,                # data split and label noise
+    model_seed=0,          # initialization, batch order, augmentation, dropout
+    epochs=20,             # training epochs of the run
+    batch_size=128,        # training minibatch size
+    lr=0.05,               # peak learning rate (SGD)
+    schedule="triangle",   # triangle (one-cycle) | cosine (linear warm-up, then cosine) | constant
+    warmup=0.25,           # fraction of training spent warming up
+    momentum=0.9,          # SGD momentum
+    weight_decay=5e-4,     # SGD weight decay
+    augment=False,         # random crop + flip (off in the paper's main runs)
+    amp=True,              # bf16 autocast on CUDA (ignored elsewhere)
+    device="auto",         # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    runs_dir="runs",       # relative to the repository root
+    download=True,         # let torchvision download a missing dataset
+    overwrite=False,       # move aside a run directory trained with another configuration
+    deterministic=False,   # PyTorch deterministic algorithms: bit-reproducible on a GPU, slower (docs/reliability.md)
+    groups=None,           # layer groups as module-name prefixes, e.g. ["stem", "layer1"]; None: from the module tree
+    init_from="",          # the user's own per-epoch state dicts (a directory or glob) instead of training here
+)
+# Keys of the block that say where and how a run executes, not what it is.
 NOT_IDENTITY = ("device", "runs_dir", "download", "overwrite", "deterministic", "groups")
-RUN_DEFAULTS = {}  # the shared block's keys and defaults, filled by run_knobs
 
 
 # key -> [(check(value, cfg) -> error text or None)], registered by the module that defines the key.
@@ -85,15 +118,32 @@ def _parse_value(key, text, default):
         raise UserError(f"--{key}={text}: not a Python literal; e.g. --{key}={default!r}")
 
 
-def parse(defaults, argv=()):
-    """Resolve the configuration: defaults < config files (in order) < --key=value. Returns a namespace."""
+def closest(key, valid):
+    """The valid key that `key` is a misspelling of, or None."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def unknown_key(key, valid):
+    """The one-line error for a key nobody defines: the valid key it is a misspelling of, else the list."""
+    if closest(key, valid):
+        return UserError(f"unknown key --{key}; did you mean --{closest(key, valid)}? (--help lists every key)")
+    return UserError(f"unknown key --{key}; valid keys: {', '.join(sorted(valid))} (--help explains each)")
+
+
+def parse(defaults, argv=(), script=None):
+    """Resolve the configuration: defaults < config files (in order) < --key=value. Returns a namespace.
+    --help (or -h) prints every key with its default and meaning (help_text) and exits; `script` is the
+    file whose top defines the knobs (default: the caller's file)."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(defaults, script or sys._getframe(1).f_globals.get("__file__", "")))
+        raise SystemExit(0)
     cfg = dict(defaults)
-    valid = ", ".join(sorted(cfg))
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if key not in cfg:
-                raise UserError(f"unknown key --{key}; valid keys: {valid}")
+                raise unknown_key(key, cfg)
             if not eq:
                 raise UserError(f"--{key} needs a value: --{key}=<value>")
             cfg[key] = _coerce(key, _parse_value(key, text, defaults[key]), defaults[key], f"--{key}")
@@ -119,22 +169,79 @@ def parse(defaults, argv=()):
     return SimpleNamespace(**cfg)
 
 
+# ----------------------------------------------------------------------------- --help
+
+def meanings(path):
+    """{knob: its comment} for the constants of a Python file (`name = value  # meaning`, also inside a
+    dict(...) block as `name=value,  # meaning`); comment-only lines indented under one continue it."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(open(path).read()).readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}
+    lines = {}
+    for t in tokens:
+        if t.type == tokenize.COMMENT:
+            lines.setdefault(t.start[0], (t.start[1], t.line, t.string.lstrip("#").strip()))
+    out, last = {}, None
+    for n in sorted(lines):
+        col, line, text = lines[n]
+        m = re.match(r"\s{0,4}([a-z_][a-z0-9_]*)\s*=(?!=)", line)
+        if m and col > m.end():
+            last = m.group(1)
+            out[last] = text
+        elif last and not line[:col].strip() and col > 0 and n - 1 in lines:
+            out[last] += " " + text
+        else:
+            last = None
+    return out
+
+
+def help_text(defaults, script):
+    """Every knob of a script with its default and meaning, grouped: the run (the shared block), then
+    the script's own."""
+    doc = ""
+    if script and os.path.isfile(script):
+        try:
+            doc = (ast.get_docstring(ast.parse(open(script).read())) or "").splitlines()[0]
+        except (SyntaxError, IndexError):
+            pass
+    own, shared = meanings(script) if script else {}, meanings(__file__)
+    name = os.path.basename(script or "script.py")
+    out = [f"usage: python {name} [configs/preset.py ...] [--key=value ...]", doc,
+           "Values are Python literals (--lr=0.1, --seeds=[0,1]; a bare word for a text key). A config file's "
+           "constants apply first, then --key=value."]
+
+    def group(title, keys):
+        if keys:
+            out.extend(["", title])
+            for k in keys:
+                v = defaults[k]
+                shown = v if isinstance(v, str) and re.fullmatch(r"[\w.:/+*-]+", v) else repr(v)
+                flag = f"  --{k}={shown}"
+                meaning = own.get(k) or shared.get(k, "")
+                out.append(f"{flag:<34} {meaning}" if len(flag) < 34 else f"{flag}\n{'':<34} {meaning}")
+    group("the run (shared by every script; defined in common/config.py):", [k for k in defaults if k in RUN_DEFAULTS])
+    group(f"this {'experiment' if any(k in RUN_DEFAULTS for k in defaults) else 'command'}:",
+          [k for k in defaults if k not in RUN_DEFAULTS])
+    return "\n".join(x for x in out if x is not None)
+
+
 def run_knobs(namespace):
-    """Declare the shared knob block of a script (call it right after the block). Every script must
-    declare the same keys and defaults: they are the run's identity. Returns the block's knobs."""
+    """The shared block of a script (call it right after the block): the script's values of the keys
+    it shows (a user may have edited them there), RUN_DEFAULTS' for the others, in RUN_DEFAULTS' order.
+    The keys it lacks are added to `namespace`, so the script's KNOBS hold the whole block."""
     block = knobs(namespace)
-    if RUN_DEFAULTS and block != RUN_DEFAULTS:
-        diff = sorted(k for k in set(block) | set(RUN_DEFAULTS) if block.get(k, ...) != RUN_DEFAULTS.get(k, ...))
-        raise RuntimeError(f"the shared knob block of {namespace.get('__name__')} differs from another "
-                           f"script's in {diff}: keep the block identical in all scripts")
-    RUN_DEFAULTS.update(block)
-    return block
+    unknown = [k for k in block if k not in RUN_DEFAULTS]
+    if unknown:
+        raise RuntimeError(f"{namespace.get('__name__')}: {unknown} in the shared block is not a shared key; "
+                           f"define it in common/config.py RUN_DEFAULTS or move it below the block")
+    for key, value in RUN_DEFAULTS.items():
+        namespace.setdefault(key, value)
+    return {k: namespace[k] for k in RUN_DEFAULTS}
 
 
 def identity_keys():
     """The keys of the shared block that identify a trained run."""
-    if not RUN_DEFAULTS:  # library use without a script: the block of the reference script
-        __import__("gradient_accounting")
     return tuple(k for k in RUN_DEFAULTS if k not in NOT_IDENTITY)
 
 
@@ -151,8 +258,7 @@ def train_config(cfg):
 
 
 def identity_defaults():
-    """The identity of a run at the scripts' defaults, on a CPU (fp32)."""
-    identity_keys()
+    """The identity of a run at the shared block's defaults, on a CPU (fp32)."""
     return train_config(SimpleNamespace(**{**RUN_DEFAULTS, "device": "cpu"}))
 
 

@@ -532,7 +532,8 @@ def report_section(results_per_seed, cfg, out_dir):
     has_etd = all(r.get("etd") for r in res)
     plain = lambda r, m, kind="noisy": r["summary"]["plain"][m][kind]
     etd = lambda r, m: r["summary"]["etd"][m]["noisy"]
-    fig, axes = figure("Localization methods: zeroing each method's top-k units (mean ± std over seeds)", cfg,
+    over = f" (mean ± std over {len(res)} seeds)" if len(res) > 1 else ""  # one seed: no spread to show
+    fig, axes = figure(f"Localization methods: zeroing each method's top-k units{over}", cfg,
                        ncols=4 if has_etd else 3, panel=(4.4, 3.6))
     for m in methods:
         color, label = COLORS[m], LABELS[m]

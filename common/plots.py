@@ -7,7 +7,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
+
+from .models import MODELS  # noqa: E402
 
 COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
           "total": "black", "train": "tab:purple"}
@@ -15,12 +18,33 @@ LABELS = {"clean": "clean train", "noisy": "noisy train (noisy label = memorized
           "noisy_true": "noisy train (true label)", "test": "test", "total": "total", "train": "train"}
 
 
+def pct(x, width=0):
+    """A fraction as a percentage with one decimal, "97.3%" ("-" for None): how every script prints an
+    accuracy or a share."""
+    return f"{'-':>{width}}" if x is None else f"{f'{100 * x:.1f}%':>{width}}"
+
+
+def points(x):
+    """A difference of two accuracies (fractions) in percentage points, signed: "-6.8 points"."""
+    return f"{100 * x:+.1f} points"
+
+
+def spread(cfg, shown="mean ± std"):
+    """A title's tail " (mean ± std over 3 seeds)" where the figure averages several seeds; "" for one seed
+    (a figure of one run has no spread to show). `shown` says what the figure draws ("means")."""
+    seeds = getattr(cfg, "seeds", None) or ()
+    return f" ({shown} over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+
+
 def subtitle(cfg):
-    """One line describing the run: dataset, model, noise, seeds, epochs."""
-    width = f" x{cfg.width:g}" if getattr(cfg, "width", 1) != 1 else ""
+    """One line describing the run: dataset, model (its width where the width applies: the zoo), noise,
+    the seeds it shows, epochs."""
+    width = f" x{cfg.width:g}" if cfg.model in MODELS and getattr(cfg, "width", 1) != 1 else ""
     seeds = getattr(cfg, "seeds", None)  # a figure averaged over runs (the reproduction report)
-    seed = (f"seeds {', '.join(map(str, seeds))} (data = model seed)" if seeds is not None
-            else f"seed {cfg.seed}, model seed {cfg.model_seed}")
+    if seeds is not None:
+        seed = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (data = model seed)"
+    else:
+        seed = f"seed {cfg.seed}, model seed {cfg.model_seed}"
     return (f"{cfg.dataset} | {cfg.model}{width} | {cfg.noise:.0%} label noise | {seed} | "
             f"{cfg.epochs} epochs, lr {cfg.lr:g} {cfg.schedule}")
 
@@ -94,6 +118,7 @@ def save(fig, path):
         raise AssertionError(f"{path.name}: text outside the canvas: {outside[:3]}")
     runs.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
+    print(f"wrote {path}")
     return path
 
 
@@ -108,3 +133,72 @@ def accuracy_curves(ax, rows, keys=("clean", "noisy", "test"), x="epoch", xlabel
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def integer_ticks(ax, values, axis="x", most=10, keep=()):
+    """Ticks at the integer values the data take, labelled as plain integers (a count axis on a log scale
+    otherwise shows one "10^1"). More than `most` distinct values: a 1-2-5 series within their range,
+    plus their minimum, maximum and `keep` (e.g. the medians a reader compares)."""
+    v = sorted({int(round(x)) for x in values if np.isfinite(x)})
+    if len(v) > most:
+        series = [m * 10 ** e for e in range(7) for m in (1, 2, 5)]
+        v = sorted({t for t in series if v[0] <= t <= v[-1]} | {v[0], v[-1]}
+                   | {int(round(k)) for k in keep if np.isfinite(k)})
+    axis_ = getattr(ax, f"{axis}axis")
+    getattr(ax, f"set_{axis}ticks")(v, [str(t) for t in v])
+    axis_.set_minor_locator(NullLocator())
+    return v
+
+
+def dots(ax, x, mean, err=None, offset=0.0, **kwargs):
+    """Categories (layer groups) as dots with ± bars, no line joining them: a line between categories
+    draws a trend that is not there. `err` None (one seed): dots alone."""
+    x = np.arange(len(mean)) if x is None else np.asarray(x, dtype=float)
+    kwargs.setdefault("fmt", "o")
+    return ax.errorbar(x + offset, mean, yerr=err, ls="none", capsize=2, ms=4, **kwargs)
+
+
+def heatmap(ax, grid, xlabels, ylabels, vmin=0, vmax=100, fmt="{:.0f}", cmap="viridis"):
+    """A category x category grid with each cell's value written in it; returns the image (for a colorbar)."""
+    grid = np.asarray(grid, dtype=float)
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    mid = (vmin + vmax) / 2
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if np.isfinite(v):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                        color="white" if v < mid else "black")
+    ax.set_xticks(range(len(xlabels)), xlabels, fontsize=8)
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
+    return im
+
+
+def legend_beside(ax, handles=None, fontsize=8):
+    """The panel's legend to its right, off the data (tight_layout makes room for it)."""
+    args = () if handles is None else handles
+    return ax.legend(*args, fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def _data_points(ax):
+    """Display coordinates of what a panel plots: line vertices, bar tops, marker positions."""
+    pts = [line.get_transform().transform(line.get_xydata()) for line in ax.get_lines()]
+    pts += [ax.transData.transform([[p.get_x() + p.get_width() / 2, p.get_y() + p.get_height()]])
+            for p in ax.patches if hasattr(p, "get_width") and p.get_height() == p.get_height()]
+    pts += [c.get_offset_transform().transform(c.get_offsets()) for c in ax.collections if len(c.get_offsets())]
+    pts = [np.asarray(p, dtype=float).reshape(-1, 2) for p in pts]
+    return np.concatenate(pts) if pts else np.zeros((0, 2))
+
+
+def legends_over_data(fig):
+    """Panels whose legend box covers one of the points they plot (a legend over the data)."""
+    fig.canvas.draw()
+    renderer, found = fig.canvas.get_renderer(), []
+    for i, ax in enumerate(fig.axes):
+        leg = ax.get_legend()
+        if leg is None or not leg.get_visible():
+            continue
+        box, pts = leg.get_window_extent(renderer), _data_points(ax)
+        pts = pts[np.isfinite(pts).all(1)]
+        if any(box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1 for x, y in pts):
+            found.append(f"panel {i} ({ax.get_title()[:40]!r})")
+    return found

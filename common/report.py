@@ -6,11 +6,13 @@ typed in. The verdicts are common.claims's: this module only lays them out.
 """
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from . import claims
+from . import claims, config
+from . import plots
 from .plots import COLORS, LABELS, figure, save
 from .runs import atomic_write
 
@@ -48,14 +50,12 @@ def _ms(values, pct=True, digits=1):
     return f"{k * v.mean():.{digits}f} ± {k * _sd(v):.{digits}f}" if len(v) > 1 else f"{k * v.mean():.{digits}f}"
 
 
-def _band(ax, xs, runs, color, label, pct=True, **kwargs):
-    """Mean line with a ± std band over seeds (runs: seeds x points; std with ddof=1)."""
+def _dots(ax, runs, color, label, offset=0.0, pct=True, marker="o"):
+    """Per layer group the mean over seeds as a dot with a ± std bar (runs: seeds x groups; ddof=1; no bar
+    for one seed). Dots, not lines: the groups are categories."""
     a = np.array(runs, dtype=float) * (100 if pct else 1)
-    m = _nanmean(a, 0)
-    ax.plot(xs, m, marker="o", color=color, label=label, **kwargs)
-    if len(a) > 1:
-        s = _sd(a)
-        ax.fill_between(xs, m - s, m + s, color=color, alpha=0.2)
+    plots.dots(ax, None, _nanmean(a, 0), _sd(a) if len(a) > 1 else None, offset=offset, color=color, label=label,
+               fmt=marker)
 
 
 def _cell(text):
@@ -87,26 +87,24 @@ def accounting(res, cfg, out, variants):
     groups = res[0]["groups"]
     summary = lambda key: [[r["summary"].get(g, {}).get(key) for g in groups] for r in res]  # noqa: E731
     nan = lambda rows: [[np.nan if v is None else v for v in row] for row in rows]  # noqa: E731
-    fig, axes = figure("Gradient accounting: the noisy part vs a control of equal size (memorization phase)",
-                       cfg, ncols=2)
-    x = range(len(groups))
+    fig, axes = figure("Gradient accounting: the noisy part vs a control of equal size (memorization phase)"
+                       + plots.spread(cfg), cfg, ncols=2)
+    noisy, control = "noisy (the mislabeled examples)", "control (random clean examples, as many)"
     ax = axes[0, 0]
-    _band(ax, x, nan(summary("noisy_rest_ratio")), COLORS["noisy"], "norm(noisy) / norm(clean-rest)", pct=False)
-    _band(ax, x, nan(summary("control_rest_ratio")), CONTROL_COLOR, "norm(control) / norm(clean-rest)", pct=False,
-          ls="--")
+    _dots(ax, nan(summary("noisy_rest_ratio")), COLORS["noisy"], noisy, -0.12, pct=False)
+    _dots(ax, nan(summary("control_rest_ratio")), CONTROL_COLOR, control, 0.12, pct=False, marker="s")
     ax.axhline(1, color="black", lw=0.8)
     ax.set_yscale("log")
-    ax.set_ylabel("norm ratio (mean ± std over seeds)")
+    ax.set_ylabel("norm(part) / norm(clean-rest)")
     ax = axes[0, 1]
-    _band(ax, x, nan(summary("mean_cosine_rest_noisy")), COLORS["noisy"], "cosine(clean-rest, noisy)", pct=False)
-    _band(ax, x, nan(summary("mean_cosine_control_rest")), CONTROL_COLOR, "cosine(control, clean-rest)",
-          pct=False, ls="--")
+    _dots(ax, nan(summary("mean_cosine_rest_noisy")), COLORS["noisy"], noisy, -0.12, pct=False)
+    _dots(ax, nan(summary("mean_cosine_control_rest")), CONTROL_COLOR, control, 0.12, pct=False, marker="s")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_ylabel("mean cosine over the phase")
+    ax.set_ylabel("mean cosine(part, clean-rest) over the phase")
     for ax in axes.flat:
         _xgroups(ax, groups)
-        ax.legend(fontsize=8)
+    plots.legend_beside(axes[0, 1])
     fig_path = save(fig, out / "gradient_accounting.png")
     per = claim.values.get("groups", {})
     rows = []
@@ -138,21 +136,18 @@ def rewinding(res, cfg, out, variants):
     judged = claims.rewinding(res)
     groups, epochs = res[0]["groups"], res[0]["rewind_epochs"]
     modes = [c.values["mode"] for c in judged]
-    fig, axes = figure("Layer rewinding: one group rewound to an earlier epoch (mean ± std over seeds)", cfg,
-                       ncols=3, nrows=len(modes), panel=(4.6, 3.6))
-    cmap = __import__("matplotlib").colormaps["viridis"]
+    fig, axes = figure("Layer rewinding: accuracy (%) with one layer group alone rewound to an earlier epoch"
+                       + plots.spread(cfg, "means"), cfg, ncols=3, nrows=len(modes),
+                       panel=(0.55 * len(epochs) + 2.6, 0.32 * len(groups) + 1.6))
     for row, mode in enumerate(modes):
         for ax, subset in zip(axes[row], ("clean", "noisy", "test")):
-            for j, e in enumerate(epochs):
-                _band(ax, range(len(groups)), [[_rewind_acc(r, mode)[g][str(e)][subset] for g in groups] for r in res],
-                      cmap(j / max(1, len(epochs) - 1)), f"rewound to epoch {e}")
-            if subset == "noisy":
-                ax.axhline(100 * claims.CRITICAL_NOISY, color="tab:red", ls=":", lw=1.2, label="critical threshold")
+            grid = _nanmean([[[100 * _rewind_acc(r, mode)[g][str(e)][subset] for e in epochs] for g in groups]
+                             for r in res], 0)
+            im = plots.heatmap(ax, grid, [str(e) for e in epochs], groups)
             ax.set_title(f"{LABELS[subset]}\n{claims.BN_MODES.get(mode, mode)}", fontsize=9)
-            _xgroups(ax, groups, "rewound layer group")
-            ax.set_ylabel("accuracy (%)")
-            ax.set_ylim(-3, 103)
-        axes[row, 1].legend(fontsize=7)
+            ax.set_xlabel("rewound to epoch (0 = init)")
+            ax.set_ylabel("layer group (input at top)")
+        fig.colorbar(im, ax=axes[row, -1], label="accuracy (%)")
     fig_path = save(fig, out / "layer_rewinding.png")
     header, cols = ["layer group"], []
     for c in judged:
@@ -187,7 +182,7 @@ def retraining(res, cfg, out, variants):
     panels = [("main", judged[0].variant, [r["groups"] for r in res])]
     if len(judged) > 1:
         panels.append(("ablation", judged[1].variant, [r["ablation"]["groups"] for r in res if r.get("ablation")]))
-    fig, axes = figure("Layer retraining: noisy accuracy per reset group", cfg, ncols=len(panels),
+    fig, axes = figure("Layer retraining: noisy accuracy per reset group" + plots.spread(cfg), cfg, ncols=len(panels),
                        panel=(max(5.0, 0.8 * len(groups) + 1.5), 4.2))
     x, w = np.arange(len(groups)), 0.27
     for ax, (_, variant, seeds) in zip(axes[0], panels):
@@ -205,10 +200,9 @@ def retraining(res, cfg, out, variants):
         ax.set_xticks(x, groups, rotation=60, fontsize=8)
         ax.set_xlabel("reset and retrained layer group")
         ax.set_ylabel("noisy train acc., noisy label (%)")
-        ax.set_ylim(0, 125)
-        ax.set_yticks(range(0, 101, 20))
+        ax.set_ylim(0, 105)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7, ncol=2, loc="upper center")
+    plots.legend_beside(axes[0, -1], fontsize=7)
     fig_path = save(fig, out / "layer_retraining.png")
     header = ["layer group"]
     for c in judged:
@@ -252,18 +246,23 @@ def flipping(res, cfg, out, variants):
     fig, axes = figure("Neuron flipping: units zeroed to flip a prediction (seeds pooled)", cfg, ncols=2)
     ax = axes[0, 0]
     styles = ["-", "--", ":", "-."]
+    shown, medians = [], []
     for (label, seeds), c, ls in zip(runs, judged, styles * 4):
         for kind in ("noisy", "clean"):
             counts = np.sort(np.concatenate([claims.flip_counts(r, kind) for r in seeds]))
             if len(counts):
                 ax.step(counts, 100 * np.arange(1, len(counts) + 1) / len(counts), where="post", color=COLORS[kind],
-                        ls=ls, label=f"{kind} [{c.variant}]")
+                        ls=ls, label=f"{kind} [{c.variant}] (median {np.median(counts):g})")
+                shown.append(counts)
+                medians.append(np.median(counts))
     cap = res[0]["settings"]["max_units"]
-    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xscale("log")
+    if shown:
+        plots.integer_ticks(ax, np.concatenate(shown), keep=medians)
     ax.set_xlabel(f"units zeroed until the prediction flips (not flipped: {cap})")
     ax.set_ylabel("examples (cumulative %)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    plots.legend_beside(ax, fontsize=7)
     ax = axes[0, 1]
     x, w = np.arange(len(groups)), 0.38
     for j, kind in enumerate(("noisy", "clean")):
@@ -273,7 +272,7 @@ def flipping(res, cfg, out, variants):
     ax.set_xticks(x, groups, rotation=60, fontsize=8)
     ax.set_xlabel("layer group of the zeroed unit")
     ax.set_ylabel("zeroed units (%)")
-    ax.legend(fontsize=8)
+    plots.legend_beside(ax)
     ax.grid(alpha=0.3, axis="y")
     fig_path = save(fig, out / "neuron_flipping.png")
     rows = [row for (label, seeds), c in zip(runs, judged) for row in _flip_rows(c.variant, seeds)]
@@ -300,7 +299,9 @@ def tied_dropout(res, cfg, out, variants):
     labels = list(dict.fromkeys(lab for t in tables for lab in t))  # rows matched by label across seeds
     vals = {k: 100 * np.array([[np.nan if lab not in t or t[lab][k] is None else t[lab][k] for lab in labels]
                                for t in tables], dtype=float) for k in keys}
-    fig, axes = figure("Example-tied dropout vs baselines (mean ± std over seeds)", cfg, panel=(11, 4.2))
+    scalings = " and ".join(claims.DROP_VARIANTS.get(s, s).removeprefix("drop: ") for s in claims.drop_scalings(res[0]))
+    fig, axes = figure(f"Example-tied dropout vs baselines{plots.spread(cfg)}; drop mode: {scalings}", cfg,
+                       panel=(11, 4.2))
     ax, x, w = axes[0, 0], np.arange(len(labels)), 0.2
     for j, k in enumerate(keys):
         a = vals[k]
@@ -308,9 +309,9 @@ def tied_dropout(res, cfg, out, variants):
                label=LABELS[k], capsize=2)
     ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 118)  # headroom for the legend above the bars
+    ax.set_ylim(0, 105)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, ncol=4, loc="upper center")
+    plots.legend_beside(ax, fontsize=7)
     fig_path = save(fig, out / "example_tied_dropout.png")
     rows = [(lab,) + tuple(_ms(vals[k][:, i] / 100) for k in keys) for i, lab in enumerate(labels)]
     text = (_table(["model [evaluation mode]", "clean train (%)", "noisy, noisy label (%)", "noisy, true label (%)",
@@ -325,9 +326,67 @@ SECTIONS = [("gradient_accounting", "1. Gradient accounting", accounting),
             ("example_tied_dropout", "5. Example-tied dropout", tied_dropout)]
 
 
-def claims_table(judged):
-    rows = [(c.number, c.statement, c.variant or "-", c.statistic, c.ci, c.rule, c.reason, c.verdict) for c in judged]
-    return _table(["#", "claim", "variant", "statistic", "95% CI", "rule", "why", "verdict"], rows)
+# ----------------------------------------------------------------------------- the claims, as a reader scans them
+# The renderers below take claims as dicts (Claim.as_dict(), or claims.json read back), so the report and
+# the README block (readme_block) lay out the same fields the same way; the content is common/claims.py's.
+
+def _variant(d):
+    return d.get("variant") or "the experiment's defaults"
+
+
+def _verdict(d):
+    """The verdict in bold, with the previous rule's verdict beside it where this release changed the rule."""
+    prev = d.get("previous")
+    return f"**{d['verdict']}**" + (f" (previous rule: {prev})" if prev else "")
+
+
+def verdict_line(rows):
+    """One line: every claim's verdict(s), variants named where a claim has several rows."""
+    by = {}
+    for d in rows:
+        by.setdefault(d["number"], []).append(d)
+    parts = []
+    for n, ds in by.items():
+        parts.append(f"claim {n}: " + ", ".join(d["verdict"] + (f" (previous rule: {d['previous']})" if d.get("previous")
+                                                                 else "") + (f" [{_variant(d)}]" if len(ds) > 1 else "")
+                                                for d in ds))
+    return "; ".join(parts) + "."
+
+
+def _models(rows):
+    """The rows' models when they differ (a column then says which row is which model), else None."""
+    models = [d.get("model", "") for d in rows]
+    return models if len(set(models)) > 1 else None
+
+
+def model_name(c):
+    """'resnet9 x0.25' from a recorded config (the width where it applies: the zoo)."""
+    width = c.get("width", 1)
+    return c.get("model", "?") + (f" x{width:g}" if c.get("model") in plots.MODELS and width != 1 else "")
+
+
+def summary_table(rows):
+    """The verdicts first: claim, variant, verdict, statistic, CI, the one-line reason (rules below it);
+    the model of each row where they differ."""
+    models = _models(rows)
+    return _table(["#", "variant"] + (["model"] if models else []) + ["verdict", "statistic", "95% CI", "why"],
+                  [(d["number"], _variant(d)) + ((m,) if models else ()) + (_verdict(d), d["statistic"], d["ci"],
+                                                                          d["reason"])
+                   for d, m in zip(rows, models or [None] * len(rows))])
+
+
+def rules_text(rows):
+    """Each claim's statement and rule written once (and the previous rule where it changed)."""
+    out, seen = [], set()
+    for d in rows:
+        if d["number"] in seen:
+            continue
+        seen.add(d["number"])
+        out.append(f"- **Claim {d['number']}.** {d['statement'].rstrip('.')}. *Rule:* {d['rule'].rstrip('.')}.")
+        prev = (d.get("values") or {}).get("previous_rule")
+        if prev:
+            out.append(f"  *Previous rule* (its verdict is shown beside the current one): {prev}.")
+    return "\n".join(out)
 
 
 def _plain(x):
@@ -345,44 +404,163 @@ def _plain(x):
     return x
 
 
-def write_report(out, label, cfg, seeds, results, timings, machine, command, variants=None, notes=()):
+def _render(v):
+    return f"`{v!r}`"
+
+
+def _per_seed(values, seeds):
+    """One value, or each distinct value with the seeds that had it."""
+    by = {}
+    for seed, v in zip(seeds, values):
+        by.setdefault(_render(v), []).append(str(seed))
+    if len(by) == 1:
+        return next(iter(by))
+    return "; ".join(f"{v} (seed{'s' if len(ss) > 1 else ''} {', '.join(ss)})" for v, ss in by.items())
+
+
+def configuration(cfg, results, variants):
+    """The configuration of every experiment that ran: the run's keys once, then per experiment (and
+    variant) each key of its recorded config that the run's table does not hold or that differs from it."""
+    SEEDS = ("seed", "model_seed")  # in the header and the wall-time table
+    run_keys = config.RUN_DEFAULTS or vars(cfg)  # the shared block: the trained run and where it runs
+    base = {k: v for k, v in vars(cfg).items() if k in run_keys and k not in SEEDS}
+    ran = [(exp, res) for exp, res in results.items()]
+    ran += [(f"{exp} [{lab}]", rs) for exp, v in variants.items() for lab, rs in v.items()]
+    rows = []
+    for name, res in ran:
+        confs = [r.get("config", {}) for r in res]
+        seeds = [c.get("seed", "?") for c in confs]
+        keys = [k for k in dict.fromkeys(k for c in confs for k in c) if k not in SEEDS]
+        own = [f"{k} {_per_seed([c.get(k) for c in confs], seeds)}" for k in keys
+               if k not in base or any(c.get(k) != base[k] for c in confs)]
+        rows.append((name, ", ".join(map(str, seeds)), ", ".join(own) or "the run's keys only"))
+    return ("The run (every experiment): " + ", ".join(f"`{k}={v!r}`" for k, v in base.items()) + ".\n\n"
+            + _table(["experiment", "seeds", "its own settings (as recorded in its JSON)"], rows))
+
+
+def wall_times(timings, jobs=None):
+    """Wall time per job and seed; a job whose results were reused from an earlier invocation says so."""
+    if jobs is None:  # every timing recorded, nothing known about reuse
+        jobs = [{"job": k.rsplit("/seed", 1)[0], "seed": k.rsplit("/seed", 1)[1], "reused": False} for k in timings]
+    if not jobs:
+        return "No wall times recorded."
+    per, total = {}, 0.0
+    for j in jobs:
+        sec = timings.get(f"{j['job']}/seed{j['seed']}")
+        total += sec or 0
+        cell = f"{sec:.0f}" if sec is not None else ""
+        if j["reused"]:
+            cell = "reused" + (f" (took {cell} s in an earlier invocation)" if cell else " (not timed)")
+        per.setdefault(j["job"], []).append(f"seed {j['seed']}: {cell}")
+    n_reused = sum(j["reused"] for j in jobs)
+    note = (f"{n_reused} of {len(jobs)} jobs reused results of an earlier invocation (same configuration); the "
+            f"total counts the times recorded for them." if n_reused else f"All {len(jobs)} jobs ran in this invocation.")
+    return (_table(["job", "wall time (s) per seed"], [(k, "; ".join(v)) for k, v in per.items()]
+                   + [("all", f"{total:.0f}")]) + "\n\n" + note)
+
+
+def write_report(out, label, cfg, seeds, results, timings, machine, command, variants=None, notes=(), jobs=None):
     """Write out/REPORT.md (+ figures, claims.json) from the experiments' JSON results; returns its path.
 
     `results`: {experiment: [JSON per seed]}; `variants`: {experiment: {label: [JSON per seed it ran
-    for]}}; `notes`: sentences for the "Runs" section (e.g. which variants ran for which seeds, and why)."""
+    for]}}; `notes`: sentences for the "Runs" section (e.g. which variants ran for which seeds, and why);
+    `jobs`: [{"job": name in timings, "seed": s, "reused": bool}] in the order they ran (None: the timings'
+    keys, reuse unknown)."""
     variants = variants or {}
-    judged, body = [], []
+    judged, body = [], []  # judged: the claims as dicts, each with the model it was measured on
     fig_cfg = SimpleNamespace(**{**vars(cfg), "seeds": list(seeds)})  # subtitles name every seed averaged
     for exp, title, fn in SECTIONS:
         if exp not in results:
             continue
         fig_path, text, section_claims = fn(results[exp], fig_cfg, out, variants.get(exp, {}))
-        judged += section_claims
+        for c in section_claims:  # the model each row was measured on: a variant's own, else the experiment's
+            ran = next((v for lab, v in variants.get(exp, {}).items() if lab in c.variant), results[exp])
+            judged.append({**c.as_dict(), "model": model_name(ran[0].get("config", vars(cfg)))})
         body += [f"## {title}", ""] + ([f"![{title}]({fig_path.name})", ""] if fig_path else []) + [text, ""]
-    walls = {}
-    for key, sec in timings.items():
-        walls.setdefault(key.rsplit("/", 1)[0], []).append(sec)
-    total = sum(s for v in walls.values() for s in v if s is not None)
-    cfg_rows = [(k, f"`{v!r}`") for k, v in vars(cfg).items()]
+    rows = _plain(judged)
+    spread = "mean ± std over seeds (std with ddof=1)" if len(seeds) > 1 else "the one seed's values"
     lines = [f"# Reproduction report: {label}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{command}` from the JSON results of "
-             f"{len(seeds)} seed(s) {seeds} (seed = data/noise seed = model seed). Tables: mean ± std over seeds "
-             f"(std with ddof=1).", "", "## Paper claims", "",
-             f"Each verdict is computed by common/claims.py from the JSON results with the rule beside it, fixed "
-             f"in docs/protocol.md (\"How each claim is judged\") before these numbers were produced: yes / partial "
-             f"/ no, or inconclusive when a control fails. Confidence intervals: percentile bootstrap, "
-             f"{claims.RESAMPLES} resamples, {claims.LEVEL:.0%}; each rule says what it resamples.", "",
-             claims_table(judged), "", "## Runs", "",
+             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}; seed = data/noise "
+             f"seed = model seed). Tables: {spread}.", "",
+             "## Verdicts", "", verdict_line(rows), "", summary_table(rows), "",
+             f"Confidence intervals: percentile bootstrap, {claims.RESAMPLES} resamples, {claims.LEVEL:.0%}; each "
+             f"rule below says what it resamples. Verdicts: yes / partial / no, or inconclusive (a failed control, "
+             f"or the deciding quantity's CI straddles its threshold).", "",
+             "## Rules", "",
+             "Each verdict is computed by common/claims.py from the JSON results with the rule below, fixed in "
+             "docs/protocol.md (\"How each claim is judged\") before these numbers were produced; a changed rule "
+             "is recorded there under \"Rule history\".", "", rules_text(rows), "",
+             "## Runs", "",
              *[f"- {n}" for n in notes], "" if notes else "All experiments ran for every seed at their defaults.", "",
+             "## Configuration", "", configuration(cfg, results, variants), "",
              "## Machine and wall time", "",
-             _table(["", ""], [(k, v) for k, v in machine.items()]), "",
-             _table(["experiment", "wall time per seed (s)", "total (s)"],
-                    [(e, ", ".join("reused" if s is None else f"{s:.0f}" for s in v),
-                      f"{sum(s for s in v if s is not None):.0f}") for e, v in walls.items()]
-                    + [("all", "", f"{total:.0f}")]), "",
-             *body, "## Configuration", "", _table(["key", "value"], cfg_rows), ""]
-    table = json.dumps(_plain([c.as_dict() for c in judged]), indent=1, allow_nan=False)
+             _table(["", ""], [(k, v) for k, v in machine.items()]), "", wall_times(timings, jobs), "",
+             *body]
+    table = json.dumps(rows, indent=1, allow_nan=False)
     atomic_write(out / "claims.json", table + "\n")
+    about = {"label": label, "command": command, "seeds": list(seeds), "config": vars(cfg), "machine": machine}
+    atomic_write(out / "report.json", json.dumps(_plain(about), indent=1, allow_nan=False) + "\n")
     path = out / "REPORT.md"
     atomic_write(path, "\n".join(lines))
     return path
+
+
+# ----------------------------------------------------------------------------- the README's claims block
+# README.md shows one claims.json (one run: one model, one machine) between these markers; the block is
+# written by `python reproduce.py --readme=PATH` and a test fails when it differs from the file.
+README_BEGIN = "<!-- claims table generated from {path} by `python reproduce.py --readme={path}`: edit that file, not this table -->"
+README_END = "<!-- end of the generated claims table -->"
+
+
+def _about(about):
+    """'ResNet-9 x0.25 ...' in words: what run the claims come from (report.json beside claims.json)."""
+    if not about:
+        return ""
+    c, seeds = about["config"], about["seeds"]
+    return (f"{model_name(c)} on {c['dataset']}, {c['noise']:.0%} label noise, {c['epochs']} epochs, "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, on {about['machine']['device']}"
+            f" (`{about['command']}`)")
+
+
+def readme_block(path, repo):
+    """The README's claims block for the claims.json at `path` (relative to the repository `repo`)."""
+    from .cli import UserError
+    rel = Path(path).as_posix()
+    src = Path(repo) / rel
+    if not src.is_file():
+        raise UserError(f"{rel}: no such claims file; give the claims.json of a report, e.g. docs/results/claims.json")
+    rows = json.loads(src.read_text())
+    about_path = src.with_name("report.json")
+    about = json.loads(about_path.read_text()) if about_path.is_file() else {}
+    report = src.with_name("REPORT.md").relative_to(repo).as_posix()
+    seen, table, models = set(), [], _models(rows)
+    for d, m in zip(rows, models or [None] * len(rows)):
+        first = d["number"] not in seen
+        seen.add(d["number"])
+        table.append((d["number"] if first else "", d["statement"] if first else "", _variant(d))
+                     + ((m,) if models else ()) + (_verdict(d), d["statistic"], d["ci"]))
+    return "\n".join([README_BEGIN.format(path=rel), "",
+                      f"From [{report}]({report}): {_about(about)}." if about else f"From [{report}]({report}).", "",
+                      _table(["#", "paper claim", "variant"] + (["model"] if models else []) + ["verdict", "measured", "95% CI"], table), "",
+                      README_END])
+
+
+def readme_source(text):
+    """The claims.json path a README's block was generated from (None without a block)."""
+    head = README_BEGIN.split("{path}")[0]
+    start = text.find(head)
+    return None if start < 0 else text[start + len(head):].split(" ", 1)[0]
+
+
+def update_readme(readme, path, repo):
+    """Replace README's claims block by the one generated from `path`; returns the README's path."""
+    from .cli import UserError
+    text = Path(readme).read_text()
+    head = README_BEGIN.split("{path}")[0]
+    start, end = text.find(head), text.find(README_END)
+    if start < 0 or end < start:
+        raise UserError(f"{readme} has no claims block (the lines {head}... and {README_END}); put them back "
+                        f"where the table goes")
+    atomic_write(Path(readme), text[:start] + readme_block(path, repo) + text[end + len(README_END):])
+    return Path(readme)

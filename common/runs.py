@@ -1,9 +1,10 @@
 """Run directories, atomic files, checkpoints and the one-writer lock.
 
-    runs/<dataset>_<model>[_w<width>]_noise<p>_seed<s>[_mseed<m>][_<key><value> ...]/
-        (every identity key that differs from the scripts' default is in the name, e.g.
-        mnist_5k_resnet9_w1_noise0.1_seed0, ..._e40_lr0.1, ..._bf16; the default run is
-        mnist_5k_resnet9_noise0.1_seed0)
+    runs/<dataset>_<model>_w<width>_noise<p>_seed<s>[_mseed<m>]_<hash>/
+        (a readable prefix, then 8 hex digits of the SHA-256 of the whole identity: two configurations
+        never share a directory, whatever defaults a script was edited to; the default run is
+        mnist_5k_resnet9_w0.25_noise0.1_seed0_<hash>. A directory under the names of earlier releases,
+        dataset_model[_w<width>]_noise<p>_seed<s>[_<key><value> ...], is still found and reused.)
         config.json             the training configuration that identifies the run
         labels.pt               noisy labels, true labels, noise mask (tensors)
         metrics.jsonl           one line per epoch: clean / noisy / test accuracy, loss, lr, time
@@ -24,6 +25,7 @@ alone opens the run directory and checks its labels (the others get its verdict)
 """
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -134,41 +136,75 @@ def load_state(model, state, source):
 
 # ----------------------------------------------------------------------------- run directories
 
-# Short tags for identity keys in run-directory names ("" = the value alone, e.g. "cosine", "bf16").
-NAME_TAGS = {"width": "w", "epochs": "e", "batch_size": "bs", "lr": "lr", "schedule": "", "warmup": "wu",
-             "momentum": "mom", "weight_decay": "wd", "augment": "", "precision": "", "init_from": "from-"}
-
-
 def _safe(text):
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(text)).strip("._") or "_"
 
 
-def _tag(key, value):
-    tag = NAME_TAGS.get(key, key)
-    if isinstance(value, bool):
-        return key if value else f"no{key}"
-    if key == "init_from":
-        value = Path(str(value).rstrip("/*")).name
-    return f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{_safe(value)}"
+def _empty(value):
+    return value is None or value is False or (isinstance(value, (str, list, tuple)) and len(value) == 0)
 
 
-def run_name(cfg):
-    """dataset_model[_w<width>]_noise<p>_seed<s>[_mseed<m>], then every other identity key whose value
-    differs from the scripts' default (the default run keeps the short name)."""
-    ident, defaults = train_config(cfg), config.identity_defaults()
+def identity_hash(ident):
+    """8 hex digits of the SHA-256 of an identity (JSON, sorted keys). Keys with an empty value (None,
+    "", False, []) are left out, so a key added later with an empty default keeps every name; a float
+    key given as an int (width=1) hashes as the float it is."""
+    defaults = config.identity_defaults()
+    norm = {k: float(v) if isinstance(defaults.get(k), float) and type(v) is int else v
+            for k, v in ident.items() if not _empty(v)}
+    return hashlib.sha256(json.dumps(norm, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _prefix(cfg):
     data = cfg.dataset
     if data.startswith("npz:"):
         data = "npz-" + _safe(Path(data[4:]).stem)
     from . import models
-    parts = [data, getattr(models, "model_tag", _safe)(cfg.model)]
+    return [data, getattr(models, "model_tag", _safe)(cfg.model)]
+
+
+def run_name(cfg):
+    """<dataset>_<model>_w<width>_noise<p>_seed<s>[_mseed<m>]_<hash of the whole identity>."""
+    parts = _prefix(cfg) + [f"w{cfg.width:g}", f"noise{cfg.noise:g}", f"seed{cfg.seed}"]
+    if cfg.model_seed != cfg.seed:
+        parts.append(f"mseed{cfg.model_seed}")
+    return "_".join(parts + [identity_hash(train_config(cfg))])
+
+
+# The names of earlier releases: every identity key that differs from the shared defaults, tagged.
+LEGACY_TAGS = {"width": "w", "epochs": "e", "batch_size": "bs", "lr": "lr", "schedule": "", "warmup": "wu",
+               "momentum": "mom", "weight_decay": "wd", "augment": "", "precision": "", "init_from": "from-"}
+
+
+def legacy_name(cfg):
+    """dataset_model[_w<width>]_noise<p>_seed<s>[_mseed<m>][_<key><value> ...] (earlier releases)."""
+    def tag(key, value):
+        if isinstance(value, bool):
+            return key if value else f"no{key}"
+        if key == "init_from":
+            value = Path(str(value).rstrip("/*")).name
+        t = LEGACY_TAGS.get(key, key)
+        return f"{t}{value:g}" if isinstance(value, float) else f"{t}{_safe(value)}"
+    ident, defaults = train_config(cfg), config.identity_defaults()
+    parts = _prefix(cfg)
     if ident.get("width", defaults["width"]) != defaults["width"]:
-        parts.append(_tag("width", ident["width"]))
+        parts.append(tag("width", ident["width"]))
     parts += [f"noise{cfg.noise:g}", f"seed{cfg.seed}"]
     if cfg.model_seed != cfg.seed:
         parts.append(f"mseed{cfg.model_seed}")
     named = {"dataset", "model", "width", "noise", "seed", "model_seed"}
-    parts += [_tag(k, v) for k, v in ident.items() if k not in named and v != defaults.get(k)]
+    parts += [tag(k, v) for k, v in ident.items() if k not in named and v != defaults.get(k)]
     return "_".join(parts)
+
+
+def run_dir(cfg):
+    """runs/<run_name>, or the directory of an earlier release's name when it holds this very run."""
+    root = runs_root(cfg)
+    new, old = root / run_name(cfg), root / legacy_name(cfg)
+    if not new.exists() and (old / "config.json").is_file():
+        saved = config.with_identity_defaults(read_json(old / "config.json"))
+        if all(saved.get(k) == v for k, v in train_config(cfg).items()):
+            return old
+    return new
 
 
 def runs_root(cfg):
@@ -183,10 +219,10 @@ class Run:
     """A run directory: the identity check, labels, checkpoints and metrics of one trained model."""
 
     def __init__(self, cfg, directory=None, extra_keys=()):
-        """`directory` defaults to runs/<run_name>; `extra_keys` of cfg join the identity (e.g. a
+        """`directory` defaults to run_dir(cfg); `extra_keys` of cfg join the identity (e.g. a
         variant's dropout settings) besides the training keys."""
         self.cfg = cfg
-        self.dir = Path(directory) if directory else runs_root(cfg) / run_name(cfg)
+        self.dir = Path(directory) if directory else run_dir(cfg)
         self.config = {**train_config(cfg), **{k: getattr(cfg, k) for k in extra_keys}}
 
     def path(self, name):

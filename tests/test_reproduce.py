@@ -21,19 +21,25 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     # the variants the claims need ran beside the defaults (first seed)
     assert all((run_dir / f"neuron_flipping_{v}.json").is_file() for v in ("channel_out", "bntrain"))
     assert read_json(run_dir / "layer_retraining.json")["ablation"]
-    # the claims table: one row per judged claim and variant, each with statistic, CI, rule and a verdict
-    claims_md = text.split("## Paper claims")[1].split("\n## ")[0]
+    # the verdicts first: one row per judged claim and variant, each with its variant named, a verdict,
+    # statistic, CI and reason; each claim's rule written once below the table
+    claims_md = text.split("## Verdicts")[1].split("\n## ")[0]
     rows = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in claims_md.splitlines()
             if r.startswith("| ") and not r.startswith("| #")]
     header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
-    assert [c.strip() for c in header.strip("| ").split(" | ")][3:6] == ["statistic", "95% CI", "rule"]
+    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "verdict", "statistic", "95% CI",
+                                                                     "why"]
     # BN modes, ablation, flip variants, drop scalings
     assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5"]
     for r in rows:
-        assert len(r) == 8 and r[3] and r[4] and len(r[5]) > 40 and r[7] in ("yes", "partial", "no", "inconclusive")
-    assert {r[2] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
+        assert len(r) == 6 and r[1] and r[3] and r[4] and r[5]
+        assert r[2].split("**")[1] in ("yes", "partial", "no", "inconclusive")
+    assert {r[1] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
-    assert [r[2] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled"]
+    assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled"]
+    rules = text.split("## Rules")[1].split("\n## ")[0]
+    for n in range(1, 6):
+        assert rules.count(f"**Claim {n}.**") == 1 and len(rules.split(f"**Claim {n}.**")[1].split("*Rule:*")[1]) > 40
     # a number in the claims table comes from the JSON: noisy accuracy after the ETD drop
     etd = read_json(run_dir / "example_tied_dropout.json")
     noisy = etd["per_example"]["noisy_drop_correct"]
@@ -52,4 +58,5 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     reproduce.main(argv)
     out = capsys.readouterr().out
     assert out.count("reusing") == n_runs
+    assert path.read_text().count("reused (took") == n_runs  # the wall-time table marks the reused jobs
     assert mtimes == {p: p.stat().st_mtime_ns for p in files}

@@ -1,35 +1,103 @@
 """Run identity and names, one writer per run directory, unwritable directories, figure text."""
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from common import config, plots
 from common.cli import UserError
-from common.runs import Run, run_name, write_json
+from common.runs import Run, identity_hash, legacy_name, run_name, write_json
 from conftest import REPO, TINY
 
 
-def test_default_run_keeps_its_name_and_every_other_identity_key_is_in_it(make_cfg):
-    import gradient_accounting  # noqa: F401  (declares the shared block)
-    d = config.RUN_DEFAULTS
-    base = {**d, "device": "cpu"}
-    assert run_name(SimpleNamespace(**base)) == "mnist_5k_resnet9_noise0.1_seed0"
-    assert run_name(SimpleNamespace(**{**base, "width": 1.0})) == "mnist_5k_resnet9_w1_noise0.1_seed0"
-    assert run_name(SimpleNamespace(**{**base, "epochs": 30, "lr": 0.1})) == "mnist_5k_resnet9_noise0.1_seed0_e30_lr0.1"
-    assert run_name(SimpleNamespace(**{**base, "model_seed": 3, "schedule": "cosine", "augment": True})) == \
-        "mnist_5k_resnet9_noise0.1_seed0_mseed3_cosine_augment"
-    # where it runs is not what it is
-    assert run_name(SimpleNamespace(**{**base, "runs_dir": "x", "overwrite": True, "deterministic": True})) == \
-        "mnist_5k_resnet9_noise0.1_seed0"
+def test_a_run_is_named_by_its_whole_identity(make_cfg):
+    base = {**config.RUN_DEFAULTS, "device": "cpu"}
+    name = run_name(SimpleNamespace(**base))
+    assert re.fullmatch(r"mnist_5k_resnet9_w0\.25_noise0\.1_seed0_[0-9a-f]{8}", name), name
+    # every identity key changes the name; where it runs does not
+    changed = {"width": 1.0, "epochs": 30, "lr": 0.1, "schedule": "cosine", "augment": True, "model_seed": 3,
+               "weight_decay": 0.0, "init_from": "ckpts", "device": "cuda"}  # cuda: bf16 precision
+    names = {k: run_name(SimpleNamespace(**{**base, k: v})) for k, v in changed.items()}
+    assert len(set(names.values()) | {name}) == len(changed) + 1, names
+    assert names["model_seed"].endswith(f"_mseed3_{names['model_seed'][-8:]}")
+    for key, value in {"runs_dir": "x", "overwrite": True, "deterministic": True, "groups": ["stem"]}.items():
+        assert run_name(SimpleNamespace(**{**base, key: value})) == name, key
+    # stable: a float knob given as an int is the same run; a key added later at an empty default keeps
+    # every name (the hash skips None, "", False, [])
+    assert run_name(SimpleNamespace(**{**base, "width": 1})) == names["width"]
+    ident = config.train_config(SimpleNamespace(**base))
+    assert identity_hash({**ident, "new_key": None}) == identity_hash({**ident, "new_key": ""}) == name[-8:]
+    assert identity_hash({**ident, "new_key": 0}) != name[-8:]  # 0 is a value, not "off"
     # amp is recorded as the precision actually used: fp32 off CUDA, whatever amp says
     assert Run(SimpleNamespace(**{**base, "amp": False})).config["precision"] == "fp32"
     assert Run(SimpleNamespace(**{**base, "device": "cuda", "amp": True})).config["precision"] == "bf16"
-    assert run_name(SimpleNamespace(**{**base, "device": "cuda"})).endswith("_bf16")
+
+
+def test_directories_under_earlier_names_are_still_found(make_cfg):
+    cfg = make_cfg(width=0.5)
+    assert legacy_name(cfg) == "mnist_5k_cnn_w0.5_noise0.1_seed0_e2_bs64"
+    old = Path(cfg.runs_dir) / legacy_name(cfg)
+    write_json(old / "config.json", {k: v for k, v in Run(cfg).config.items() if k != "init_from"})  # predates a key
+    assert Run(cfg).dir == old
+    # a directory of that name holding another configuration is not this run's
+    assert Run(make_cfg(width=0.5, lr=0.1)).dir.name == run_name(make_cfg(width=0.5, lr=0.1))
+    write_json(old / "config.json", {**Run(cfg).config, "momentum": 0.5})
+    assert Run(cfg).dir.name == run_name(cfg)
+
+
+def test_an_edited_script_top_and_an_unedited_script_train_two_runs(tmp_path, tiny_argv):
+    """width = 0.5 set at the top of a copy of layer_rewinding.py, then neuron_flipping.py unedited: two
+    directories, both runs succeed."""
+    edited = tmp_path / "edited" / "layer_rewinding.py"
+    edited.parent.mkdir()
+    text = (REPO / "layer_rewinding.py").read_text()
+    assert "\nwidth = 0.25 " in text
+    edited.write_text(text.replace("\nwidth = 0.25 ", "\nwidth = 0.5  ", 1))
+    argv = [a for a in tiny_argv() if not a.startswith("--width=")] + ["--epochs=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r1 = subprocess.run([sys.executable, str(edited), *argv, "--rewind_epochs=[0]", "--compare_bn_stats=[]"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([sys.executable, "neuron_flipping.py", *argv, "--n_examples=1", "--max_units=3",
+                         "--ref_batch=15", "--n_eot=1", "--collateral_n=20"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert r2.returncode == 0, r2.stderr
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2, runs
+    widths = {json.loads((d / "config.json").read_text())["width"]: d for d in runs}
+    assert set(widths) == {0.5, 0.25}
+    assert (widths[0.5] / "layer_rewinding.json").is_file() and (widths[0.25] / "neuron_flipping.json").is_file()
+
+
+def test_the_shared_block_is_defined_once_in_the_library():
+    """Every script shows the library's block (the shipped defaults); a key it does not show comes from
+    the library; a key the library does not define is refused; no library module imports a script."""
+    import ast
+    import importlib
+    scripts = sorted(p.stem for p in REPO.glob("*.py"))
+    for s in scripts:
+        module = importlib.import_module(s)
+        if hasattr(module, "RUN_KNOBS"):
+            assert module.RUN_KNOBS == config.RUN_DEFAULTS, s
+    ns = {"__name__": "script", "dataset": "mnist_5k", "width": 0.5}
+    block = config.run_knobs(ns)
+    assert list(block) == list(config.RUN_DEFAULTS) and block["width"] == 0.5 and ns["epochs"] == 20
+    with pytest.raises(RuntimeError, match="not a shared key"):
+        config.run_knobs({"__name__": "script", "widht": 0.5})
+    for path in (REPO / "common").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
+                names = [getattr(node.args[0], "value", "")]
+            assert not set(names) & set(scripts), f"{path.name} imports a script: {names}"
 
 
 def test_runs_of_a_sweep_sit_side_by_side_and_old_config_files_still_match(make_cfg):
