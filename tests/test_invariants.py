@@ -75,7 +75,7 @@ def test_zeroing_no_units_changes_nothing(tiny_trained):
     assert set(drop.values()) == {0.0}
     idx = torch.arange(8)
     result = flip_sequential(model, units, data.batch(idx), data.labels(idx), max_units=0)
-    assert result.zeroed == [] and not result.flipped
+    assert result.units == [] and not result.flipped and result.prediction == int(data.labels(idx)[0])
 
 
 def test_example_tied_dropout_with_nothing_to_drop_changes_nothing():
