@@ -275,5 +275,5 @@ def test_rewound_to_the_last_checkpoint_under_bf16_autocast_is_nearly_the_final_
     for group in keys:
         for k in ("clean", "noisy", "test"):
             assert abs(acc[group][epochs[1]][k] - final[k]) <= 0.1, (group, k, acc[group][epochs[1]][k], final[k])
-    assert acc["conv1"][0]["train"] < 0.5  # the rewind to initialization before it was real
+    assert min(acc[group][0]["noisy"] for group in keys) < 0.5  # the rewinds to initialization before them were real
     assert rewinder.changed_keys() == []
