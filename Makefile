@@ -1,6 +1,7 @@
 # make test       create .venv if missing, install requirements, run the test suite
-# make reproduce  all five experiments x 3 seeds on the embedded default, then reports/<name>/REPORT.md
-#                 (CONFIG=configs/<preset>.py for a paper setting; ARGS='--seeds=[0]' for more options)
+# make reproduce  all five experiments x 3 seeds on the embedded default, then reports/<name>/REPORT.md and
+#                 the per-seed results in docs/results/<name>/ (CONFIG=configs/<preset>.py for a paper
+#                 setting; ARGS='--seeds=[3,4] --jobs=2' for more options: python reproduce.py --help)
 # make train      train the default run (embedded mnist_5k) with gradient accounting
 # make bench      the benchmarks in bench/ (ratios against a baseline run side by side)
 PY := .venv/bin/python

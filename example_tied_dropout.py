@@ -1,8 +1,8 @@
 """Example-tied dropout: can memorization be directed into chosen neurons, and then dropped? (docs/protocol.md)
 
-After every conv block (resnet9, cnn; resnet50: every stage; vit: every MLP's hidden units) the
-channels are split into generalization channels (the first floor(p_gen * C), always on) and
-memorization channels; each training example trains with only its own fixed subset of the
+After every conv block (resnet9, cnn; resnet18: after layer2 and layer3, the authors' ETD model;
+resnet50: every stage; vit: every MLP's hidden units) the channels are split into generalization
+channels (the first floor(p_gen * C), always on) and memorization channels; each training example trains with only its own fixed subset of the
 memorization channels (each kept with probability p_mem, a function of the example's index). Then
 the memorization channels are dropped. On the same data and label noise as the plain run, this
 trains the example-tied dropout (ETD) model and a standard-dropout model at the matched
@@ -11,11 +11,13 @@ label) / test accuracy and the generalization gap, the ETD model in its three ev
 (tied: each training example with its own channels, keep: all channels at their expected value,
 drop: memorization channels zeroed). The drop mode is evaluated both ways from the same trained
 model: generalization channels rescaled by (p_gen + p_mem) / p_gen (the authors' code) and not
-rescaled (the method's description); `drop_rescale` picks the one the "drop" keys hold. The paper:
+rescaled (the method's description); `drop_rescale` picks the one the "drop" keys hold. Negative
+control: the plain model with as many randomly chosen channels dropped at the same places. The paper:
 noisy accuracy 100% -> ~3% after the drop, test accuracy kept (judged by common/claims.py, for
 each scaling, from the per-example results written here).
 
     python example_tied_dropout.py [configs/preset.py] [--key=value ...]
+    python example_tied_dropout.py --model=resnet18 --width=0.125   # claim 5's primary row (reproduce.py)
 """
 import time
 from types import SimpleNamespace
@@ -23,9 +25,11 @@ from types import SimpleNamespace
 import torch
 
 from common import claims, cli, config, dropout, plots
-from common.evaluation import predict
+from common.evaluation import predict, split_accuracy
+from common.memorization import write_examples
 from common.models import model_for
 from common.precision import autocast
+from common.rng import derive_seed
 from common.runs import Run, write_json
 from common.training import train_run, trained_run
 
@@ -65,6 +69,8 @@ drop_rescale = True     # drop mode: multiply generalization channels by (p_gen 
 etd_epochs = 0          # epochs of the dropout variants; 0 = `epochs`, the plain run's budget (the no-dropout
                         # baseline, same schedule, lr and initial weights); an earlier default was 30
 p_mem_sweep = []        # optional extra p_mem values: one more ETD model each, e.g. [0.1, 0.3]
+control_draws = 3       # negative control: the plain model with as many random channels dropped at the same
+                        # places, this many random draws (evaluation only); 0: none
 gallery_size = 8        # examples per gallery row
 dropout_after = "auto"  # where the dropout layers go: auto (zoo: its blocks; other models: after every
                         # Conv2d+norm+activation and on transformer MLP hidden units) | a list of module
@@ -75,12 +81,21 @@ config.range_check("p_gen", 0, 1, lo_open=True, hi_open=True)
 config.range_check("p_mem", 0, 1, lo_open=True, hi_open=True)
 config.range_check("etd_epochs", 0, None)
 config.range_check("gallery_size", 0, None)
+config.range_check("control_draws", 0, None)
+config.also_accepts("dropout_after", list)  # "auto" or a list of names (its docs)
 config.register_check("dropout_after", lambda v, cfg: dropout.check_after(v))
 config.register_check("p_mem_sweep", lambda v, cfg: None if all(
     type(p) in (int, float) and 0 < p < 1 for p in v) else f"p_mem_sweep={v!r} must list values in (0, 1); "
                                                          f"e.g. --p_mem_sweep=[0.1,0.3]")
 
 COLUMNS = ("clean", "noisy", "noisy_true", "test", "gap")
+CONTROL = "no dropout, random channels dropped"  # the negative control's table rows
+
+
+def results_file(cfg):
+    """The results' file name in the run directory (reproduce.py: a variant of this script, e.g. another
+    model, sits beside the default's results, in its own run's directory)."""
+    return "example_tied_dropout.json"
 
 
 def variant_epochs(cfg):
@@ -111,6 +126,32 @@ def evaluate_drop(model, data, scaling, amp, split=None):
             return predict(model, data, split, amp=amp)
 
 
+def negative_control(cfg, data, plain):
+    """The plain model with the drop's number of channels, chosen at random, zeroed at the ETD model's
+    places (the others x the drop's factor), `control_draws` draws, per scaling of the drop:
+    {scaling: {"accuracy": mean over draws, "noisy_correct": [per noisy example, fraction of draws],
+    "test_correct": [per test example, fraction of draws]}}. Does dropping any channels remove
+    memorization, or only ETD's memorization channels?"""
+    out = {s: {"acc": [], "noisy": 0, "test": 0} for s in dropout.DROP_SCALINGS}
+    for draw in range(cfg.control_draws):
+        ctl = model_for(cfg, data, dropout=dropout.random_drop_factory(
+            cfg.p_gen, cfg.p_mem, derive_seed(cfg.model_seed, "negative_control", draw)))
+        ctl.load_state_dict(plain.state_dict())
+        for s, rescale in dropout.DROP_SCALINGS.items():
+            with dropout.drop_scaling(ctl, rescale):
+                train_pred, test_pred = (predict(ctl, data, split, amp=cfg.amp) for split in ("train", "test"))
+            acc = split_accuracy(train_pred, test_pred, data)
+            o = out[s]
+            o["acc"].append({**acc, "gap": acc["train"] - acc["test"]})
+            o["noisy"] = o["noisy"] + (train_pred[data.noisy_idx] == data.y_train[data.noisy_idx]).int()
+            o["test"] = o["test"] + (test_pred == data.y_test).int()
+    n = cfg.control_draws
+    return {s: {"accuracy": {k: sum(a[k] for a in o["acc"]) / n for k in COLUMNS},
+                "noisy_correct": [c / n for c in o["noisy"].tolist()],
+                "test_correct": [c / n for c in o["test"].tolist()]}
+            for s, o in out.items()} if n else {}
+
+
 def etd_curves(data, cfg):
     """on_epoch hook: the ETD model's accuracies in tied mode and in drop mode with each scaling, as
     "drop_rescaled" / "drop_unscaled" (the metrics row itself is keep mode)."""
@@ -129,10 +170,10 @@ def row(label, acc, mode="-"):
 
 
 def print_table(rows):
-    print(f"\n{'model':<44} {'mode':<13} " + " ".join(f"{c:>10}" for c in COLUMNS))
+    print(f"\n{'model':<46} {'mode':<13} " + " ".join(f"{c:>10}" for c in COLUMNS))
     for r in rows:
         cells = " ".join(f"{'-':>10}" if r[c] is None else f"{100 * r[c]:>9.1f}%" for c in COLUMNS)
-        print(f"{r['model']:<44} {r['mode']:<13} {cells}")
+        print(f"{r['model']:<46} {r['mode']:<13} {cells}")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -142,7 +183,7 @@ def bar_chart(rows, cfg):
     fig, axes = plots.figure(f"Example-tied dropout vs baselines (dropout variants: {variant_epochs(cfg)} epochs)", cfg,
                              panel=(11, 4.2))
     ax, subsets = axes[0, 0], ("clean", "noisy", "noisy_true", "test")
-    shown = [r for r in rows if r["mode"] == "-" or f"p_mem={cfg.p_mem:g}" in r["model"]]
+    shown = [r for r in rows if r["mode"] == "-" or f"p_mem={cfg.p_mem:g}" in r["model"] or r["model"].startswith(CONTROL)]
     w = 0.8 / len(shown)
     for i, r in enumerate(shown):
         xs = [j + (i - (len(shown) - 1) / 2) * w for j in range(len(subsets))]
@@ -270,6 +311,9 @@ def main(argv=()):
     rows.append(row(f"standard dropout p={rate:.3g}, BN re-estimated",   # without dropout's variance shift
                     dropout.evaluate(recalibrated, data, "keep", cfg.amp)[0]))
     rows += etd_rows
+    control = negative_control(cfg, data, plain)     # evaluation only: the plain model, random channels dropped
+    rows += [row(f"{CONTROL} ({cfg.control_draws} draws)", c["accuracy"],
+                 drop_mode_label(s)) for s, c in control.items()]
     print_table(rows)
 
     # Per scaling: which training examples does the drop change? Forgotten clean ones, and noisy ones
@@ -293,25 +337,33 @@ def main(argv=()):
                                     "drop": per_scaling[knob]["test_correct"]},
                    "noisy_index": noisy_idx.tolist(),
                    "noisy_drop_correct": per_scaling[knob]["noisy_drop_correct"],
-                   "drop_scalings": per_scaling}
+                   "drop_scalings": per_scaling,
+                   "negative_control": {s: {k: c[k] for k in ("noisy_correct", "test_correct")}
+                                        for s, c in control.items()}}
     out = {"config": vars(cfg), "matched_dropout_rate": rate, "table": rows,
            "etd": {"p_gen": cfg.p_gen, "p_mem": cfg.p_mem, "modes": etd, "drop_rescale": cfg.drop_rescale,
                    "noisy_to_true_after_drop": etd["drop"]["noisy_true"],
                    "clean_forgotten": scalings[knob]["clean_forgotten"],
                    "noisy_still_memorized": scalings[knob]["noisy_still_memorized"],
-                   "drop_scalings": scalings},
+                   "drop_scalings": scalings, "places": [m.layer for m in dropout.etd_modules(etd_model)]},
+           "negative_control": {"draws": cfg.control_draws, "drop_scalings": {s: c["accuracy"] for s, c in control.items()}},
            "sweep": {f"{pm:g}": {**results[pm], "drop_scalings": drops[pm]} for pm in results},
            "plain_test": rows[0]["test"], "per_example": per_example,
            "train_seconds": times, "wall_seconds": round(time.time() - t_start, 1),
            "variant_dirs": {"etd": str(main_run.dir)}}
-    write_json(run.path("example_tied_dropout.json"), out)
-    print(f"wrote {run.path('example_tied_dropout.json')}")
+    write_json(run.path(results_file(cfg)), out)
+    write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
+    print(f"wrote {run.path(results_file(cfg))}")
     for s, v in scalings.items():
         acc = v["accuracy"]
         print(f"after the drop, {s} (generalization channels x {v['factor']:.3g}): noisy accuracy "
               f"{100 * acc['noisy']:.1f}% (tied {100 * etd['tied']['noisy']:.1f}%), {100 * acc['noisy_true']:.1f}% of "
               f"noisy examples back to their true label; test {100 * acc['test']:.1f}% (plain "
               f"{100 * rows[0]['test']:.1f}%); {len(v['clean_forgotten'])} clean examples forgotten")
+        if s in control:
+            c = control[s]["accuracy"]
+            print(f"  negative control, the plain model with as many random channels dropped: noisy "
+                  f"{100 * c['noisy']:.1f}%, test {100 * c['test']:.1f}% (mean of {cfg.control_draws} draws)")
     print(f"wall time {out['wall_seconds']:.0f} s")
     claims.print_claims(claims.tied_dropout(out))
 

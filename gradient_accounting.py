@@ -4,11 +4,14 @@ Trains the run (this script is its trainer: its checkpoints are the ones the oth
 reuse) and splits every minibatch gradient exactly into the part of its clean examples and the part
 of its mislabeled ("noisy", memorized) examples; a control group (a seeded random subset of the
 clean examples, as large as the noisy set) is accounted as its own part: total = clean-rest +
-control + noisy. Per layer group and epoch: the norms of the epoch's gradient sums of each part,
-the same per example, and the cosines clean/noisy, clean-rest/noisy and control/clean-rest.
+control + noisy; so is a loss-matched control, chosen before every epoch: for each noisy example the
+clean example whose loss (at the start of the epoch) is nearest, without replacement. Per layer
+group and epoch: the norms of the epoch's gradient sums of each part, the same per example, and the
+cosines clean/noisy, clean-rest/noisy, control/clean-rest and loss-matched/the other clean.
 Paper: the 10% noisy examples carry a gradient comparable to the 90% clean ones, in every layer, and
 point against them (negative cosine) while they are being memorized. The control shows what any
-10% of the data would carry; the claim's rule is in docs/protocol.md ("How each claim is judged").
+10% of the data would carry, the loss-matched control what equally hard clean examples carry; the
+claim's rule is in docs/protocol.md ("How each claim is judged").
 
     python gradient_accounting.py [configs/preset.py] [--key=value ...]
 """
@@ -18,10 +21,11 @@ import numpy as np
 import torch
 
 from common import claims, cli, config, plots
-from common.accounting import (GradientAccountant, accounted_prefix, control_mask, epoch_table, memorization_phase,
-                               summarize)
+from common.accounting import (GradientAccountant, accounted_prefix, control_mask, epoch_table, example_losses,
+                               loss_matched_mask, memorization_phase, summarize)
 from common.cli import UserError
 from common.data import load_data
+from common.memorization import write_examples
 from common.models import model_for
 from common.plots import COLORS, LABELS, accuracy_curves, figure, save
 from common.rewinding import auto_rewind_epochs
@@ -65,10 +69,11 @@ config.range_check("window", 1, None)
 config.choice_check("keep_checkpoints", ("all", "needed"))
 config.range_check("memorized_at", 0, 1, lo_open=True)
 
-SERIES = ("total", "clean", "noisy", "control")
-SERIES_COLORS = {**COLORS, "control": "tab:gray"}
+SERIES = ("total", "clean", "noisy", "control", "matched")
+SERIES_COLORS = {**COLORS, "control": "tab:gray", "matched": "tab:purple"}
 SERIES_LABELS = {"total": LABELS["total"], "clean": "clean part", "noisy": "noisy part",
-                 "control": "control part (random clean, as many as noisy)"}
+                 "control": "control part (random clean, as many as noisy)",
+                 "matched": "loss-matched control part (clean, as hard as noisy)"}
 
 
 def restart_epoch(cfg):
@@ -81,7 +86,8 @@ def restart_epoch(cfg):
     except UserError:
         return 0, 0  # another configuration: train_run refuses it, or (overwrite) moves it aside
     saved = set(run.saved_epochs())
-    k = max([e for e in range(accounted_prefix(run.metrics(), control=True) + 1) if e in saved], default=0)
+    k = max([e for e in range(accounted_prefix(run.metrics(), control=True, matched=True) + 1) if e in saved],
+            default=0)
     return k, max(saved, default=0)
 
 
@@ -90,17 +96,29 @@ def main(argv=()):
     data = load_data(cfg, pick_device(cfg.device))
     net = model_for(cfg, data)
     control = control_mask(data.noisy, cfg.seed)  # seeded by the data seed: the same examples for every model
-    accountant = GradientAccountant(net, data.noisy, control=control)
+    accountant = GradientAccountant(net, data.noisy, control=control, matched=True)
     # The accounting of each epoch is returned by on_epoch and stored in that epoch's metrics row
     # and checkpoint: a crash can never separate the numbers from the weights they describe.
     start, trained = restart_epoch(cfg)
     if start < trained:
-        print(f"epochs {start + 1}..{trained} were trained without gradient accounting (with its control group): "
+        print(f"epochs {start + 1}..{trained} were trained without gradient accounting (with its control groups): "
               f"re-training them with it"
               + (" (bit-identical checkpoints on a CPU)" if data.device.type == "cpu" else
                  f" (on {data.device.type} the new checkpoints may differ slightly: non-deterministic kernels)"))
+    if start:  # the model training restarts from (a fresh model is epoch 0's)
+        Run(cfg).load_model(net, start)
+
+    def match():  # the loss-matched control of the next epoch, from the losses of the model as it starts it
+        accountant.match(*loss_matched_mask(example_losses(net, data, amp=cfg.amp), data.noisy))
+
+    def on_epoch(epoch):
+        out = accountant.end_epoch(epoch)
+        match()
+        return out
+
+    match()
     net, data, run = train_run(cfg, data=data, model=net, backward=accountant.backward,
-                               on_epoch=accountant.end_epoch, restart_from=start)
+                               on_epoch=on_epoch, restart_from=start)
     if cfg.keep_checkpoints == "needed":
         run.prune_checkpoints({0, cfg.epochs, *auto_rewind_epochs(cfg.epochs)})
     rows = run.metrics()
@@ -123,10 +141,19 @@ def main(argv=()):
                    "cosine": "cosine similarity of the epoch's clean and noisy sums (null if one is zero)",
                    "cosine_rest_noisy": "the same for the clean-rest and noisy sums",
                    "cosine_control_rest": "the same for the control and clean-rest sums",
+                   "norm_matched": "the same sum over the loss-matched control: chosen before each epoch from the "
+                                   "per-example losses of the model as it starts the epoch (eval mode), for each "
+                                   "noisy example (hardest first) the clean example of nearest loss not taken yet; "
+                                   "`matching`: the mean losses of the noisy, matched and all clean examples and "
+                                   "the mean absolute loss gap of the pairs",
+                   "norm_clean_unmatched": "clean - matched: the clean examples outside the loss-matched control",
+                   "cosine_matched_noisy": "cosine of the loss-matched and noisy sums",
+                   "cosine_matched_unmatched": "cosine of the loss-matched and the other clean examples' sums",
                    "memorization_phase": "epochs whose training took noisy-train accuracy from its last low "
                                          f"to >= memorized_at ({cfg.memorized_at:g})"},
                "epochs": table, "memorization_phase": phase, "summary": summary}
     write_json(run.path("gradient_accounting.json"), results)
+    write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
     print(f"wrote {run.path('gradient_accounting.json')}")
 
     plot_norms(table, "norm_", "Gradient norm per layer: epoch sums of total, clean and noisy parts",
@@ -171,8 +198,10 @@ def plot_norms(table, prefix, title, ylabel, cfg, path):
         for k, s in enumerate(SERIES):  # dots, not lines: the groups are categories
             v = np.array([[np.nan if r["groups"][g].get(prefix + s) is None else r["groups"][g][prefix + s]
                            for g in groups] for r in rows], dtype=float)
-            plots.dots(ax, None, _nanmean(v), offset=0.12 * (k - 1.5), color=SERIES_COLORS[s], label=SERIES_LABELS[s],
-                       fmt="s" if s == "control" else "o")
+            if np.isnan(v).all():  # a part this run did not account
+                continue
+            plots.dots(ax, None, _nanmean(v), offset=0.12 * (k - (len(SERIES) - 1) / 2), color=SERIES_COLORS[s],
+                       label=SERIES_LABELS[s], fmt={"control": "s", "matched": "D"}.get(s, "o"))
         ax.set_yscale("log")
         ax.set_xticks(range(len(groups)), groups, rotation=60, fontsize=7)
         ax.set_xlabel("layer group (input -> output)")
@@ -235,13 +264,14 @@ def print_summary(results):
           f"{phase['noisy_low']:.1%} after epoch {phase['low']} -> {phase['noisy_end']:.1%} after epoch "
           f"{phase['end']}; {results['config']['memorized_at']:.0%} {how})")
     print(f"{'group':<10} {'noisy/clean':>11} {'per example':>11} {'cosine':>7} | {'noisy/rest':>10} "
-          f"{'control/rest':>12} {'cos(rest,noisy)':>15} {'cos(control,rest)':>17}")
+          f"{'control/rest':>12} {'cos(rest,noisy)':>15} {'cos(control,rest)':>17} | {'noisy/matched':>13}")
     for g, s in results["summary"].items():
         print(f"{g:<10} {_fmt(s['noisy_clean_ratio'], '11.3f')} {_fmt(s['noisy_clean_ratio_per_example'], '11.2f')} "
               f"{_fmt(s['mean_cosine'], '7.3f')} | {_fmt(s.get('noisy_rest_ratio'), '10.3f')} "
               f"{_fmt(s.get('control_rest_ratio'), '12.3f')} {_fmt(s.get('mean_cosine_rest_noisy'), '15.3f')} "
-              f"{_fmt(s.get('mean_cosine_control_rest'), '17.3f')}")
-    print("(means over the memorization phase; rest = clean examples outside the control group)")
+              f"{_fmt(s.get('mean_cosine_control_rest'), '17.3f')} | {_fmt(s.get('noisy_matched_ratio'), '13.3f')}")
+    print("(means over the memorization phase; rest = clean examples outside the control group; matched = the "
+          "loss-matched control)")
     claims.print_claims([claims.accounting(results)])
 
 

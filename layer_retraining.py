@@ -160,7 +160,7 @@ def retrain_all(model, data, groups, init_state, final_state, cfg, resets):
     """{group: clean retraining result + "control"} for cfg.frozen_bn. `resets` ({group: accuracies right
     after the reset}) is filled on the first call and reused: every run of a group starts from that state."""
     out = {}
-    for name in tqdm(groups, desc=f"groups (frozen BatchNorm: {cfg.frozen_bn})", disable=None):
+    for name in cli.progress(groups, desc=f"groups (frozen BatchNorm: {cfg.frozen_bn})"):
         out[name] = retrain_checked(model, data, name, init_state, final_state, cfg, reset_acc=resets.get(name))
         resets[name] = out[name]["reset"]
         if cfg.control:

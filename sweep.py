@@ -95,7 +95,8 @@ def fingerprint(modules, presets, rest, cfg_repro):
         resolved = vars(config.parse(m.KNOBS, presets + [a for a in rest if _key(a) in m.KNOBS]))
         exps[exp] = {k: v for k, v in resolved.items() if k not in skip}
     extra = {k: repr(getattr(reproduce, k, None)) for k in ("DEFAULTS", "VARIANTS")}
-    return json.loads(json.dumps({"experiments": exps, "reproduce": vars(cfg_repro), **extra}, default=repr))
+    repro = {k: v for k, v in vars(cfg_repro).items() if k not in ("jobs", "threads")}  # how, not what
+    return json.loads(json.dumps({"experiments": exps, "reproduce": repro, **extra}, default=repr))
 
 
 # ----------------------------------------------------------------------------- the numbers of a claim

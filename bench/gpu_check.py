@@ -14,9 +14,10 @@ each has a time budget, checked between its measurements):
   accounting  a training step with common.accounting.GradientAccountant's backward hook (with and
               without its control group) vs plain backward, through train_epoch; ratios.
   dropout     a training step of the same model with example-tied dropout vs without; ratio.
-  flipping    common.flipping.Flipper vs flip_sequential at neuron_flipping.py's settings (the
-              authors': reference batch 511, 5 noised copies) on a few targets of a briefly trained
-              model: the unit sequences must be identical; speed ratio. Deterministic kernels on CUDA.
+  flipping    common.flipping.flip_batched (several targets per forward, as neuron_flipping.py on
+              CUDA) vs flip_sequential (one at a time) at neuron_flipping.py's settings (the authors':
+              reference batch 511, 5 noised copies) on the same targets of a briefly trained model: the
+              unit sequences must be identical; targets per second of each. Deterministic kernels on CUDA.
   precision   the same short run (seed, data, batches) trained with bf16 autocast and in fp32: final
               clean / noisy / test accuracy of each.
   torchrun    `torchrun --nproc_per_node=1 gradient_accounting.py` for 1 epoch in a temporary runs_dir.
@@ -51,14 +52,13 @@ from common.cli import UserError  # noqa: E402
 from common.data import SYSTEM_FASHION_MNIST, Data, _read_idx, apply_label_noise, load_arrays  # noqa: E402
 from common.dropout import etd_factory  # noqa: E402
 from common.evaluation import accuracies, predict  # noqa: E402
-from common.flipping import Flipper, Units, candidates, flip_sequential, reference_batch  # noqa: E402
+from common.flipping import Units, candidates, flip_batched, flip_sequential, graph_rows, reference_batch  # noqa: E402
 from common.models import model_for  # noqa: E402
 from common.precision import autocast, strict_fp32  # noqa: E402
 from common.rng import generator  # noqa: E402
 from common.runs import writable_dir, write_json  # noqa: E402
 from common.training import batch_order, make_optimizer, pick_device, train_epoch  # noqa: E402
 
-MAX_PASSED_OVER = 20  # flipping: candidates of a kind tried beyond flip_targets (those found already flipped)
 PRESET = "configs/cifar10_resnet9.py"  # the paper's ResNet-9 recipe: width 1, batch 512, lr, schedule
 PARTS = ("throughput", "accounting", "dropout", "flipping", "precision", "torchrun")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -78,13 +78,16 @@ KNOBS = {
     "loader_workers": -1,     # DataLoader worker processes; -1 = min(8, CPU cores)
     "steps": 40,              # training steps per timed pass of the accounting and dropout parts
     "repeats": 3,             # timed passes per arm (alternating arms), medians reported
-    "flip_targets": 2,        # targets of each kind (noisy, clean)
+    "flip_targets": 4,        # targets of each kind (noisy, clean)
+    "flip_slots": 0,          # targets per forward of the batched search (0: neuron_flipping.py's auto)
     "flip_train_epochs": 1,   # epochs of the briefly trained model searched by the flipping part
     "max_units": flip_script.max_units,
     "ref_batch": flip_script.ref_batch,
     "n_eot": flip_script.n_eot,
     "eot_noise": flip_script.eot_noise,
     "unit": flip_script.unit,
+    "objective": flip_script.objective,
+    "graph_gb": flip_script.graph_gb,
     "precision_epochs": 5,    # epochs of the bf16 / fp32 comparison
     "torchrun_args": [],      # extra arguments for the torchrun part's script
     "threads": 0,             # torch CPU threads, also for the torchrun child (0: torch's default)
@@ -398,46 +401,44 @@ def part_flipping(cfg, data, budget):
         with strict_fp32():
             fits = predict(model, data, "train", amp=False) == data.y_train
         order = candidates(data, fits, cfg.seed)
-        if not order["noisy"] and not order["clean"]:
-            raise RuntimeError("no target: the briefly trained model fits no training example; "
+        picks = [i for pair in zip(order["noisy"][:cfg.flip_targets], order["clean"][:cfg.flip_targets]) for i in pair]
+        if not picks:
+            raise RuntimeError("no target: the briefly trained model fits no training example of each kind; "
                                "raise --flip_train_epochs")
         units = Units(model, cfg.unit, sample=data.batch(torch.tensor([0])))
-        flipper = Flipper(model, units)
-        rows, passed_over, seconds, skipped = [], 0, {"sequential": 0.0, "fast": 0.0}, []
-        pools = {kind: iter(order[kind][:cfg.flip_targets + MAX_PASSED_OVER]) for kind in order}
-        for kind in ("noisy", "clean") * cfg.flip_targets:  # interleaved, as neuron_flipping.py
-            tried = len(rows) + passed_over
-            if tried and budget.left() < 2 * sum(seconds.values()) / tried:  # another would likely overrun
-                skipped.append(f"a {kind} target")
+        rows = graph_rows(model, data.batch(torch.arange(2)), flip_script.graph_budget(cfg.graph_gb, data.device))
+        slots = cfg.flip_slots or flip_script.slots_for(0, torch.device("cuda"), rows,
+                                                        max(cfg.n_eot, 1) * (1 + cfg.ref_batch))
+        jobs = []
+        for index in picks:
+            idx = torch.cat([torch.tensor([index]), reference_batch(data.n_train, index, cfg.ref_batch, cfg.seed)])
+            jobs.append((index, data.batch(idx), data.labels(idx), (cfg.seed, index)))
+        # the batched search first (all targets, `slots` per forward), then the plain loop on as many of the
+        # same targets as the budget leaves time for
+        batched_s, found = timed(lambda: dict(flip_batched(model, units, iter(jobs), slots, cfg.max_units, cfg.n_eot,
+                                                           cfg.eot_noise, cfg.objective)), data.device)
+        plain, sequential_s, skipped = {}, 0.0, []
+        for index, x, y, noise_key in jobs:
+            if plain and budget.left() < 2 * sequential_s / len(plain):  # another would likely overrun
+                skipped.append(f"target {index} (plain loop)")
                 continue
-            for index in pools[kind]:
-                idx = torch.cat([torch.tensor([index]), reference_batch(data.n_train, index, cfg.ref_batch, cfg.seed)])
-                x, y = data.batch(idx), data.labels(idx)
-                args = (x, y, cfg.max_units, cfg.n_eot, cfg.eot_noise, (cfg.seed, index))
-                arms = [("sequential", lambda: flip_sequential(model, units, *args)),
-                        ("fast", lambda: flipper.flip(*args))]
-                res = {}
-                for name, fn in (arms if (len(rows) + passed_over) % 2 == 0 else arms[::-1]):  # alternate the first
-                    t, res[name] = timed(fn, data.device)
-                    seconds[name] += t
-                if res["fast"] != res["sequential"]:
-                    raise AssertionError(f"target {index} ({kind}): the fast path zeroed {res['fast'].units[:8]}..., "
-                                         f"the reference {res['sequential'].units[:8]}...")
-                if not res["fast"].units:  # mispredicted on the first step's noised copies: passed over, as the script
-                    passed_over += 1
-                    continue
-                rows.append({"index": index, "kind": kind, "units": len(res["fast"].units),
-                             "flipped": res["fast"].flipped, "identical": True})
-                break
-        if not rows:
-            raise RuntimeError(f"no target to search ({passed_over} passed over: mispredicted on their first step)")
+            t, plain[index] = timed(lambda: flip_sequential(model, units, x, y, cfg.max_units, cfg.n_eot, cfg.eot_noise,
+                                                            noise_key, cfg.objective, rows), data.device)
+            sequential_s += t
+        targets = [{"index": i, "kind": "noisy" if bool(data.noisy[i]) else "clean", "units": len(found[i].units),
+                    "flipped": found[i].flipped, "identical": found[i] == plain[i]} for i in plain]
+        if not all(t["identical"] for t in targets):
+            bad = next(i for i in plain if found[i] != plain[i])
+            raise AssertionError(f"target {bad}: the batched search zeroed {found[bad].units[:8]}..., "
+                                 f"the plain loop {plain[bad].units[:8]}...")
+    per_s = {"sequential": len(plain) / sequential_s, "batched": len(jobs) / batched_s}
     return {"ref_batch": cfg.ref_batch, "n_eot": cfg.n_eot, "eot_noise": cfg.eot_noise, "unit": cfg.unit,
-            "max_units": cfg.max_units, "units_in_model": len(units), "targets": rows,
-            "identical": all(r["identical"] for r in rows), "passed_over": passed_over,
-            "sequential_s": round(seconds["sequential"], 3), "fast_s": round(seconds["fast"], 3),
-            "speedup": round(seconds["sequential"] / seconds["fast"], 2),
-            "steps_settled_by_reference": flipper.exact_steps, "steps": flipper.steps,
-            "deterministic_kernels": True}, skipped
+            "objective": cfg.objective, "max_units": cfg.max_units, "units_in_model": len(units), "slots": slots,
+            "graph_rows": rows, "targets": targets, "identical": all(t["identical"] for t in targets),
+            "passed_over": sum(not found[i].units for i in found),
+            "sequential_s": round(sequential_s, 3), "batched_s": round(batched_s, 3),
+            "targets_per_s": {k: round(v, 3) for k, v in per_s.items()},
+            "speedup": round(per_s["batched"] / per_s["sequential"], 2), "deterministic_kernels": True}, skipped
 
 
 # ----------------------------------------------------------------------------- (e) precision
@@ -513,8 +514,8 @@ SHOW = {
     "dropout": lambda r: (f"step {r['step_ms']['plain']:.1f} ms plain; example-tied dropout "
                           f"x{r['dropout_over_plain']}"),
     "flipping": lambda r: (f"{len(r['targets'])} targets (batch 1+{r['ref_batch']}, n_eot {r['n_eot']}): identical "
-                           f"{r['identical']}, fast x{r['speedup']} ({r['sequential_s']:.1f} s -> "
-                           f"{r['fast_s']:.1f} s)"),
+                           f"{r['identical']}; batched ({r['slots']} per forward) x{r['speedup']} targets/s "
+                           f"({r['targets_per_s']['sequential']:.2f} -> {r['targets_per_s']['batched']:.2f})"),
     "precision": lambda r: (f"{r['epochs']} epochs: bf16 test {r['bf16']['test']:.3f}" +
                             (f", fp32 test {r['fp32']['test']:.3f} ({r['bf16']['seconds']:.0f} s vs "
                              f"{r['fp32']['seconds']:.0f} s)" if "fp32" in r else "")),

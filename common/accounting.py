@@ -5,11 +5,15 @@
 With a control group (a seeded random subset of the clean examples, as large as the noisy set) the
 clean part is split once more: clean = clean-rest + control, so total = clean-rest + control + noisy.
 The control is what any 10% of the data would contribute: the noisy part is judged against it.
+A second, loss-matched control is chosen anew before every epoch (loss_matched_mask): the clean
+examples whose loss at the start of the epoch is nearest the noisy ones' (one per noisy example,
+without replacement, as far as there are clean examples). It tells "mislabeled examples carry a
+large gradient" apart from "high-loss examples carry a large gradient".
 
 `GradientAccountant.backward(losses, idx)` is the training loop's backward hook. It leaves in `.grad`
 exactly what plain training leaves there and, on the side, adds this step's total gradient, its
-clean part and its control part to per-parameter sums on the training device (noisy = total - clean,
-clean-rest = clean - control). `end_epoch()` reduces the epoch's sums to a few scalars per layer
+clean part, its control part and its loss-matched part to per-parameter sums on the training device
+(noisy = total - clean, clean-rest = clean - control). `end_epoch()` reduces the epoch's sums to a few scalars per layer
 group (the only copy to the host), returns them for the epoch's metrics row and starts the next
 epoch's sums from zero.
 
@@ -18,10 +22,13 @@ example), the memorization phase, and its summary.
 """
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import distributed
 from .models import group_params
+from .precision import autocast
 from .rng import generator
 
 KEY = "grad_accounting"  # the key of the accounting numbers inside a metrics row
@@ -45,6 +52,65 @@ def control_mask(noisy, seed):
     return mask.to(noisy.device)
 
 
+@torch.no_grad()
+def example_losses(model, data, amp=True, batch_size=1024):
+    """Per-example cross-entropy of every training example (its training label), in eval mode (training
+    mode restored after): nothing of the model changes, so training continues exactly as without it.
+    Under torchrun every rank computes its slice and gets all of them."""
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(data.n_train, device=data.device)
+    lo, hi = distributed.shard_bounds(len(idx)) if distributed.active() else (0, len(idx))
+    out = []
+    for start in range(lo, hi, batch_size):
+        i = idx[start:min(start + batch_size, hi)]
+        with autocast(data.device, amp):
+            logits = model(data.batch(i), index=i)
+        out.append(F.cross_entropy(logits.float(), data.labels(i), reduction="none"))
+    model.train(was_training)
+    mine = torch.cat(out) if out else torch.zeros(0, device=data.device)
+    return distributed.all_gather_cat(mine, len(idx)) if distributed.active() else mine
+
+
+def loss_matched_mask(losses, noisy):
+    """The loss-matched control: for each noisy example, hardest first, the clean example of nearest loss
+    not taken yet (a tie goes to the higher loss: the control then errs on the hard side). As many as
+    the noisy examples, or every clean one if there are fewer. Returns (mask on noisy's device, info:
+    mean losses of the noisy / matched / all clean examples and the mean absolute loss gap of the pairs)."""
+    loss = losses.detach().double().cpu().numpy()
+    nz = noisy.cpu().numpy()
+    noisy_idx, clean_idx = np.flatnonzero(nz), np.flatnonzero(~nz)
+    order = clean_idx[np.argsort(loss[clean_idx], kind="stable")]
+    sorted_loss = loss[order]
+    n = len(order)
+    # free neighbours by union-find: right[i] = the first free position >= i (n: none), left[i + 1] = the
+    # last free position <= i (-1: none); taking position j links it to its neighbours
+    right, left = list(range(n + 1)), list(range(-1, n))
+
+    def find(parent, i, shift=0):
+        root = i
+        while parent[root + shift] != root:
+            root = parent[root + shift]
+        while parent[i + shift] != root:
+            parent[i + shift], i = root, parent[i + shift]
+        return root
+
+    pairs = []
+    for i in sorted(noisy_idx, key=lambda i: (-loss[i], i))[:n]:
+        pos = int(np.searchsorted(sorted_loss, loss[i]))
+        r, lf = find(right, min(pos, n)), find(left, pos - 1, 1)
+        j = r if lf < 0 or (r < n and sorted_loss[r] - loss[i] <= loss[i] - sorted_loss[lf]) else lf
+        right[j], left[j + 1] = j + 1, j - 1
+        pairs.append((i, order[j]))
+    mask = torch.zeros(len(nz), dtype=torch.bool)
+    mask[[j for _, j in pairs]] = True
+    mean = lambda v: float(np.mean(v)) if len(v) else None  # noqa: E731
+    info = {"n_matched": len(pairs), "loss_noisy": mean(loss[noisy_idx]),
+            "loss_matched": mean([loss[j] for _, j in pairs]), "loss_clean": mean(loss[clean_idx]),
+            "loss_gap": mean([abs(loss[i] - loss[j]) for i, j in pairs])}
+    return mask.to(noisy.device), info
+
+
 class GradientAccountant:
     """Per-group sums over an epoch of the total gradient, of its clean part and (with `control`) of
     its control part, kept on the device.
@@ -52,12 +118,14 @@ class GradientAccountant:
     `noisy`: the boolean noise mask of the training set (data.noisy), on the training device.
     `control`: None, or the boolean mask of the control group (control_mask), on the same device:
     one more backward per step that has control examples.
+    `matched`: account a loss-matched control too; its mask is set before each epoch by
+    `match(mask, info)` (loss_matched_mask): one more backward per step that has matched examples.
     `skip_pure`: skip a backward whose part is empty or the whole batch (no noisy or no clean
     example; no control example). Deciding that needs counts on the host; free on the CPU, a
     per-step synchronization on an accelerator, so by default only on the CPU (elsewhere such a
     backward simply returns zeros, resp. the total)."""
 
-    def __init__(self, model, noisy, control=None, skip_pure=None):
+    def __init__(self, model, noisy, control=None, skip_pure=None, matched=False):
         groups = group_params(model)
         self.groups = list(groups)
         self.params, self.slices = [], []
@@ -73,31 +141,44 @@ class GradientAccountant:
         zeros = lambda: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]  # noqa: E731
         self.total, self.clean = zeros(), zeros()
         self.ctrl = zeros() if control is not None else []
+        self.matched, self.match_info = (torch.zeros_like(noisy) if matched else None), {}
+        self.mtch = zeros() if matched else []
         self.n_noisy = torch.zeros((), dtype=torch.long, device=noisy.device)
         self.n_control = torch.zeros((), dtype=torch.long, device=noisy.device)
+        self.n_matched = torch.zeros((), dtype=torch.long, device=noisy.device)
         self.n_seen = 0
+
+    def match(self, mask, info):
+        """The loss-matched control of the coming epoch (loss_matched_mask's mask and info)."""
+        if self.matched is None:
+            raise ValueError("this accountant was made without matched=True")
+        if bool((mask & self.noisy).any()):
+            raise ValueError("the loss-matched control must hold clean examples only")
+        self.matched, self.match_info = mask, info
 
     def backward(self, losses, idx):
         """Backward hook of common.training.train_epoch: `losses` per example, `idx` their indices."""
         noisy = self.noisy[idx]
         ctrl = self.control[idx] if self.control is not None else None
+        mtch = self.matched[idx] if self.matched is not None else None
         b = losses.shape[0]
         self.n_noisy += noisy.sum()
         if ctrl is not None:
             self.n_control += ctrl.sum()
+        if mtch is not None:
+            self.n_matched += mtch.sum()
         self.n_seen += b
         # Which parts need a backward of their own: "all" (the part is the whole batch: its gradient
         # is the total), "none" (empty: zero), "mixed" (a backward through the retained graph).
-        clean_is, ctrl_is = "mixed", "mixed" if ctrl is not None else "none"
+        parts = [(self.clean, ~noisy), (self.ctrl, ctrl), (self.mtch, mtch)]
+        kinds = ["mixed" if mask is not None else "none" for _, mask in parts]
         if self.skip_pure and not distributed.active():  # under torchrun every rank runs every backward
             # (synced BatchNorm communicates in each; whether a rank's slice is pure differs by rank)
-            k = int(noisy.sum())
-            clean_is = "all" if k == 0 else "none" if k == b else "mixed"
-            if ctrl is not None:
-                c = int(ctrl.sum())
-                ctrl_is = "all" if c == b else "none" if c == 0 else "mixed"
-        parts = [(clean_is, self.clean, ~noisy), (ctrl_is, self.ctrl, ctrl)]
-        mixed = [(buffers, mask) for part, buffers, mask in parts if part == "mixed"]
+            for k, (_, mask) in enumerate(parts):
+                if mask is not None:
+                    c = int(mask.sum())
+                    kinds[k] = "all" if c == b else "none" if c == 0 else "mixed"
+        mixed = [(buffers, mask) for kind, (buffers, mask) in zip(kinds, parts) if kind == "mixed"]
         # The full backward FIRST, exactly as plain training does it: `.grad` is then bit for bit the
         # plain gradient and the optimizer step is unchanged. (Backwarding the clean part and then the
         # noisy part into `.grad` would leave g_clean + g_noisy there, which in floating point is not
@@ -105,8 +186,8 @@ class GradientAccountant:
         losses.mean().backward(retain_graph=bool(mixed))
         grads = [p.grad for p in self.params]
         _add(self.total, grads)
-        for part, buffers, _ in parts:
-            if part == "all":
+        for kind, (buffers, _) in zip(kinds, parts):
+            if kind == "all":
                 _add(buffers, grads)
         # The mixed parts through the retained graph: autograd.grad returns them without touching
         # `.grad`; noisy = total - clean and clean-rest = clean - control at the end of the epoch.
@@ -122,13 +203,14 @@ class GradientAccountant:
         dtype = torch.float32 if self.noisy.device.type == "mps" else torch.float64
         device = self.noisy.device
         if distributed.active():  # each rank summed its shares of every batch: together, a single process's sums
-            for b in self.total + self.clean + self.ctrl:
+            for b in self.total + self.clean + self.ctrl + self.mtch:
                 distributed.all_reduce_sum_(b)
             distributed.all_reduce_sum_(self.n_noisy)
             distributed.all_reduce_sum_(self.n_control)
+            distributed.all_reduce_sum_(self.n_matched)
             self.n_seen = int(distributed.all_reduce_sum_(torch.tensor(self.n_seen, device=device)))
-        control = self.control is not None
-        width = 8 if control else 4
+        control, matched = self.control is not None, self.matched is not None
+        width = 4 + 4 * control + 4 * matched
         stats = []
         for s in self.slices:
             if not s:  # a group without trainable parameters
@@ -142,6 +224,10 @@ class GradientAccountant:
                 k = torch.cat([self.ctrl[i].flatten() for i in s]).to(dtype)
                 r = c - k  # clean-rest
                 row += [k @ k, r @ r, r @ n, k @ r]
+            if matched:
+                m = torch.cat([self.mtch[i].flatten() for i in s]).to(dtype)
+                o = c - m  # the clean examples outside the loss-matched control
+                row += [m @ m, o @ o, m @ n, m @ o]
             stats.append(torch.stack(row))
         stats = torch.stack(stats).cpu().tolist()  # the epoch's only copy to the host: a few numbers per group
         n_noisy = int(self.n_noisy)
@@ -150,6 +236,9 @@ class GradientAccountant:
         if control:
             out.update({"n_control": int(self.n_control), "norm_control": [], "norm_clean_rest": [],
                         "cosine_rest_noisy": [], "cosine_control_rest": []})
+        if matched:
+            out.update({"n_matched": int(self.n_matched), "matching": self.match_info, "norm_matched": [],
+                        "norm_clean_unmatched": [], "cosine_matched_noisy": [], "cosine_matched_unmatched": []})
         for row in stats:
             tt, cc, nn_, cn = row[:4]
             nt, nc, nn_ = math.sqrt(tt), math.sqrt(cc), math.sqrt(nn_)
@@ -158,16 +247,24 @@ class GradientAccountant:
             out["norm_noisy"].append(nn_)
             out["cosine"].append(_cosine(cn, nc, nn_))
             if control:
-                kk, rr, rn, kr = row[4:]
+                kk, rr, rn, kr = row[4:8]
                 nk, nr = math.sqrt(kk), math.sqrt(rr)
                 out["norm_control"].append(nk)
                 out["norm_clean_rest"].append(nr)
                 out["cosine_rest_noisy"].append(_cosine(rn, nr, nn_))
                 out["cosine_control_rest"].append(_cosine(kr, nk, nr))
-        for b in self.total + self.clean + self.ctrl:
+            if matched:
+                mm, oo, mn, mo = row[-4:]
+                nm, no = math.sqrt(mm), math.sqrt(oo)
+                out["norm_matched"].append(nm)
+                out["norm_clean_unmatched"].append(no)
+                out["cosine_matched_noisy"].append(_cosine(mn, nm, nn_))
+                out["cosine_matched_unmatched"].append(_cosine(mo, nm, no))
+        for b in self.total + self.clean + self.ctrl + self.mtch:
             b.zero_()
         self.n_noisy.zero_()
         self.n_control.zero_()
+        self.n_matched.zero_()
         self.n_seen = 0
         return {KEY: out}
 
@@ -179,10 +276,11 @@ def _cosine(dot, norm_a, norm_b):
 
 # ----------------------------------------------------------------------------- from metrics rows
 
-def accounted_prefix(rows, control=False):
+def accounted_prefix(rows, control=False, matched=False):
     """The last epoch k such that epochs 1..k all have accounting in their metrics rows (with the
-    control group's part if `control`); 0 if none."""
-    have = {r["epoch"] for r in rows if KEY in r and (not control or "norm_control" in r[KEY])}
+    control group's part if `control`, the loss-matched control's if `matched`); 0 if none."""
+    need = ("norm_control",) * control + ("norm_matched",) * matched
+    have = {r["epoch"] for r in rows if KEY in r and all(k in r[KEY] for k in need)}
     k = 0
     while k + 1 in have:
         k += 1
@@ -221,9 +319,17 @@ def epoch_table(rows):
                     "per_example_clean_rest": _per_example(a["norm_clean_rest"][i], n_clean - n_control),
                     "cosine_rest_noisy": a["cosine_rest_noisy"][i],
                     "cosine_control_rest": a["cosine_control_rest"][i]})
+            if "norm_matched" in a:
+                groups[g].update({
+                    "norm_matched": a["norm_matched"][i], "norm_clean_unmatched": a["norm_clean_unmatched"][i],
+                    "per_example_matched": _per_example(a["norm_matched"][i], a["n_matched"]),
+                    "cosine_matched_noisy": a["cosine_matched_noisy"][i],
+                    "cosine_matched_unmatched": a["cosine_matched_unmatched"][i]})
         table.append({"epoch": r["epoch"], **{k: _finite(r.get(k)) for k in ("clean", "noisy", "noisy_true", "test", "loss")},
                       "n_clean": n_clean, "n_noisy": n_noisy,
-                      **({"n_control": n_control} if n_control is not None else {}), "groups": groups})
+                      **({"n_control": n_control} if n_control is not None else {}),
+                      **({"n_matched": a["n_matched"], "matching": a["matching"]} if "norm_matched" in a else {}),
+                      "groups": groups})
     return table
 
 
@@ -274,4 +380,8 @@ def summarize(table, epochs):
                 "control_rest_ratio": _mean([_ratio(x["norm_control"], x["norm_clean_rest"]) for x in v]),
                 "mean_cosine_rest_noisy": _mean([x["cosine_rest_noisy"] for x in v]),
                 "mean_cosine_control_rest": _mean([x["cosine_control_rest"] for x in v])})
+        if "norm_matched" in v[0]:
+            out[g].update({
+                "noisy_matched_ratio": _mean([_ratio(x["norm_noisy"], x["norm_matched"]) for x in v]),
+                "mean_cosine_matched_unmatched": _mean([x["cosine_matched_unmatched"] for x in v])})
     return out

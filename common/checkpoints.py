@@ -240,14 +240,12 @@ def _epochs(files):
     return f"{e[0]}..{e[-1]}" if e == list(range(e[0], e[-1] + 1)) and len(e) > 2 else str(e)
 
 
-def imported_run(cfg, data=None):
-    """trained_run for init_from: (model, data, run) with the final model loaded from the user's files."""
-    from .data import load_data
+def imported_run(cfg, data):
+    """trained_run for init_from: (model, data, run) with the final model loaded from the user's files;
+    `data` is the loaded dataset (trained_run loads it on its device)."""
     from .models import model_for
     from .precision import set_deterministic
-    from .training import pick_device
     set_deterministic(getattr(cfg, "deterministic", False))
-    data = data or load_data(cfg, pick_device(cfg.device))
     model = model_for(cfg, data)
     run = ImportedRun(cfg, model)
     run.check_files()

@@ -34,6 +34,8 @@ RUN_DEFAULTS = dict(
     model="resnet9",       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
     width=0.25,            # channel-width multiplier
     noise=0.1,             # fraction of training labels replaced by a wrong class: the examples to memorize
+    memorized="noisy",     # noisy (mislabeled) | atypical (no label noise: clean examples with hold-out score
+                           # < 0.5) | both (mislabeled + atypical clean); docs/experiments/atypical.md
     seed=0,                # data split and label noise
     model_seed=0,          # initialization, batch order, augmentation, dropout
     epochs=20,             # training epochs of the run
@@ -59,11 +61,19 @@ NOT_IDENTITY = ("device", "runs_dir", "download", "overwrite", "deterministic", 
 
 # key -> [(check(value, cfg) -> error text or None)], registered by the module that defines the key.
 _CHECKS = {}
+# key -> types it takes beside its default's (a str default that also takes a list where its docs say so).
+_ALSO = {}
 
 
 def register_check(key, check):
     """Register `check(value, cfg)` returning None when valid or the error text (problem and fix)."""
     _CHECKS.setdefault(key, []).append(check)
+
+
+def also_accepts(key, *types):
+    """Let `key` take values of `types` besides its default's type, e.g. also_accepts("dropout_after", list)
+    for a default "auto"; its registered checks then validate the value."""
+    _ALSO[key] = _ALSO.get(key, ()) + types + ((tuple,) if list in types else ())  # one kind, as below
 
 
 def range_check(key, lo, hi, lo_open=False, hi_open=False):
@@ -93,7 +103,10 @@ def knobs(namespace):
 
 
 def _coerce(key, value, default, source):
-    """Type-check `value` against `default` (int for float is fine; list and tuple are one kind)."""
+    """Type-check `value` against `default` (int for float is fine; list and tuple are one kind), or
+    against the types registered with also_accepts."""
+    if isinstance(value, _ALSO.get(key, ())):
+        return list(value) if isinstance(value, tuple) else value
     if default is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
@@ -254,6 +267,8 @@ def train_config(cfg):
     if "amp" in ident:
         del ident["amp"]
         ident["precision"] = precision(cfg)
+    if ident.get("memorized") == "noisy":  # the default, as before the knob existed: run names unchanged
+        del ident["memorized"]
     return ident
 
 

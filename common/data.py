@@ -1,5 +1,10 @@
 """Datasets with noisy labels. The mislabeled training examples are the ones a network must memorize.
 
+The memorized set (knob `memorized`): the mislabeled examples (noisy, the default), the clean examples
+that are atypical (a hold-out score below ATYPICAL_BELOW, from the dataset's scores file (scores_path),
+written by memorization_scores.py) with no label noise (atypical), or both kinds together (both).
+`Data.noisy` is that set; `Data.kind` names each training example's kind (KINDS).
+
 Every dataset is held as uint8 tensors (N, C, H, W) -- on the training device when it fits -- and
 batched by indexing, so there is no per-sample PIL work. Training batches come with their example
 indices: the experiments need to know which examples are noisy, and example-tied dropout ties masks
@@ -27,6 +32,14 @@ HOLDOUT = 0.2  # test fraction of a stratified split, for datasets shipped witho
 config.register_check("dataset", lambda v, cfg: None if v in DATASETS or v.startswith("npz:") else
                       f"unknown dataset {v!r}; valid: {', '.join(DATASETS)}, npz:PATH")
 config.range_check("noise", 0, 1, hi_open=True)
+
+MEMORIZED = ("noisy", "atypical", "both")  # what the network must memorize (knob `memorized`)
+KINDS = ("typical", "mislabeled", "atypical")  # Data.kind codes 0, 1, 2: typical clean, mislabeled, atypical clean
+ATYPICAL_BELOW = 0.5  # atypical: a clean example whose hold-out score is below this (the authors' C-score cut)
+config.choice_check("memorized", MEMORIZED)
+config.register_check("memorized", lambda v, cfg: None if v != "atypical" or cfg.get("noise", 0) == 0 else
+                      f"memorized='atypical' trains without label noise but noise={cfg['noise']!r}; pass --noise=0 "
+                      f"as well, or --memorized=both for label noise plus atypical clean examples")
 
 
 # ----------------------------------------------------------------------------- label noise
@@ -220,6 +233,90 @@ def load_arrays(name, seed=0, download=True):
     return _load_torchvision(name, download)
 
 
+# ----------------------------------------------------------------------------- hold-out scores
+
+def seeded_split(name):
+    """Whether the dataset's train/test split is drawn by `seed` from one pool of images (the
+    embedded default, and an npz file without a test split)."""
+    if name == "mnist_5k":
+        return True
+    if name.startswith("npz:") and os.path.isfile(name[4:]):
+        with np.load(name[4:], allow_pickle=False) as f:
+            return "x_test" not in f.files
+    return False
+
+
+def score_pool(name, download=True):
+    """(x, y): every image a training example of `name` can be, under any seed, in file order. A
+    hold-out score belongs to an image of this pool, so one scores file serves every seed."""
+    if not seeded_split(name):
+        x, y, _, _ = load_arrays(name, 0, download)
+        return x, y
+    path = DATA_ROOT / "mnist_5k.npz" if name == "mnist_5k" else name[4:]
+    load_arrays(name, 0, download)  # validates the file (one-line errors)
+    with np.load(path, allow_pickle=False) as f:
+        x, y = (f["x"], f["y"]) if name == "mnist_5k" else (f["x_train"], f["y_train"])
+        return _nchw(x), torch.from_numpy(y.astype(np.int64))
+
+
+def pool_positions(name, seed, y_pool):
+    """The position in the pool (score_pool) of each training example of split `seed`."""
+    return stratified_split(y_pool, HOLDOUT, seed)[0] if seeded_split(name) else torch.arange(len(y_pool))
+
+
+def scores_path(name):
+    """Where the dataset's hold-out scores live: data/<dataset>_holdout_scores.npz, or beside the file
+    of an npz:PATH dataset (PATH without .npz + _holdout_scores.npz)."""
+    if name.startswith("npz:"):
+        path = Path(name[4:])
+        return path.with_name(path.stem + "_holdout_scores.npz")
+    return DATA_ROOT / f"{name}_holdout_scores.npz"
+
+
+def load_scores(name):
+    """The dataset's hold-out scores {score, se, n_held, labels (pool order), meta (dict)}, or None."""
+    import json
+    path = scores_path(name)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = {k: f[k] for k in ("score", "se", "n_held", "labels")}
+            out["meta"] = json.loads(str(f["meta"]))
+    except Exception as e:
+        raise UserError(f"hold-out scores {path} cannot be read ({type(e).__name__}: {e}); delete it and run "
+                        f"python memorization_scores.py --dataset={name} to recompute them")
+    return out
+
+
+def training_scores(name, seed, y_train):
+    """Hold-out score of each training example of split `seed` (float tensor), refusing scores whose
+    labels do not match the dataset's (another order or another dataset)."""
+    scores = load_scores(name)
+    if scores is None:
+        raise UserError(f"no hold-out scores for dataset {name} ({scores_path(name)} is missing); compute them "
+                        f"with: python memorization_scores.py --dataset={name}")
+    y_pool = torch.from_numpy(scores["labels"].astype(np.int64))
+    pos = pool_positions(name, seed, y_pool)
+    if len(pos) != len(y_train) or not torch.equal(y_pool[pos], y_train.cpu()):
+        raise UserError(f"hold-out scores {scores_path(name)} do not match dataset {name} (labels differ: another "
+                        f"order or dataset); delete the file and run python memorization_scores.py --dataset={name}")
+    return torch.from_numpy(scores["score"].astype(np.float32))[pos]
+
+
+def mark_memorized(data, memorized, atypical=None):
+    """Set the memorized set of `data` (in place): Data.kind from the label-noise mask and, unless
+    memorized == 'noisy', the `atypical` mask (those of them that are clean); Data.noisy = the memorized set."""
+    kind = data.mislabeled.long()  # typical 0, mislabeled 1
+    if memorized != "noisy":
+        kind[(~data.mislabeled) & atypical.to(kind.device)] = KINDS.index("atypical")
+    data.kind, data.memorized = kind, memorized
+    data.noisy = kind > 0
+    data.clean_idx = torch.nonzero(~data.noisy).flatten()
+    data.noisy_idx = torch.nonzero(data.noisy).flatten()
+    return data
+
+
 # ----------------------------------------------------------------------------- the dataset object
 
 class Data:
@@ -234,6 +331,8 @@ class Data:
         self.store = self.device if _fits_on(self.device, nbytes) else torch.device("cpu")
         self.x_train, self.x_test = x_train.to(self.store), x_test.to(self.store)
         self.y_train, self.y_true, self.noisy = y_train.to(self.device), y_true.to(self.device), noisy.to(self.device)
+        self.mislabeled = self.noisy  # the label-noise mask; `noisy` is the memorized set (mark_memorized)
+        self.kind, self.memorized = self.noisy.long(), "noisy"
         self.y_test = y_test.to(self.device)
         x = x_train.double() / 255
         self.mean = x.mean(dim=(0, 2, 3), keepdim=True).float().to(self.device)
@@ -263,8 +362,11 @@ class Data:
             return torch.sort(torch.randperm(total, generator=generator(seed, "subset", tag))[:n]).values
         a, b = pick(n_train, self.n_train, "train"), pick(n_test, len(self.x_test), "test")
         cpu = lambda t, i: t.cpu()[i]
-        return Data(self.name, cpu(self.x_train, a), cpu(self.y_train, a), cpu(self.y_true, a), cpu(self.noisy, a),
-                    cpu(self.x_test, b), cpu(self.y_test, b), self.num_classes, self.device)
+        sub = Data(self.name, cpu(self.x_train, a), cpu(self.y_train, a), cpu(self.y_true, a), cpu(self.mislabeled, a),
+                   cpu(self.x_test, b), cpu(self.y_test, b), self.num_classes, self.device)
+        if self.memorized != "noisy":
+            sub = mark_memorized(sub, self.memorized, cpu(self.kind, a) == KINDS.index("atypical"))
+        return sub
 
 
 def _fits_on(device, nbytes):
@@ -292,4 +394,9 @@ def load_data(cfg, device="cpu"):
     x, y, xt, yt = load_arrays(cfg.dataset, cfg.seed, getattr(cfg, "download", True))
     num_classes = int(max(y.max(), yt.max() if len(yt) else 0)) + 1
     noisy_y, mask = apply_label_noise(y, cfg.noise, num_classes, cfg.seed)
-    return Data(cfg.dataset, x, noisy_y, y, mask, xt, yt, num_classes, device)
+    data = Data(cfg.dataset, x, noisy_y, y, mask, xt, yt, num_classes, device)
+    memorized = getattr(cfg, "memorized", "noisy")
+    if memorized == "noisy":
+        return data
+    score = training_scores(cfg.dataset, cfg.seed, y)
+    return mark_memorized(data, memorized, score < ATYPICAL_BELOW)

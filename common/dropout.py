@@ -15,6 +15,9 @@ Evaluation modes (`set_mode`, used when the model is in eval mode):
         with `drop_rescale` (the default, as the authors' code), 1 without it (as the method's
         description); `drop_scaling` switches an existing model between the two (no retraining)
 
+The negative control of the drop (RandomChannelDrop, random_drop_factory): in a model trained without
+dropout, as many channels as the drop zeroes, chosen at random, zeroed at the same places.
+
 Models take these modules through `common.models.build_model(..., dropout=factory)`, where
 `factory(layer_name, channels, channel_dim)` returns the module for one layer. The zoo builds them
 into its blocks; any other model (torchvision, a user's factory), or a zoo model given other
@@ -67,6 +70,11 @@ def _view(m, x, channel_dim):
     return m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
 
 
+def n_generalization(p_gen, channels):
+    """The number of generalization channels of a layer: floor(p_gen * C)."""
+    return int(math.floor(p_gen * channels + 1e-9))  # 0.29 * 100 is 28.99999...: still 29
+
+
 class ExampleTiedDropout(nn.Module):
     """Example-tied dropout over whole channels; no parameters, no buffers, masks hashed on the fly."""
     wants_index = True  # Net.forward hands it the batch's example indices
@@ -76,7 +84,7 @@ class ExampleTiedDropout(nn.Module):
         if not (0 < p_gen < 1 and 0 < p_mem < 1):
             raise ValueError(f"p_gen={p_gen} and p_mem={p_mem} must both be in (0, 1)")
         self.channels, self.p_gen, self.p_mem, self.layer = channels, p_gen, p_mem, layer
-        self.n_gen = int(math.floor(p_gen * channels + 1e-9))  # 0.29 * 100 is 28.99999...: still 29
+        self.n_gen = n_generalization(p_gen, channels)
         self.channel_dim = channel_dim
         self.drop_rescale = drop_rescale  # evaluation only (drop mode): training is the same either way
         self.mode = "keep"  # eval mode; "keep" works for any input, "tied" needs training indices
@@ -147,6 +155,29 @@ class StandardDropout(nn.Module):
         return F.dropout(x, self.p, self.training)
 
 
+class RandomChannelDrop(nn.Module):
+    """The drop mode's negative control, for a model trained without dropout: as many channels as the
+    drop zeroes (C - floor(p_gen * C)), chosen at random (a function of (seed, layer)), zeroed, the
+    others multiplied by the drop's factor (drop_rescale as in ExampleTiedDropout). In training and
+    evaluation alike; no parameters, its channel choice a non-persistent buffer (state_dict unchanged)."""
+
+    def __init__(self, channels, p_gen, p_mem, seed, layer, channel_dim=1, drop_rescale=True):
+        super().__init__()
+        self.channels, self.p_gen, self.p_mem, self.layer = channels, p_gen, p_mem, layer
+        self.channel_dim, self.drop_rescale = channel_dim, drop_rescale
+        g = torch.Generator().manual_seed(derive_seed(seed, "random_channel_drop", layer))
+        kept = torch.zeros(channels, dtype=torch.bool)
+        kept[torch.randperm(channels, generator=g)[:n_generalization(p_gen, channels)]] = True
+        self.register_buffer("kept", kept, persistent=False)
+
+    def extra_repr(self):
+        return f"{self.layer!r}, channels={self.channels} (kept {int(self.kept.sum())}), drop_rescale={self.drop_rescale}"
+
+    def forward(self, x):
+        m = self.kept.to(x.dtype) * drop_factor(self.p_gen, self.p_mem, self.drop_rescale)
+        return x * _view(m[None], x, self.channel_dim)
+
+
 # ----------------------------------------------------------------------------- factories and helpers
 
 def drop_factor(p_gen, p_mem, rescale):
@@ -165,6 +196,13 @@ def etd_factory(p_gen, p_mem, seed, drop_rescale=True):
     """`dropout=` argument of build_model/model_for: one ExampleTiedDropout per wired layer."""
     def make(layer, channels, channel_dim=1):
         return ExampleTiedDropout(channels, p_gen, p_mem, seed, layer, channel_dim, drop_rescale)
+    return make
+
+
+def random_drop_factory(p_gen, p_mem, seed, drop_rescale=True):
+    """`dropout=` argument for the negative control: RandomChannelDrop at every wired layer."""
+    def make(layer, channels, channel_dim=1):
+        return RandomChannelDrop(channels, p_gen, p_mem, seed, layer, channel_dim, drop_rescale)
     return make
 
 
@@ -210,8 +248,9 @@ def mode(model, mode_name):
 @contextlib.contextmanager
 def drop_scaling(model, rescale):
     """`with dropout.drop_scaling(model, False): ...` -- drop mode with (True) or without the authors'
-    rescaling of the generalization channels; the previous settings are restored afterwards."""
-    mods = etd_modules(model)
+    rescaling of the generalization channels (the negative control's RandomChannelDrop too); the
+    previous settings are restored afterwards."""
+    mods = [m for m in model.modules() if isinstance(m, (ExampleTiedDropout, RandomChannelDrop))]
     old = [m.drop_rescale for m in mods]
     for m in mods:
         m.drop_rescale = rescale
@@ -332,12 +371,11 @@ class _Placed(nn.Module):
             a.calls = 0
 
 
-def trace(model, example_shape):
+def trace(model, example_shape, top=None):
     """The module calls of one forward of a batch of 2 zero inputs (eval mode, nothing changed):
-    [(path below the model's root, module, call number of that module, output shape or None)] in
-    the order the calls finish (a module after the modules it contains)."""
-    from .models import root
-    _, top = root(model)
+    [(path below `top`, the model's root (default: the model), module, call number of that module,
+    output shape or None)] in the order the calls finish (a module after the modules it contains)."""
+    top = model if top is None else top
     calls, count, hooks = [], {}, []
 
     def record(path):
@@ -400,17 +438,18 @@ def _named_positions(calls, after):
     return out
 
 
-def place(model, factory, after=AFTER_AUTO, example_shape=None):
+def place(model, factory, after=AFTER_AUTO, example_shape=None, top=None):
     """Put `factory(layer_name, channels, channel_dim)` after modules of `model`, in place, by forward
     hooks; returns the placed layer names. `after`: "auto" (see _auto_positions) or a list of module
-    class names (e.g. "ReLU") and module-name patterns below the model's root (fnmatch, e.g.
-    "layer*.1.relu"); every call of a chosen module gets its own dropout layer, named by the
-    module's path (and "#k" for the k-th call of a module run more than once). Channels are dim 1,
-    or the last dim of a 3-D output (tokens). `example_shape`: (C, H, W) of one input."""
+    class names (e.g. "ReLU") and module-name patterns below `top`, the model's root (common.models.root;
+    default: the model itself) (fnmatch, e.g. "layer*.1.relu"); every call of a chosen module gets its
+    own dropout layer, named by the module's path (and "#k" for the k-th call of a module run more than
+    once). Channels are dim 1, or the last dim of a 3-D output (tokens). `example_shape`: (C, H, W) of
+    one input. (The root comes from the caller: common.models imports this module, not the reverse.)"""
     problem = check_after(after)
     if problem:
         raise UserError(problem)
-    calls = trace(model, example_shape)
+    calls = trace(model, example_shape, top)
     positions = _auto_positions(calls) if after == AFTER_AUTO else _named_positions(calls, after)
     if not positions:
         raise UserError("dropout_after='auto' found no place for dropout in this model (no Conv2d [+ norm] + "

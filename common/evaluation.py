@@ -4,10 +4,13 @@
 - noisy:      mislabeled training examples w.r.t. their noisy label -- "still memorized?"
 - noisy_true: mislabeled training examples w.r.t. their true label -- "back to the right answer?"
 - test:       the (never corrupted) test set
+- typical / mislabeled / atypical: with memorized = atypical or both, the training examples of each kind
+  (common/data.py), w.r.t. their training label ("noisy" is then the memorized set: mislabeled + atypical)
 """
 import torch
 
 from . import distributed
+from .data import KINDS
 from .precision import autocast
 
 
@@ -44,9 +47,12 @@ def _mean(correct):
 def split_accuracy(train_pred, test_pred, data):
     """{clean, noisy, noisy_true, train, test} accuracies from predictions on the full splits."""
     hit = train_pred == data.y_train
-    return {"clean": _mean(hit[~data.noisy]), "noisy": _mean(hit[data.noisy]),
-            "noisy_true": _mean((train_pred == data.y_true)[data.noisy]),
-            "train": _mean(hit), "test": _mean(test_pred == data.y_test)}
+    out = {"clean": _mean(hit[~data.noisy]), "noisy": _mean(hit[data.noisy]),
+           "noisy_true": _mean((train_pred == data.y_true)[data.noisy]),
+           "train": _mean(hit), "test": _mean(test_pred == data.y_test)}
+    if getattr(data, "memorized", "noisy") != "noisy":  # the split by kind: mislabeled / atypical / typical clean
+        out.update({name: _mean(hit[data.kind == code]) for code, name in enumerate(KINDS)})
+    return out
 
 
 def accuracies(model, data, batch_size=1024, amp=True):

@@ -14,61 +14,57 @@ architecture.
 
 Criterion, for a target t in its batch B (t first, then its reference examples), following the
 authors' code: each greedy step draws fresh Gaussian noise (seeded per target and step) for n_eot
-copies of the whole batch, each copy's noise of norm eot_noise x the norm of the whole batch, and
-    L = mean over copies of [ mean_j CE_j with the target's term multiplied by -|B| ]
-      = mean over copies of [ -CE_t + sum_{j != t} CE_j / |B| ]
-(the mean of the copies' objectives: the authors average the copies' gradients). n_eot = 0: one
-clean copy. The target counts as flipped when the argmax of its logits averaged over the copies
-differs from its training label. The score of a unit is the first-order decrease of L when it is
-zeroed: w * dL/dw, summed over the filter for a channel unit; for a channel_out unit
-sum over examples and positions of a_c * dL/da_c, a_c the silenced output channel (after the
-BatchNorm), which equals gamma[c] dL/dgamma[c] + beta[c] dL/dbeta[c] (a_c = gamma xhat + beta).
-Greedy: zero the best unit not yet zeroed, recompute, until the target flips or `max_units` units are
-zeroed (then: not flipped).
+copies of the whole batch, each copy noised once with noise of norm eot_noise x the norm of the whole
+batch, and (objective="mean_logits", the default: the authors' code since their fix "averaging at
+pred level instead of gradient level")
+    zbar = the copies' logits averaged,   L = mean_j CE(zbar_j, y_j) with the target's term multiplied by -|B|
+                                            = -CE(zbar_t, y_t) + sum_{j != t} CE(zbar_j, y_j) / |B|
+and one backward of L. objective="mean_loss" (their code before that fix, as the paper was written):
+L = the mean over the copies of that objective on each copy's logits (the mean of the copies'
+gradients). n_eot = 0: one clean copy (both coincide). The target counts as flipped when the argmax of
+zbar_t differs from its training label (both objectives). The score of a unit is the first-order
+decrease of L when it is zeroed: w * dL/dw, summed over the filter for a channel unit; for a
+channel_out unit gamma[c] dL/dgamma[c] + beta[c] dL/dbeta[c] (= sum over examples and positions of
+a_c * dL/da_c, a_c = gamma xhat + beta the silenced output channel). Greedy: zero the best unit not
+yet zeroed, recompute, until the target flips or `max_units` units are zeroed (then: not flipped).
 
-Each step runs the copies one after the other (a forward and a backward per copy, the copies'
-gradients averaged, as the authors): a copy's memory and cache footprint, not n_eot times it.
-
-Two implementations, same answers:
-- `flip_sequential`: the authors' loop written plainly (per step and copy: a forward and a full
-  backward of the batch). The reference for the tests and the benchmark baseline.
-- `Flipper`: the same decisions with less work. (1) A filter's score needs no weight gradient:
-  sum_w w * dL/dw = sum over examples and positions of (out_c - bias_c) * dL/dout_c (the conv output
-  is linear in its filter), so the backward skips the weight-gradient convolutions (and the first
-  conv's whole backward); channel_out scores come from the BatchNorm's parameter gradients, which
-  need no conv weight gradient either. (2) Without noise (n_eot = 0) zeroing a unit changes nothing
-  before its stage: the forward restarts from the cached input of the first stage that holds it
-  (`common.models.stages`; models without stages run whole forwards). Fresh noise at every step
-  changes every layer's input, so with noise every step is a whole forward.
-  The forward runs the same kernels on the same tensors as the reference, so the logits, the flip
-  check and every score but the filter scores are bitwise the reference's. A filter score is the
-  same sum of the products w * in * g in another order and carries a rounding tolerance
-  (`filter_tolerance`, valid for fp32: see ROUNDOFF). Where the best unit is not ahead of a rival by
-  more than their tolerances, the filter scores of the layers involved are recomputed as the
-  reference computes them (the weight gradient of each copy by the same kernel: bitwise the
-  reference's) and the choice is made again (`Flipper.exact_steps` counts such steps). Equality holds
-  on one device with one thread count (kernels round differently across them; on CUDA only with
-  deterministic algorithms).
+Two implementations, the same unit sequences:
+- `flip_sequential`: the authors' loop written plainly, one target at a time: per step the copies'
+  forwards, one after the other, and a backward. Where the copies' graphs would hold more than `rows`
+  input rows (a memory budget: `graph_rows`), the forward runs without a graph first and each piece
+  again with its graph, backpropagated from its share of dL/dlogits (one piece alive at a time).
+- `flip_batched`: several targets in one forward (torch.func.vmap over per-target parameter copies:
+  each target its own batch, noise and zeroed units), for a GPU that one target's batch leaves idle.
+  Its kernels round otherwise; a step where rounding could decide (top two within TIE) is redone by
+  the plain step, so the choices are the plain loop's.
 
 Everything runs in eval mode (BatchNorm uses its running statistics, so examples do not interact), in
 strict fp32 (no TF32, no autocast): a borderline example must not flip by rounding.
 """
 import copy
 import itertools
-import math
+import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from .cli import UserError
+from .data import KINDS as EXAMPLE_KINDS
 from .models import layer_groups, root, stages
 from .precision import strict_fp32
 from .rng import generator
 
 UNITS = ("channel", "channel_out", "weight")
+OBJECTIVES = ("mean_logits", "mean_loss")  # the authors' current objective, their earlier one (objective())
+# flip_batched: a top-two gap (scores, or the target's mean logits) within this fraction of the largest
+# magnitude is left to the plain step (vmap's kernels round otherwise than the plain loop's; the
+# differences measured are in docs/experiments/neuron_flipping.md)
+TIE = 1e-4
 
 
 # ----------------------------------------------------------------------------- units
@@ -215,9 +211,13 @@ class Units:
 
     def scores(self, model, grads):
         """First-order score per unit, in unit order; `grads` aligned with `grad_names`."""
-        grad = dict(zip(self.grad_names, grads))
-        return torch.cat([entry_scores(e, [model.get_parameter(n).detach() for n in e.names],
-                                       [grad[n] for n in e.names]) for e in self.entries])
+        return self.scores_of({n: model.get_parameter(n).detach() for n in self.grad_names},
+                              dict(zip(self.grad_names, grads)))
+
+    def scores_of(self, params, grads):
+        """The same from {name: parameter} and {name: gradient}."""
+        return torch.cat([entry_scores(e, [params[n] for n in e.names], [grads[n] for n in e.names])
+                          for e in self.entries])
 
 
 def entry_scores(e, params, grads):
@@ -253,30 +253,28 @@ def stage_positions(model):
 
 # ----------------------------------------------------------------------------- one greedy search
 
-def objective(logits, y):
-    """logits: one or more copies of the batch stacked copy-major (a multiple of len(y) rows); y: the
-    batch's labels, target first. The mean over copies of the mean over the batch of the cross-entropy
-    with the target's term multiplied by -len(y)."""
+def objective(logits, y, mode="mean_logits"):
+    """logits: the batch's copies stacked copy-major (a multiple of len(y) rows); y: the batch's labels,
+    target first. The cross-entropy per example with the target's term multiplied by -len(y), then the
+    mean over the batch, as the authors write it; what it takes per example (OBJECTIVES):
+    "mean_logits": the cross-entropy of the copies' mean logits (the authors' code since their fix
+    "averaging at pred level instead of gradient level"); "mean_loss": the mean over the copies of
+    each copy's objective (their code before that fix: the mean of the copies' gradients)."""
     b = len(y)
-    ce = F.cross_entropy(logits.float(), y.repeat(len(logits) // b), reduction="none").view(-1, b)
-    weight = torch.ones(b, device=ce.device)
+    z = logits.float().view(-1, b, logits.shape[-1])
+    weight = torch.ones(b, device=z.device)
     weight[0] = -b
-    return (ce * weight).mean()
+    if mode == "mean_logits":
+        return (F.cross_entropy(z.mean(0), y, reduction="none") * weight).mean()
+    if mode == "mean_loss":
+        return (F.cross_entropy(z.flatten(0, 1), y.repeat(len(z)), reduction="none").view(-1, b) * weight).mean()
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {mode!r}")
 
 
-def target_prediction(logits):
-    """The target's class from the logits of each copy of the batch (a list): the argmax of its logits
-    (row 0) averaged over the copies."""
-    return int(torch.stack([out[0] for out in logits]).mean(0).argmax())
-
-
-def mean_over_copies(per_copy):
-    """Per-copy lists of tensors -> their mean: summed in copy order, then divided (both implementations
-    round the same way)."""
-    total, n = None, 0
-    for values in per_copy:
-        total, n = (list(values) if total is None else [t + v for t, v in zip(total, values)]), n + 1
-    return [t / n for t in total]
+def target_prediction(logits, b):
+    """The target's class from the copies' logits stacked copy-major (batches of b rows, target first):
+    the argmax of its logits averaged over the copies (both objectives: the authors' flip check)."""
+    return int(logits.view(-1, b, logits.shape[-1])[:, 0].mean(0).argmax())
 
 
 def eot_generator(seed, index, step):
@@ -284,24 +282,38 @@ def eot_generator(seed, index, step):
     return generator(seed, "neuron_flipping", "eot", index, step)
 
 
-def eot_inputs(x, n_eot, eot_noise, gen):
-    """The input of one step: x itself (n_eot = 0), or n_eot noised copies of the batch stacked
-    copy-major; each copy's Gaussian noise has norm eot_noise * the norm of the whole batch x (the
-    authors' l2_noise: one norm for the batch, not one per example). Drawn on the CPU (the same
-    numbers on every device)."""
-    if n_eot == 0:
+def eot_draw(x, n_eot, gen):
+    """The Gaussian draws of one step's n_eot copies of batch x, on the CPU (the same numbers on every
+    device; no draw for n_eot = 0)."""
+    return torch.randn((n_eot,) + tuple(x.shape), generator=gen) if n_eot else None
+
+
+def eot_apply(x, z, eot_noise):
+    """x itself (z None), or its copies x + z_k scaled so that each copy's noise has norm eot_noise * the
+    norm of the whole batch x (the authors' l2_noise: one norm for the batch, not one per example; each
+    copy noised once, as their code since their fix), stacked copy-major."""
+    if z is None:
         return x
-    z = torch.randn((n_eot,) + tuple(x.shape), generator=gen).to(x.device)
+    z = z.to(x.device)
     scale = eot_noise * x.norm() / z.flatten(1).norm(dim=1)
     noisy = x.unsqueeze(0) + z * scale[:, None, None, None, None]
     return noisy.flatten(0, 1).contiguous(memory_format=torch.channels_last)
 
 
-def step_copies(x, n_eot, eot_noise, noise_key, step):
-    """The copies of the batch that greedy step `step` runs: [x] without noise, else its n_eot noised
-    copies. Each copy is a forward and a backward of its own (as the authors: their memory and
-    cache footprint is a copy's, not n_eot times that)."""
-    return list(eot_inputs(x, n_eot, eot_noise, eot_generator(*noise_key, step) if n_eot else None).split(len(x)))
+def eot_inputs(x, n_eot, eot_noise, gen):
+    """The input of one step: x itself (n_eot = 0), or n_eot noised copies of the batch stacked copy-major
+    (eot_draw, eot_apply)."""
+    return eot_apply(x, eot_draw(x, n_eot, gen), eot_noise)
+
+
+def step_draw(x, n_eot, noise_key, step):
+    """The draws of greedy step `step` (noise_key: (seed, target index)): fresh at every step, seeded."""
+    return eot_draw(x, n_eot, eot_generator(*noise_key, step) if n_eot else None)
+
+
+def step_input(x, n_eot, eot_noise, noise_key, step):
+    """What greedy step `step` runs: the batch x, or its n_eot noised copies stacked copy-major."""
+    return eot_apply(x, step_draw(x, n_eot, noise_key, step), eot_noise)
 
 
 @dataclass
@@ -318,310 +330,197 @@ def _best(scores, zeroed):
     return int(scores.argmax())
 
 
-def _reference_scores(model, units, copies, y):
-    """One step of the reference: a forward per copy, the copies' gradients averaged, the scores.
-    Returns (logits per copy, scores); `model`'s parameters must require gradients."""
-    logits = [model(c) for c in copies]
-    return logits, _reference_backward(model, units, logits, y)
-
-
-def _reference_backward(model, units, logits, y):
-    params = [model.get_parameter(n) for n in units.grad_names]
-    grads = mean_over_copies(_grads(objective(out, y), params) for out in logits)
-    return units.scores(model, grads)
-
-
-def _grads(loss, inputs, retain=False):
-    """d loss / d inputs; zeros for an input the loss does not use (e.g. a head unused in eval mode)."""
-    grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+def _grads(out, inputs, grad_outputs=None):
+    """d out / d inputs (out: a loss, or outputs with grad_outputs); zeros for an input that out does not
+    use (e.g. a head unused in eval mode)."""
+    grads = torch.autograd.grad(out, inputs, grad_outputs=grad_outputs, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
 
 
-def flip_sequential(model, units, x, y, max_units, n_eot=0, eot_noise=0.01, noise_key=(0, 0)):
-    """The authors' greedy loop, plainly. x, y: the batch, target first; noise_key: (seed, target index)
-    for the noise of each step. Returns a FlipResult."""
-    m = copy.deepcopy(model).eval()
-    for p in m.parameters():
-        p.requires_grad_(True)
-    zeroed = []
+def graph_bytes_per_row(model, x):
+    """Bytes that one more input row adds to the autograd graph of a forward of `model` (the tensors
+    saved for its backward, each storage counted once): forwards of two rows of x and of one."""
+    def saved(n):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x[:n])
+        return sum(seen.values())
+    return max(1, saved(2) - saved(1))
+
+
+def graph_rows(model, x, budget):
+    """How many input rows one forward's autograd graph may hold within `budget` bytes (at least 1)."""
+    was = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)
+    try:
+        return max(1, int(budget // graph_bytes_per_row(model, x)))
+    finally:
+        for p, r in zip(model.parameters(), was):
+            p.requires_grad_(r)
+
+
+def search_step(model, params, inp, y, mode, rows, done):
+    """One greedy step of the plain loop on `model`: (the copies' logits, d objective / d params), the
+    gradients None where done(logits) says the search ends here (no backward then). The copies run one
+    at a time (as the authors' loop), split further where a copy has more than `rows` rows (None: no
+    limit). Where all of them fit in `rows`, their graphs are kept and one backward follows; else a
+    forward without graph gives the logits and the objective's gradient with respect to them, then each
+    piece is run again with its graph and backpropagated from its share of that gradient, one after the
+    other, so that one piece's graph is alive at a time (peak memory of `rows` rows, one forward more)."""
+    b = len(y)
+    rows = rows or len(inp)
+    pieces = inp.split(min(b, rows))
+    if len(inp) <= rows:
+        logits = torch.cat([model(p) for p in pieces])
+        if done(logits.detach()):
+            return logits.detach(), None
+        return logits.detach(), _grads(objective(logits, y, mode), params)
+    with torch.no_grad():
+        logits = torch.cat([model(p) for p in pieces])
+    if done(logits):
+        return logits, None
+    leaf = logits.requires_grad_()
+    (dz,) = torch.autograd.grad(objective(leaf, y, mode), [leaf])
+    total = None
+    for p, g in zip(pieces, dz.split(len(pieces[0]))):
+        grads = _grads(model(p), params, g)
+        total = grads if total is None else [t.add_(d) for t, d in zip(total, grads)]
+    return logits.detach(), total
+
+
+def flip_sequential(model, units, x, y, max_units, n_eot=0, eot_noise=0.01, noise_key=(0, 0), mode="mean_logits",
+                    rows=None):
+    """The authors' greedy loop, plainly, one target at a time. x, y: the batch, target first;
+    noise_key: (seed, target index) for the noise of each step; mode: the objective (OBJECTIVES);
+    rows: the most input rows one forward's graph holds (search_step; None: no limit). Returns a
+    FlipResult."""
+    m = copy.deepcopy(model).eval().requires_grad_(True)
+    params = [m.get_parameter(n) for n in units.grad_names]
+    zeroed, b, label = [], len(y), int(y[0])
+    done = lambda logits: target_prediction(logits, b) != label or len(zeroed) >= max_units
     with strict_fp32():
         for step in itertools.count():
-            logits = [m(c) for c in step_copies(x, n_eot, eot_noise, noise_key, step)]
-            prediction = target_prediction(logits)
-            if prediction != int(y[0]) or len(zeroed) >= max_units:
-                return FlipResult(zeroed, prediction != int(y[0]), prediction)
-            u = _best(_reference_backward(m, units, logits, y), zeroed)
+            inp = step_input(x, n_eot, eot_noise, noise_key, step)
+            logits, grads = search_step(m, params, inp, y, mode, rows, done)
+            if grads is None:
+                prediction = target_prediction(logits, b)
+                return FlipResult(zeroed, prediction != label, prediction)
+            u = _best(units.scores(m, grads), zeroed)
             units.zero_(m, u)
             zeroed.append(u)
 
 
-# Rounding of a filter score. Both paths evaluate the same sum T of the n products w * in * g (over
-# examples, positions and filter taps), in different orders. Under the standard probabilistic model
-# of rounding (independent, mean-zero errors; Higham & Mary 2019), any evaluation order of such a sum
-# errs by at most lambda sqrt(n) u S with probability at least 1 - 2n exp(-lambda^2 / 2), u = 2^-24
-# the fp32 unit roundoff and S the sum of |w * in * g|. With lambda = 8 that fails with probability
-# below 1e-5 for n up to 1e9, whatever the kernels' blocking; the tolerance covers both paths:
-# 16 sqrt(n) u S', where S' >= S is a Cauchy-Schwarz bound, cheap to compute:
-# S <= ||W_c|| * sum over examples and positions of |g| * ||input patch||. A near-tie within the
-# tolerance costs little: the reference's own scores of the layers involved (their weight gradients).
-ROUNDOFF = 2.0 ** -24
-LAMBDA = 8.0
-KEEP_BYTES = 2 ** 30  # conv inputs and output gradients kept for settling near-ties (else: a whole reference step)
-QUICK_MARGIN = 1e-4  # relative gap of the top two logits that rounding cannot close (Flipper._quick_prediction)
+def _near_tie(values, exclude=()):
+    """Whether the top two of `values` (1-D; `exclude`d positions left out) are within TIE of the
+    largest magnitude among them: where the batched path's rounding could order them otherwise."""
+    if exclude:
+        values = values.index_fill(0, torch.tensor(list(exclude), device=values.device), -torch.inf)
+    top = values.topk(2).values
+    scale = float(values[values.isfinite()].abs().max())
+    return float(top[0] - top[1]) <= TIE * scale
 
 
-def _rows(t):
-    """(N, C, H, W) -> (N * H * W, C): a view for channels-last tensors."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+def flip_batched(model, units, jobs, slots, max_units, n_eot=0, eot_noise=0.01, mode="mean_logits"):
+    """flip_sequential for many targets, `slots` of them in one forward: each slot holds a target with its
+    own batch, noise and zeroed units (its own copy of the parameters: per-target masks), run together by
+    torch.func.vmap over the slots; a slot whose target finishes takes the next job. jobs: an iterator of
+    (key, x, y, noise_key), all batches of one size, pulled as slots free up (it may look at what has
+    finished so far). Yields (key, FlipResult) as targets finish, in that order.
+    The same unit sequences as flip_sequential: vmap runs other kernels (grouped convolutions), which
+    round otherwise, so a step whose top two scores, or whose target's top two mean logits, are within
+    TIE of each other (relative) is redone by flip_sequential's own step on that target's parameters
+    (`self.settled` counts them)."""
+    flipper = _Batched(model, units, max_units, n_eot, eot_noise, mode)
+    yield from flipper.run(jobs, slots)
 
 
-def _window_sums(conv, t):
-    """t: (N, G, H, W) -> (N, G, H', W'): the sums of t over the conv's kernel window at each of its output
-    positions (the conv's stride, padding, padding mode and dilation), each channel on its own. One
-    depthwise convolution with a kernel of ones over the N x G maps (many maps at once: far cheaper on a
-    CPU than N maps of one channel)."""
-    n, g = t.shape[:2]
-    maps = t.contiguous().view(1, n * g, *t.shape[2:])
-    ones = torch.ones((n * g, 1) + tuple(conv.kernel_size), device=t.device, dtype=t.dtype)
-    if conv.padding_mode != "zeros":  # as Conv2d._conv_forward pads
-        maps, padding = F.pad(maps, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
-    else:
-        padding = conv.padding
-    out = F.conv2d(maps, ones, None, conv.stride, padding, conv.dilation, n * g)
-    return out.view(n, g, *out.shape[2:])
-
-
-def filter_tolerance(conv, inp, grad):
-    """Per output channel: 2 lambda sqrt(n) u S', the rounding tolerance of a filter score (see ROUNDOFF)."""
-    w = conv.weight.detach()
-    groups = conv.groups
-    n = w[0].numel() * grad.numel() // grad.shape[1]  # products in a filter score: taps x output positions
-    # the squared norm of every input patch (per group): the squares of the input summed over each group's
-    # channels first, then over the kernel window -- the same sum as a convolution of in^2 with ones over
-    # all of the group's channels, at a fraction of its cost
-    square = torch.linalg.vector_norm(inp.detach().unflatten(1, (groups, -1)), dim=2).square_()  # (N, groups, H, W)
-    patch = _rows(_window_sums(conv, square)).clamp_min_(0).sqrt_()  # (M, groups)
-    g = _rows(grad).abs()  # (M, C)
-    if groups == 1:
-        weighted = patch[:, 0] @ g
-    else:
-        weighted = (g * patch.repeat_interleave(w.shape[0] // groups, dim=1)).sum(0)
-    # S' is computed in fp32 too: by the same model of rounding each of its three sums (patches, positions,
-    # the weight's norm; none longer than n) falls short of its exact value by a relative lambda sqrt(n) u
-    # at most, and its few elementwise roundings (fewer than lambda, of u each) by no more than that again:
-    # dividing by (1 - lambda sqrt(n) u)^4 keeps it above S
-    short = LAMBDA * math.sqrt(n) * ROUNDOFF
-    return 2 * short / (1 - short) ** 4 * w.flatten(1).norm(dim=1) * weighted
-
-
-def _weight_grads(conv, inp, grad):
-    """The conv's parameter gradients from its input and output gradient: the kernel the reference's
-    backward runs (aten.convolution_backward, the same bias flag), so bitwise the reference's. None
-    where the conv pads itself in another way (padding_mode, padding="same")."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None
-    _, gw, gb = torch.ops.aten.convolution_backward(grad, inp, conv.weight, None, conv.stride, conv.padding,
-                                                    conv.dilation, False, [0, 0], conv.groups,
-                                                    [False, True, conv.bias is not None])
-    return {"weight": gw, "bias": gb}
-
-
-class Flipper:
-    """flip_sequential's decisions with less work (see the module docstring). Reusable across targets."""
-
-    def __init__(self, model, units, tolerance=filter_tolerance):
-        self.units, self.tolerance = units, tolerance
-        self.model = copy.deepcopy(model).eval()
+class _Batched:
+    def __init__(self, model, units, max_units, n_eot, eot_noise, mode):
+        self.units, self.max_units, self.n_eot, self.eot_noise, self.mode = units, max_units, n_eot, eot_noise, mode
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.original = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.exact = copy.deepcopy(model).eval()  # for an ambiguous step: the reference computation
-        for p in self.exact.parameters():
-            p.requires_grad_(True)
-        self.stages = stages(self.model)
-        positions = stage_positions(self.model)
-        self.entry_stage = None if positions is None else [min(positions[n] for n in e.names) for e in units.entries]
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.param_entries = {}  # entry index -> its parameters, scored from their gradients (exact)
-        self.conv_entries = {}   # entry index -> its conv, scored from the conv output (with a tolerance)
-        for i, e in enumerate(units.entries):
-            module = self.model.get_submodule(e.module)
-            if e.kind != "element" and isinstance(module, nn.Conv2d):
-                self.conv_entries[i] = module
-                module.register_forward_hook(self._keep)
-            else:
-                self.param_entries[i] = [self.model.get_parameter(n).requires_grad_(True) for n in e.names]
-        self.params = [p for ps in self.param_entries.values() for p in ps]
-        self.unit_entry = torch.repeat_interleave(torch.arange(len(units.entries)),
-                                                  torch.tensor([e.count for e in units.entries]))
-        self.capture, self.outs, self.called = False, {}, set()
-        # The conv inputs and output gradients kept at a step, per copy, live on until the next step's
-        # copies replace them one by one: freed all at once, a CPU's allocator hands their memory back to
-        # the system and the next step faults it in again, page by page (most of the fast path's extra time
-        # on a CPU, measured); replaced one by one, it is reused. The memory in use is a step's, as before;
-        # a search releases it when it ends (held across searches, it would cost the code in between).
-        self.held = []
-        self.steps = self.exact_steps = self.exact_layers = 0  # steps, steps with near-ties, layers re-scored
+        self.buffers = dict(self.model.named_buffers())
+        self.plain = copy.deepcopy(self.model).requires_grad_(True)  # for the near-ties: flip_sequential's step
+        self.settled = 0
 
-    def _keep(self, module, inputs, out):
-        if self.capture:
-            if not out.requires_grad:  # the first conv: nothing before it needs a gradient
-                out.requires_grad_(True)
-            # a conv called twice in one forward: its output misses a call's share (-> the reference)
-            self.outs[module] = None if module in self.called else (inputs[0], out, out._version)
-            self.called.add(module)
+    def _loss(self, params, inp, y):
+        logits = functional_call(self.model, (params, self.buffers), (inp,))
+        return objective(logits, y, self.mode), logits
 
-    def _forward(self, inp, cache=None, start=0):
-        """The model's logits on `inp`, the conv outputs kept; with a stage cache, from stage `start`
-        (the outputs of the convs before it stay from the forward that filled the cache)."""
-        self.capture, self.called = True, set()
-        try:
-            if cache is None:
-                self.outs = {}
-                return self.model(inp)
-            h = inp if start == 0 else cache[start - 1]
-            for i in range(start, len(self.stages)):
-                h = cache[i] = self.stages[i](h)
-            return h
-        finally:
-            self.capture = False
-
-    def _quick_prediction(self, copies):
-        """The target's prediction from a forward of its own row of each copy (n_copies inputs instead
-        of the whole batch), or None where its top two averaged logits are within QUICK_MARGIN of each
-        other. A row's logits do not depend on the other rows of its batch (eval mode); a kernel whose
-        rounding did depend on the batch size would move them by rounding only, far inside the margin."""
+    def _plain_step(self, params, inp, y):
+        """flip_sequential's step on one target's parameters: (its logits, its scores)."""
         with torch.no_grad():
-            rows = torch.cat([c[:1] for c in copies]).contiguous(memory_format=torch.channels_last)
-            mean = self.model(rows).mean(0)
-        top = mean.topk(2).values
-        return int(mean.argmax()) if float(top[0] - top[1]) > QUICK_MARGIN * float(top.abs().max()) else None
+            for n, p in self.plain.named_parameters():
+                p.copy_(params[n])
+        plist = [self.plain.get_parameter(n) for n in self.units.grad_names]
+        logits, grads = search_step(self.plain, plist, inp, y, self.mode, None, lambda z: False)
+        return logits, self.units.scores(self.plain, grads)
 
-    def _copy_pass(self, copy_input, y, cache, start, retain):
-        """Forward and backward of one copy of the batch: (its logits, its part) with part = (parameter
-        gradients, {conv entry: fast filter scores}, {conv entry: their tolerances}, {conv entry: (conv
-        input, d objective / d conv output)}), or part None where a conv output cannot be used (a conv
-        called twice in a forward, or its output changed in place)."""
-        out = self._forward(copy_input, cache, start)
-        outputs = dict(self.outs)
-        convs = [(i, m) for i, m in self.conv_entries.items() if m in outputs]  # a conv not run scores 0
-        if any(outputs[m] is None or outputs[m][1]._version != outputs[m][2] for _, m in convs):
-            return out.detach(), None
-        grads = _grads(objective(out, y), self.params + [outputs[m][1] for _, m in convs], retain)
-        scores, tols, kept = {}, {}, {}
-        for (i, m), g in zip(convs, grads[len(self.params):]):
-            inp, o, _ = outputs[m]
-            o = o.detach()
-            if self.units.entries[i].kind == "channel" and m.bias is not None:
-                o = o - m.bias.detach()[:, None, None]  # the filter's part of the output
-            scores[i] = (_rows(o) * _rows(g)).sum(0)
-            tols[i] = self.tolerance(m, inp, g)
-            kept[i] = (inp.detach(), g)
-        return out.detach(), (grads[:len(self.params)], scores, tols, kept)
-
-    def _combine(self, parts):
-        """(scores, tolerances, kept) in unit order from the copies' parts (tolerance 0: bitwise the
-        reference's); kept: per copy {conv entry: (input, output gradient)}, or None where keeping them
-        for every copy would take more than KEEP_BYTES."""
-        grads = mean_over_copies(p[0] for p in parts) if self.params else []
-        device = parts[0][0][0].device if self.params else next(iter(parts[0][1].values())).device
-        scores = [torch.zeros(e.count, device=device) for e in self.units.entries]
-        tols = [torch.zeros(e.count, device=device) for e in self.units.entries]
-        k = 0
-        for i, ps in self.param_entries.items():
-            scores[i] = entry_scores(self.units.entries[i], [p.detach() for p in ps], grads[k:k + len(ps)])
-            k += len(ps)
-        convs = list(parts[0][1])
-        if convs:  # the copies' sums are one sum of n_copies times the terms: sqrt(n_copies) on the mean
-            widen = math.sqrt(len(parts))
-            for i, s, t in zip(convs, mean_over_copies([p[1][i] for i in convs] for p in parts),
-                               mean_over_copies([p[2][i] for i in convs] for p in parts)):
-                scores[i], tols[i] = s, t * widen
-        kept = [p[3] for p in parts]
-        size = sum(t.numel() * t.element_size() for k in kept for pair in k.values() for t in pair)
-        return torch.cat(scores), torch.cat(tols), (kept if size <= KEEP_BYTES else None)
-
-    def _exact_scores(self, i, kept):
-        """The reference's scores of conv entry i, bitwise: each copy's weight gradient by the reference's
-        kernel, averaged over the copies as the reference does, times the weight (None: not available)."""
-        m, e = self.conv_entries[i], self.units.entries[i]
-        per_copy = []
-        if kept is None:
-            return None
-        for k in kept:
-            grads = _weight_grads(m, *k[i])
-            if grads is None:
-                return None
-            per_copy.append([grads[name.rsplit(".", 1)[1]] for name in e.names])
-        return entry_scores(e, [self.model.get_parameter(n).detach() for n in e.names], mean_over_copies(per_copy))
-
-    def _choose(self, scores, tols, kept, zeroed):
-        """The reference's choice: the best unit, once no rounding within the tolerances could put another
-        unit ahead of it (exact ties among exact scores go to the first unit in both implementations).
-        Near-ties are settled with the reference's own scores of the conv layers involved. None where
-        those are not available."""
-        settled = False
-        while True:
-            u = _best(scores, zeroed)
-            rival = scores + tols >= scores[u] - tols[u]
-            rival[u] = False
-            if zeroed:
-                rival[torch.tensor(zeroed, device=rival.device)] = False
-            involved = set(self.unit_entry[(rival & (tols > 0)).cpu()].tolist())
-            if tols[u] > 0 and bool(rival.any()):
-                involved.add(self.units.entry_index(u))
-            if not involved:
-                self.exact_steps += settled
-                return u
-            for i in involved:
-                exact = self._exact_scores(i, kept)
-                if exact is None:
-                    return None
-                e = self.units.entries[i]
-                scores[e.offset:e.offset + e.count], tols[e.offset:e.offset + e.count] = exact, 0
-            self.exact_layers += len(involved)
-            settled = True
-
-    def flip(self, x, y, max_units, n_eot=0, eot_noise=0.01, noise_key=(0, 0)):
-        """Same arguments and answer as flip_sequential on the model given at construction."""
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                p.copy_(self.original[n])
-        reuse = n_eot == 0 and self.stages is not None  # fresh noise changes every layer's input
-        cache, start, zeroed = ([None] * len(self.stages) if reuse else None), 0, []
-        self.outs = {}
-        try:
-            with strict_fp32():
-                for step in itertools.count():
-                    copies = step_copies(x, n_eot, eot_noise, noise_key, step)
-                    quick = self._quick_prediction(copies)  # the step's flip check, from the target's rows alone
-                    if quick is not None and (quick != int(y[0]) or len(zeroed) >= max_units):
-                        return FlipResult(zeroed, quick != int(y[0]), quick)
-                    # each copy's forward and backward, one after the other (one copy's memory at a time)
-                    logits, parts = [], []
-                    for k, c in enumerate(copies):
-                        if k < len(self.held):  # the last step's copy k, released just before its successor
-                            self.held[k] = None
-                        out, part = self._copy_pass(c, y, cache, start, retain=reuse)  # reuse: keep the prefix graph
-                        logits.append(out)
-                        parts.append(part)
-                    self.held = [part and part[3] for part in parts]
-                    prediction = target_prediction(logits)  # the reference's flip check, bitwise
-                    if prediction != int(y[0]) or len(zeroed) >= max_units:
-                        return FlipResult(zeroed, prediction != int(y[0]), prediction)
-                    found = None if None in parts else self._combine(parts)
-                    u = None if found is None else self._choose(*found, zeroed)
-                    found = None  # self.held alone keeps the copies' conv inputs and gradients
-                    self.steps += 1
-                    if u is None:  # conv outputs not usable: the reference computation, whole
-                        self.exact.load_state_dict(self.model.state_dict())
-                        u = _best(_reference_scores(self.exact, self.units, copies, y)[1], zeroed)
-                        self.exact_steps += 1
-                    self.units.zero_(self.model, u)
+    def run(self, jobs, slots):
+        names = list(self.original)
+        params = {n: p.unsqueeze(0).repeat((slots,) + (1,) * p.ndim) for n, p in self.original.items()}
+        state = [None] * slots  # per slot: [key, x, y, noise_key, step, zeroed, the step's draws (a future)]
+        step_fn = vmap(grad(self._loss, has_aux=True))
+        scores_fn = vmap(self.units.scores_of)
+        exhausted = False
+        # The noise is drawn on the CPU (the same numbers on every device), one target's copies at a time;
+        # a step's draws for all slots would keep the device waiting, so each slot's next draws are made in a
+        # thread pool while the device computes the current step (they depend on nothing computed).
+        with ThreadPoolExecutor(max_workers=min(slots, os.cpu_count() or 1)) as pool, strict_fp32():
+            draw = lambda st: pool.submit(step_draw, st[1], self.n_eot, st[3], st[4])
+            while True:
+                for s in range(slots):  # fill the free slots
+                    if state[s] is None and not exhausted:
+                        job = next(jobs, None)
+                        if job is None:
+                            exhausted = True
+                        else:
+                            state[s] = [*job, 0, []]
+                            state[s].append(draw(state[s]))
+                            for n in names:
+                                params[n][s].copy_(self.original[n])
+                active = [s for s in range(slots) if state[s] is not None]
+                if not active:
+                    return
+                inp = []
+                for s in active:
+                    st = state[s]
+                    inp.append(eot_apply(st[1], st[6].result(), self.eot_noise))
+                    st[4] += 1
+                    st[6] = draw(st)  # the next step's, while this one computes
+                inp, ys = torch.stack(inp), torch.stack([state[s][2] for s in active])
+                if len(active) < slots:
+                    idx = torch.tensor(active, device=inp.device)
+                    live = {n: params[n].index_select(0, idx) for n in names}
+                else:
+                    live = params
+                grads, logits = step_fn(live, inp, ys)
+                scores = scores_fn(live, grads)
+                for j, s in enumerate(active):
+                    key, x, y, noise_key, step, zeroed, _ = state[s]
+                    b, label = len(y), int(y[0])
+                    z, sc = logits[j].detach(), scores[j]
+                    tied = _near_tie(z.view(-1, b, z.shape[-1])[:, 0].mean(0))
+                    if not tied and not (target_prediction(z, b) != label or len(zeroed) >= self.max_units):
+                        tied = _near_tie(sc, zeroed)
+                    if tied:  # rounding could decide: flip_sequential's own step
+                        self.settled += 1
+                        z, sc = self._plain_step({n: params[n][s] for n in names}, inp[j], y)
+                    prediction = target_prediction(z, b)
+                    if prediction != label or len(zeroed) >= self.max_units:
+                        state[s] = None
+                        yield key, FlipResult(zeroed, prediction != label, prediction)
+                        continue
+                    u = _best(sc, zeroed)
+                    e, index = self.units.locate(u)
+                    with torch.no_grad():
+                        for n in e.names:
+                            params[n][s][index] = 0
                     zeroed.append(u)
-                    if reuse:  # the stages before the unit's are unchanged
-                        start = self.entry_stage[self.units.entry_index(u)]
-        finally:
-            self.capture, self.outs, self.held = False, {}, []
 
 
 # ----------------------------------------------------------------------------- the experiment's choices
@@ -638,11 +537,22 @@ def refresh_batchnorm(model, data, batch_size):
     model.eval()
 
 
+def target_kinds(data):
+    """[(kind, mask)] of the targets: noisy = the memorized set (mislabeled; with memorized=atypical the
+    atypical clean examples) and clean; with memorized=both, noisy (mislabeled), atypical (clean, the
+    authors' `rare`) and clean (typical)."""
+    if getattr(data, "memorized", "noisy") != "both":
+        return [("noisy", data.noisy), ("clean", ~data.noisy)]
+    return [(kind, data.kind == EXAMPLE_KINDS.index(k))
+            for kind, k in (("noisy", "mislabeled"), ("atypical", "atypical"), ("clean", "typical"))]
+
+
 def candidates(data, fits, seed):
-    """{"noisy": [...], "clean": [...]}: the training examples of each kind that the model fits
-    (predicts with their training label), in a seeded random order (targets are taken from the front)."""
+    """{"noisy": [...], ("atypical": [...],) "clean": [...]} (target_kinds): the training examples of each
+    kind that the model fits (predicts with their training label), in a seeded random order (targets are
+    taken from the front)."""
     order = {}
-    for kind, mask in (("noisy", data.noisy), ("clean", ~data.noisy)):
+    for kind, mask in target_kinds(data):
         pool = torch.nonzero((mask & fits).cpu()).flatten()
         order[kind] = pool[torch.randperm(len(pool), generator=generator(seed, "neuron_flipping", kind))].tolist()
     return order
@@ -657,6 +567,31 @@ def pick_targets(data, fits, n, seed):
             raise UserError(f"n_examples={n}, but only {len(pool)} {kind} training examples are predicted with "
                             f"their training label; pass --n_examples={len(pool)} or less")
     return [(i, kind) for pair in zip(order["noisy"][:n], order["clean"][:n]) for i, kind in zip(pair, ("noisy", "clean"))]
+
+
+@torch.no_grad()
+def margins(model, data, batch_size=1024):
+    """Per training example, on `model` (eval mode, strict fp32, clean inputs): its margin, the logit of
+    its training label minus the largest other logit (> 0: predicted with its training label)."""
+    model.eval()
+    out = []
+    with strict_fp32():
+        for idx in torch.arange(data.n_train, device=data.device).split(batch_size):
+            logits = model(data.batch(idx), index=idx).float()
+            label = data.y_train[idx]
+            own = logits.gather(1, label[:, None])[:, 0]
+            out.append(own - logits.scatter(1, label[:, None], -torch.inf).max(1).values)
+    return torch.cat(out).cpu()
+
+
+def nearest_on_margin(margin, value, pool, taken):
+    """The candidate of `pool` (in its order) not in `taken` whose margin is nearest to `value` (the
+    first in pool order on ties), or None where none is left."""
+    free = [i for i in pool if i not in taken]
+    if not free:
+        return None
+    gap = (margin[torch.tensor(free)] - value).abs()
+    return free[int(gap.argmin())]  # argmin: the first of equal gaps
 
 
 def reference_batch(n_train, target, size, seed):
@@ -774,10 +709,10 @@ class Collateral:
 
 
 def summarize(records, baseline, max_units):
-    """Per kind (noisy, clean): counts (not flipped counted as max_units: a lower bound), fraction
+    """Per kind (noisy, atypical, clean, clean_matched; those present): counts (not flipped counted as max_units: a lower bound), fraction
     flipped, layer groups of the zeroed units, and mean accuracy drop on the evaluation sets."""
     out = {}
-    for kind in ("noisy", "clean"):
+    for kind in ("noisy", "atypical", "clean", "clean_matched"):
         rs = [r for r in records if r["kind"] == kind]
         if not rs:
             continue

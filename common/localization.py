@@ -6,7 +6,7 @@ Every method returns a ranking: a permutation of all units, the most responsible
 score units rank by score, exact ties broken in a seeded random order (unit order would favour the
 first layers wherever many scores tie, e.g. units that a mask never moved).
 
-  greedy        the neuron-flipping search (common.flipping.Flipper): zero the best unit by w * dL/dw,
+  greedy        the neuron-flipping search (common.flipping.flip_sequential): zero the best unit by w * dL/dw,
                 recompute, ...; its zeroed units in order, continued past the flip to K units with the
                 same rule; the rest by the scores after the K-th.
   oneshot       w * dL/dw of the flipping objective once, on the unedited model (greedy's first step).
@@ -29,6 +29,24 @@ first layers wherever many scores tie, e.g. units that a mask never moved).
                 from 0, penalty l1_penalty * sum |r| (Network Slimming's L1 on a unit scale). Rank: r.
   random        a seeded random permutation: the floor.
 
+The variants of Chang et al. (NAACL 2024), each on the target alone (row 0), objective the target's
+training-label probability or cross-entropy:
+  ig_act        Integrated Gradients on unit activations from a zero baseline (Knowledge-Neurons style): one
+                probed module at a time (ActivationProbe's signals), its whole output scaled by alpha from 0
+                to 1; score(channel) = sum over positions of a * mean_s dp/da at alpha_s = (s - 1/2) / m, p the
+                target's training-label probability. Units without a channel signal (head weights: the
+                signal w[k, j] x_j scales with w[k, j]) take the same integral on their parameter.
+  zeroout       every unit zeroed alone: score = p(label) - p(label | unit zeroed); one forward per unit.
+  keep_hc       a keep mask: unit u's parameters times z_u, z_u ~ HardConcrete(log_alpha_u) clamped to
+                [0, 1] (as Chang et al.: log_alpha from 0, plain clamp), Adam on CE(target) + penalty *
+                mean E[open gates]: the fewest units that keep the target's prediction. Rank: log_alpha.
+  keep_slim     the same with a continuous keep mask s in [0, 1] from 1 (Network Slimming), penalty *
+                mean(s). Rank: s.
+
+Every learned mask (hardconcrete, slimming, keep_hc, keep_slim) runs until `Plateau` says it has
+converged (a stopping rule, not a step count), at most `max_steps` Adam steps; its penalty is chosen on
+development targets (`tune_penalties`).
+
 removal_loss = -log(1 - p_t(training label)) + mean over the references of their cross-entropy: remove
 the target's training-label prediction, keep the references'. (The flipping objective's -CE_t is
 unbounded: an optimiser would drive it to -inf and stop caring for the references.)
@@ -36,7 +54,10 @@ unbounded: an optimiser would drive it to -inf and stop caring for the reference
 Ground truth: a model trained with example-tied dropout, evaluated tied (each example with its own
 training mask: `pin_tied`), has its noisy examples' memorization in their own memorization channels,
 which the dropout's hashing tells (`tied_channels`); `ChannelUnits` maps channels to the units that
-write them (a conv filter and its BatchNorm scale and shift).
+write them (a conv filter and its BatchNorm scale and shift). `oracle_ranking` zeroes the target's own
+memorization channels first: the upper reference. Selectivity and activation IG probe a channel before
+the dropout (a pinned mask would otherwise hand them the answer); the methods' margins over two baselines
+(the same masks pinned on a model trained without ETD; clean ETD targets) say what is left.
 """
 import copy
 import math
@@ -50,17 +71,25 @@ from torch.func import functional_call
 
 from .cli import UserError
 from .dropout import ExampleTiedDropout, StandardDropout, etd_modules
-from .flipping import Flipper, objective, zeroed_copy
+from .flipping import entry_scores, flip_sequential, objective, stage_positions, zeroed_copy
+from .models import stages
 from .plots import figure, save
 from .precision import strict_fp32
 from .rng import generator
 
-METHODS = ("greedy", "oneshot", "activation", "ig", "hardconcrete", "slimming", "random")
+METHODS = ("greedy", "oneshot", "activation", "ig", "ig_act", "zeroout", "hardconcrete", "slimming", "keep_hc",
+           "keep_slim", "random")
+MASKS = ("hardconcrete", "slimming", "keep_hc", "keep_slim")  # the learned masks: run to convergence, penalty tuned
+PASSES = ("forward", "backward", "forward_examples", "backward_examples")  # a ranking's cost, per target
+ORACLE = "oracle"  # ETD models only: the target's own memorization channels first (reads the answer)
 LABELS = {"greedy": "greedy zeroing (paper)", "oneshot": "one-shot w*dL/dw", "activation": "activation selectivity",
-          "ig": "integrated gradients", "hardconcrete": "HardConcrete (L0) mask", "slimming": "slimming (L1) mask",
-          "random": "random units"}
-COLORS = {"greedy": "black", "oneshot": "tab:blue", "activation": "tab:orange", "ig": "tab:green",
-          "hardconcrete": "tab:purple", "slimming": "tab:brown", "random": "tab:gray"}
+          "ig": "integrated gradients (weights)", "ig_act": "IG on activations (Chang)", "zeroout": "ZeroOut (Chang)",
+          "hardconcrete": "HardConcrete removal mask", "slimming": "slimming removal mask",
+          "keep_hc": "HardConcrete keep mask (Chang)", "keep_slim": "slimming keep mask (Chang)",
+          "random": "random units", ORACLE: "oracle (own channels)"}
+COLORS = {"greedy": "black", "oneshot": "tab:blue", "activation": "tab:orange", "ig": "tab:green", "ig_act": "limegreen",
+          "zeroout": "tab:cyan", "hardconcrete": "tab:purple", "slimming": "tab:brown", "keep_hc": "violet",
+          "keep_slim": "peru", "random": "tab:gray", ORACLE: "tab:red"}
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1   # HardConcrete temperature and stretch (Louizos et al. 2018)
 HC_INIT = 0.01                          # initial probability that a HardConcrete removal gate is open
 
@@ -115,8 +144,10 @@ def _frozen(model):
 
 # ----------------------------------------------------------------------------- activation selectivity
 
+# Channel-wise modules a probe walks past. Not example-tied dropout (nor its pinned masks): probed after it,
+# a unit outside the target's mask reads exactly 0 and selectivity would read the answer off the mask.
 CHANNELWISE = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid,
-               nn.Identity, nn.Dropout, ExampleTiedDropout, StandardDropout)
+               nn.Identity, nn.Dropout, StandardDropout)
 
 
 def _channel_means(t):
@@ -133,9 +164,9 @@ class ActivationProbe:
     """Per example and unit, the mean |activation| of the signal the unit is part of (forward passes only):
 
     - a conv filter, or a 1-D parameter (BatchNorm / LayerNorm scale or shift, bias) of length C: channel c
-      of the output of the last channel-wise module (BatchNorm, activation, dropout) that directly follows
-      its module in the same Sequential, else of its module's output: for a conv + BN + ReLU (+ dropout)
-      block the channel the next layer reads;
+      of the output of the last channel-wise module (BatchNorm, activation, standard dropout) that
+      directly follows its module in the same Sequential, else of its module's output: for a conv + BN +
+      ReLU (+ example-tied dropout) block the ReLU's channel, before the example-tied mask;
     - an element w[k, j] of a Linear weight: |w[k, j]| * mean |x_j|, the signal on that edge (x: the layer's input);
     - anything else (e.g. position embeddings): |w|, the same for every example.
     In weight units, every element of a filter shares its channel's signal."""
@@ -167,7 +198,7 @@ class ActivationProbe:
             return module_name
         names = [n for n, _ in parent.named_children()]
         i = names.index(child)
-        while i + 1 < len(names) and isinstance(parent[i + 1], CHANNELWISE + (PinnedMask,)):
+        while i + 1 < len(names) and isinstance(parent[i + 1], CHANNELWISE):
             i += 1
         return f"{parent_name}.{names[i]}"
 
@@ -207,11 +238,29 @@ class ActivationProbe:
 
 # ----------------------------------------------------------------------------- gradient and mask methods
 
+def label_probability(logits, y):
+    """The target's (row 0) probability of its training label."""
+    return torch.softmax(logits[0].float(), 0)[y[0]]
+
+
 def oneshot_scores(model, units, x, y):
     """w * dL/dw of the flipping objective per unit, once (the greedy search's first scores)."""
     params = {n: p.requires_grad_() for n, p in _params(model, units).items()}
     grads = _grads(objective(functional_call(model, params, (x,)), y), list(params.values()))
     return units.scores(model, grads)
+
+
+def _path_grads(model, names, trained, x, y, steps, loss_fn):
+    """{name: mean over alpha_s = (s - 1/2) / steps of d loss_fn / d w at alpha_s * trained[name]}, the
+    parameters `names` scaled together, the rest of the network as trained."""
+    total = {n: torch.zeros_like(trained[n]) for n in names}
+    for s in range(steps):
+        alpha = (s + 0.5) / steps
+        scaled = {n: (alpha * trained[n]).requires_grad_() for n in names}
+        g = _grads(loss_fn(functional_call(model, scaled, (x,)), y), list(scaled.values()))
+        for n, gi in zip(names, g):
+            total[n] += gi
+    return {n: t / steps for n, t in total.items()}
 
 
 def ig_scores(model, units, x, y, steps):
@@ -220,47 +269,147 @@ def ig_scores(model, units, x, y, steps):
     for e in units.entries:
         groups.setdefault(e.group, []).extend(e.names)
     for names in groups.values():
-        total = {n: torch.zeros_like(trained[n]) for n in names}
-        for s in range(steps):
-            alpha = (s + 0.5) / steps
-            scaled = {n: (alpha * trained[n]).requires_grad_() for n in names}
-            g = _grads(objective(functional_call(model, scaled, (x,)), y), list(scaled.values()))
-            for n, gi in zip(names, g):
-                total[n] += gi
-        mean_grad.update({n: t / steps for n, t in total.items()})
+        mean_grad.update(_path_grads(model, names, trained, x, y, steps, objective))
     return units.scores(model, [mean_grad[n] for n in units.grad_names])
 
 
-def mask_scores(model, units, x, y, kind, steps, lr, penalty, gen):
-    """A removal mask learned for the target (module docstring): log_alpha (hardconcrete) or r (slimming)."""
-    params = _params(model, units)
-    device = x.device
-    hard = kind == "hardconcrete"
-    init = math.log(HC_INIT / (1 - HC_INIT)) + BETA * math.log(-GAMMA / ZETA) if hard else 0.0
-    theta = torch.full((len(units),), init, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([theta], lr=lr)
-    for _ in range(steps):
-        if hard:
-            u = torch.rand(len(units), generator=gen).clamp(1e-6, 1 - 1e-6).to(device)
-            r = torch.sigmoid((u.log() - (-u).log1p() + theta) / BETA) * (ZETA - GAMMA) + GAMMA
-            r = r + (r.clamp(0, 1) - r).detach()  # the clamped value, the stretched sample's gradient
-            reg = torch.sigmoid(theta - BETA * math.log(-GAMMA / ZETA)).sum()  # E[open gates]
+def _channel_sums(t):
+    """(C,): the sum of row 0 of t over everything but its channels (dim 1 of NCHW / (B, C), last of tokens)."""
+    t = t[0].float()
+    if t.ndim == 1:
+        return t
+    return t.flatten(1).sum(1) if t.ndim == 3 else t.flatten(0, -2).sum(0)
+
+
+def ig_act_scores(model, units, probe, x, y, steps):
+    """Integrated Gradients of the target's label probability on unit activations from a zero baseline,
+    one probed module at a time (module docstring); units without a channel signal: on their parameter."""
+    x1, y1 = x[:1], y[:1]
+    channel_attr, state = {}, {}
+
+    def scale(module, inputs, out):
+        state["a"] = out.detach()
+        state["scaled"] = (state["alpha"] * state["a"]).requires_grad_()
+        return state["scaled"]
+    for name in sorted({name for kind, name, _ in probe.plan if kind == "channel"}):
+        handle = model.get_submodule(name).register_forward_hook(scale)
+        try:
+            total = 0
+            for s in range(steps):
+                state["alpha"] = (s + 0.5) / steps
+                total = total + _grads(label_probability(model(x1), y1), [state["scaled"]])[0]
+        finally:
+            handle.remove()
+        channel_attr[name] = _channel_sums(state["a"] * total / steps)
+    trained, scores = _params(model, units), []
+    for e, (kind, name, index) in zip(units.entries, probe.plan):
+        if kind == "channel" and int(index.max()) < len(channel_attr[name]):
+            scores.append(channel_attr[name][index.to(channel_attr[name].device)])
         else:
-            r, reg = theta, theta.abs().sum()
-        loss = removal_loss(functional_call(model, masked_params(params, units, 1 - r), (x,)), y) + penalty * reg
+            g = _path_grads(model, list(e.names), trained, x1, y1, steps, label_probability)
+            scores.append(entry_scores(e, [trained[n] for n in e.names], [g[n] for n in e.names]))
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def zeroout_scores(model, units, x, y):
+    """ZeroOut: every unit zeroed alone, score = the drop of the target's label probability. A unit's
+    forward restarts from the cached input of the first stage it changes (common.models.stages).
+    Returns (scores, forward passes of the target)."""
+    x1, y1 = x[:1], y[:1]
+    parts, positions = stages(model), stage_positions(model)
+    inputs, h = [], x1
+    for part in parts or []:
+        inputs.append(h)
+        h = part(h)
+    base = label_probability(model(x1), y1)
+    scores = torch.empty(len(units))
+    for e in units.entries:
+        params = [model.get_parameter(n) for n in e.names]
+        start = min(positions[n] for n in e.names) if parts else None
+        for local in range(e.count):
+            _, index = units.locate(e.offset + local)
+            saved = [p[index].clone() for p in params]
+            for p in params:
+                p[index] = 0
+            if parts:
+                h = inputs[start]
+                for part in parts[start:]:
+                    h = part(h)
+            else:
+                h = model(x1)
+            for p, v in zip(params, saved):
+                p[index] = v
+            scores[e.offset + local] = base - label_probability(h, y1)
+    return scores, len(units) + 1
+
+
+class Plateau:
+    """The stopping rule of a learned mask: every `window` Adam steps the window's mean loss is compared
+    with the previous window's; converged when it fell by less than `tol` of it (relative) and the top
+    `k` units of the mask's ranking are the same set as at the previous window's end. `means` is the
+    trace (one mean loss per window)."""
+
+    def __init__(self, window, tol, k):
+        self.window, self.tol, self.k = window, tol, k
+        self.losses, self.means, self.top = [], [], None
+
+    def step(self, loss, theta):
+        """Record one step's loss and the mask's scores after it; True once converged."""
+        self.losses.append(float(loss.detach()) if torch.is_tensor(loss) else float(loss))
+        if len(self.losses) % self.window:
+            return False
+        mean = statistics.fmean(self.losses[-self.window:])
+        # a stable sort: among equal scores (e.g. masks at 0) the same units each time
+        top = set(torch.sort(theta.detach().float(), descending=True, stable=True).indices[:self.k].tolist())
+        done = bool(self.means) and self.means[-1] - mean <= self.tol * abs(self.means[-1]) and top == self.top
+        self.means.append(mean)
+        self.top = top
+        return done
+
+
+def mask_scores(model, units, x, y, kind, lr, penalty, gen, plateau, max_steps):
+    """A mask learned for the target until `plateau` says converged (at most max_steps Adam steps):
+    removal masks (hardconcrete, slimming: remove the target's label, keep the references') or Chang et
+    al.'s keep masks (keep_hc, keep_slim: keep the target's prediction with the fewest units; module
+    docstring). Returns (scores: log_alpha or the mask, {"steps", "converged", "trace"})."""
+    params = _params(model, units)
+    keep = kind.startswith("keep")
+    hard = kind in ("hardconcrete", "keep_hc")
+    init = {"hardconcrete": math.log(HC_INIT / (1 - HC_INIT)) + BETA * math.log(-GAMMA / ZETA),
+            "keep_hc": 0.0, "slimming": 0.0, "keep_slim": 1.0}[kind]
+    theta = torch.full((len(units),), init, device=x.device, requires_grad=True)
+    xs, ys = (x[:1], y[:1]) if keep else (x, y)
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    converged, steps = False, 0
+    while steps < max_steps and not converged:
+        if hard:
+            u = torch.rand(len(units), generator=gen).clamp(1e-6, 1 - 1e-6).to(x.device)
+            z = torch.sigmoid((u.log() - (-u).log1p() + theta) / BETA) * (ZETA - GAMMA) + GAMMA
+            # keep (Chang et al.): a plain clamp; removal: the clamped value with the stretched sample's
+            # gradient (with a plain clamp a removal gate sampled at 0 gets none: most would never be scored)
+            z = z.clamp(0, 1) if keep else z + (z.clamp(0, 1) - z).detach()
+            reg = torch.sigmoid(theta - BETA * math.log(-GAMMA / ZETA))  # P(gate open)
+        else:
+            z, reg = theta, theta.abs()
+        logits = functional_call(model, masked_params(params, units, z if keep else 1 - z), (xs,))
+        task = F.cross_entropy(logits.float(), ys) if keep else removal_loss(logits, ys)
+        loss = task + penalty * (reg.mean() if keep else reg.sum())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if not hard:
             with torch.no_grad():
                 theta.clamp_(0, 1)
-    return theta.detach()
+        steps += 1
+        converged = plateau.step(loss, theta)
+    return theta.detach(), {"steps": steps, "converged": converged, "trace": [round(m, 6) for m in plateau.means]}
 
 
-def greedy_ranking(flipper, model, units, x, y, k_max, gen):
-    """The flipping search's zeroed units (Flipper, until the flip), continued with the same rule to k_max
+def greedy_ranking(model, units, x, y, k_max, gen):
+    """The flipping search's zeroed units (flip_sequential, until the flip), continued with the same rule to k_max
     units; then the rest by the scores after the last. Returns (ranking, units zeroed at the flip or None)."""
-    result = flipper.flip(x, y, k_max)
+    result = flip_sequential(model, units, x, y, k_max)
     order = list(result.units)
     m = zeroed_copy(model, units, order)
     params = [m.get_parameter(n).requires_grad_() for n in units.grad_names]
@@ -279,46 +428,116 @@ def greedy_ranking(flipper, model, units, x, y, k_max, gen):
     return torch.cat([chosen, rest]), (len(result.units) if result.flipped else None)
 
 
+def oracle_ranking(truth, own, gen):
+    """The target's own memorization channels first (a seeded order of channels, each with all the units
+    that write it), then every other unit in a seeded random order: the upper reference, reading the answer."""
+    channels = torch.nonzero(own).flatten()
+    channels = channels[torch.randperm(len(channels), generator=gen)]
+    first = [u for c in channels.tolist() for u in torch.nonzero(truth.unit_channel == c).flatten().tolist()]
+    rest = torch.randperm(len(truth.unit_channel), generator=gen)
+    rest = rest[~torch.isin(rest, torch.tensor(first, dtype=torch.long))]
+    return torch.cat([torch.tensor(first, dtype=torch.long), rest])
+
+
 class Localizer:
     """Rankings of a model's units for targets by every method (reusable across targets of one model).
 
-    x, y: the batch, target first, then its reference examples; `index` seeds the random pieces."""
+    x, y: the batch, target first, then its reference examples; `index` seeds the random pieces.
+    `penalties`: {mask method: sparsity weight}. Every ranking also reports its cost in passes of the
+    network (forward / backward passes and the examples they carried)."""
 
-    def __init__(self, model, units, seed, max_k, ig_steps, mask_steps, hc_lr, slim_lr, l0_penalty, l1_penalty):
+    def __init__(self, model, units, seed, max_k, ig_steps, mask_max_steps, mask_window, mask_tol, hc_lr, slim_lr,
+                 penalties):
         self.model, self.units, self.seed = _frozen(model), units, seed
-        self.max_k, self.ig_steps, self.mask_steps = max_k, ig_steps, mask_steps
-        self.lr = {"hardconcrete": hc_lr, "slimming": slim_lr}
-        self.penalty = {"hardconcrete": l0_penalty, "slimming": l1_penalty}
-        self._flipper = self._probe = None
+        self.max_k, self.ig_steps = max_k, ig_steps
+        self.max_steps, self.window, self.tol = mask_max_steps, mask_window, mask_tol
+        self.lr = {"hardconcrete": hc_lr, "keep_hc": hc_lr, "slimming": slim_lr, "keep_slim": slim_lr}
+        self.penalties = dict(penalties)
+        self._probe = None
+        self.counting, self.passes = True, None
+        self.model.register_forward_hook(self._count)
+
+    def _count(self, module, inputs, out):
+        if not self.counting or self.passes is None:
+            return
+        rows = int(inputs[0].shape[0]) if inputs else 0
+        self.passes["forward"] += 1
+        self.passes["forward_examples"] += rows
+        if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:  # each is backpropagated
+            self.passes["backward"] += 1
+            self.passes["backward_examples"] += rows
 
     def gen(self, *tags):
         return generator(self.seed, "localization", *tags)
 
     def rank(self, method, x, y, index):
-        """(ranking: a CPU LongTensor permutation of the units, extra JSON-able facts); strict fp32."""
+        """(ranking: a CPU LongTensor permutation of the units, extra JSON-able facts incl. "passes"); strict fp32."""
+        self.passes = dict.fromkeys(PASSES, 0)
+        self.counting = True
         with strict_fp32():
-            return self._rank(method, x, y, index)
+            ranking, extra = self._rank(method, x, y, index)
+        passes, self.passes = self.passes, None  # later forwards (of copies, which keep the hook) uncounted
+        return ranking, {**extra, "passes": passes}
+
+    def _add(self, forward, backward, rows):
+        self.passes["forward"] += forward
+        self.passes["backward"] += backward
+        self.passes["forward_examples"] += forward * rows
+        self.passes["backward_examples"] += backward * rows
 
     def _rank(self, method, x, y, index):
         ties = self.gen("ties", method, index)
         if method == "greedy":
-            self._flipper = self._flipper or Flipper(self.model, self.units)
-            ranking, flip_at = greedy_ranking(self._flipper, self.model, self.units, x, y, self.max_k, ties)
+            self.counting = False  # zeroed copies' passes (which keep the hook): counted here, K + 1
+            ranking, flip_at = greedy_ranking(self.model, self.units, x, y, self.max_k, ties)
+            self._add(self.max_k + 1, self.max_k + 1, len(x))
             return ranking, {"flip_at": flip_at}
         if method == "oneshot":
             return rank(oneshot_scores(self.model, self.units, x, y), ties), {}
-        if method == "activation":
+        if method in ("activation", "ig_act"):
             self._probe = self._probe or ActivationProbe(self.model, self.units)
-            return rank(self._probe.selectivity(x), ties), {}
+            if method == "activation":
+                return rank(self._probe.selectivity(x), ties), {}
+            return rank(ig_act_scores(self.model, self.units, self._probe, x, y, self.ig_steps), ties), {}
         if method == "ig":
             return rank(ig_scores(self.model, self.units, x, y, self.ig_steps), ties), {}
-        if method in ("hardconcrete", "slimming"):
-            theta = mask_scores(self.model, self.units, x, y, method, self.mask_steps, self.lr[method],
-                                self.penalty[method], self.gen(method, index))
-            return rank(theta, ties), {}
+        if method == "zeroout":
+            self.counting = False
+            scores, forwards = zeroout_scores(self.model, self.units, x, y)
+            self._add(forwards, 0, 1)  # partial forwards (from a cached stage) counted as whole ones
+            return rank(scores, ties), {}
+        if method in MASKS:
+            theta, facts = mask_scores(self.model, self.units, x, y, method, self.lr[method], self.penalties[method],
+                                       self.gen(method, index), Plateau(self.window, self.tol, self.max_k),
+                                       self.max_steps)
+            return rank(theta, ties), {"mask": facts}
         if method == "random":
             return torch.randperm(len(self.units), generator=self.gen("random", index)), {}
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+
+
+def flip_auc(flipped):
+    """Area under the flip curve: the fraction of k = 1..K at which the target is flipped."""
+    return statistics.fmean(flipped) if flipped else float("nan")
+
+
+def tune_penalties(localizer, dev, base, factors, k_max):
+    """Per learned mask, the sparsity weight (base[method] x a factor) whose rankings flip the development
+    targets `dev` ([(x, y, index)]) soonest: the largest mean area under the flip curve (k = 1..k_max;
+    the first factor on ties; a single factor is taken without ranking). Sets localizer.penalties; returns {method: {"chosen", "auc": {penalty: mean}}}."""
+    out = {}
+    for method in base:
+        auc = {}
+        for f in (factors if len(factors) > 1 else ()):  # one factor: nothing to choose
+            localizer.penalties[method] = base[method] * f
+            auc[base[method] * f] = statistics.fmean(
+                flip_auc([p != int(y[0]) for p in topk_predictions(localizer.model, localizer.units,
+                                                                  localizer.rank(method, x, y, i)[0], x, k_max)])
+                for x, y, i in dev)
+        chosen = max(auc, key=lambda p: auc[p]) if auc else base[method] * factors[0]  # the first of equal maxima
+        localizer.penalties[method] = chosen
+        out[method] = {"chosen": chosen, "auc": {f"{p:g}": a for p, a in auc.items()}}
+    return out
 
 
 # ----------------------------------------------------------------------------- what zeroing the top k does
@@ -447,25 +666,81 @@ class ChannelUnits:
         return torch.cat([tied[layer][0].cpu() for layer in self.first])
 
     def scores(self, ranking, own, k_max):
-        """Precision and recall at k = 1..k_max of the example's own memorization channels among the top-k
-        units: precision = fraction of the top k units that write one of them; recall = fraction of them
-        written by at least one top-k unit; precision_any = fraction writing any memorization channel."""
-        ch = self.unit_channel[ranking[:k_max]]
-        valid = ch >= 0
-        hit = valid & own[ch.clamp_min(0)]
-        mem = valid & self.is_mem[ch.clamp_min(0)]
+        """Against the example's own memorization channels `own`, a unit a hit when it writes one of them:
+        precision at k = 1..k_max (the fraction of the top k units that are hits); recall at k (the fraction
+        of its own channels written by at least one top-k unit); precision_any (top-k units writing any
+        memorization channel); `ap`: average precision of the hits over the whole ranking; per dropout
+        layer (the ranking restricted to the units writing that layer's channels, where a global top k can
+        skip a layer): `layer_precision` at k = 1..k_max and `layer_ap`."""
+        ch_all = self.unit_channel[ranking]
+        hit_all = (ch_all >= 0) & own[ch_all.clamp_min(0)]
+        ch, hit = ch_all[:k_max], hit_all[:k_max]
+        mem = (ch >= 0) & self.is_mem[ch.clamp_min(0)]
         ks = torch.arange(1, len(ch) + 1)
         seen, recall = set(), []
         for c, h in zip(ch.tolist(), hit.tolist()):
             if h:
                 seen.add(c)
             recall.append(len(seen) / max(1, int(own.sum())))
+        layer_precision, layer_ap = {}, {}
+        for layer, (lo, hi) in self.layer_ranges().items():
+            inside = (ch_all >= lo) & (ch_all < hi)
+            h = hit_all[inside]
+            layer_precision[layer] = (h[:k_max].cumsum(0) / torch.arange(1, min(k_max, len(h)) + 1)).tolist()
+            layer_ap[layer] = average_precision(h)
         return {"precision": (hit.cumsum(0) / ks).tolist(), "recall": recall,
-                "precision_any": (mem.cumsum(0) / ks).tolist()}
+                "precision_any": (mem.cumsum(0) / ks).tolist(), "ap": average_precision(hit_all),
+                "layer_precision": layer_precision, "layer_ap": layer_ap}
+
+    def layer_ranges(self):
+        """{dropout layer: (first channel id, one past its last)}."""
+        bounds = list(self.first.values()) + [len(self.channels)]
+        return {layer: (lo, hi) for layer, lo, hi in zip(self.first, bounds, bounds[1:])}
 
     def chance(self, own):
         """Precision of a random unit: the fraction of all units that write an own memorization channel."""
         return float((self.unit_channel >= 0).logical_and(own[self.unit_channel.clamp_min(0)]).float().mean())
+
+
+def average_precision(hits):
+    """Average precision of a ranked list of hits (bool, best first): the mean over the hits of the
+    precision at their rank; nan without hits."""
+    hits = torch.as_tensor(hits, dtype=torch.bool)
+    if not bool(hits.any()):
+        return float("nan")
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+class HeldOut:
+    """Collateral on an example-tied dropout model, tied: a fixed set of training examples (clean and
+    noisy) evaluated each with its own training mask (`pin_tied`), after an edit; the examples of the
+    target's batch left out. Accuracy against the training labels."""
+
+    def __init__(self, model, data, sets):
+        self.idx = torch.cat([sets["clean"], sets["noisy"]])
+        self.n_clean = len(sets["clean"])
+        self.pinned = pin_tied(model, self.idx.to(data.device))
+        self.x, self.y = data.batch(self.idx.to(data.device)), data.labels(self.idx.to(data.device))
+        self.before = self.predict(self.pinned)
+
+    @torch.no_grad()
+    def predict(self, model):
+        with strict_fp32():
+            return model.eval()(self.x).argmax(1)
+
+    def accuracies(self, preds, exclude=()):
+        """{"clean": .., "noisy": ..}: accuracy of `preds` on the set's clean and noisy examples, those in
+        `exclude` (indices) left out."""
+        keep = ~torch.isin(self.idx, torch.as_tensor(list(exclude), dtype=torch.long))
+        right = (preds.cpu() == self.y.cpu()) & keep
+        kinds = {"clean": slice(0, self.n_clean), "noisy": slice(self.n_clean, None)}
+        return {k: float(right[s].sum() / keep[s].sum().clamp_min(1)) for k, s in kinds.items()}
+
+    def after(self, units, ranking, k, exclude):
+        """Accuracies with the top k units of `ranking` zeroed."""
+        m = zeroed_copy(self.pinned, units, ranking[:k].tolist())
+        return self.accuracies(self.predict(m), exclude)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -476,28 +751,130 @@ def _mean(values):
 
 
 def summarize(records, methods, k_max, kinds=("noisy", "clean")):
-    """Per method and kind: fraction of targets flipped with the top k zeroed (k = 1..k_max), mean accuracy
-    drop on the collateral sets per k measured, ETD precision / recall / reference examples kept per k
+    """Per method and kind: fraction of targets flipped with the top k zeroed (k = 1..k_max), the mean area
+    under the flip curve, the median k to flip (k_max + 1 where none), the mean accuracy drop on the
+    collateral sets per k measured and at each target's own flip point, ETD precision / recall / reference
+    examples kept per k, average precision (global and per layer), held-out collateral at the flip point
     (where recorded), and the seconds per target of the ranking."""
     out = {}
     for method in methods:
-        s = {"seconds_mean": _mean([r["methods"][method]["seconds"] for r in records]),
-             "seconds_median": statistics.median([r["methods"][method]["seconds"] for r in records]) if records else None}
+        secs = [r["methods"][method]["seconds"] for r in records]
+        s = {"seconds_mean": _mean(secs), "seconds_median": statistics.median(secs) if secs else None}
         for kind in kinds:
             rs = [r for r in records if r["kind"] == kind]
             if not rs:
                 continue
             ms = [r["methods"][method] for r in rs]
-            d = {"n": len(rs), "flip_rate": [statistics.fmean(m["flipped"][k] for m in ms) for k in range(k_max)]}
+            d = {"n": len(rs), "flip_rate": [statistics.fmean(m["flipped"][k] for m in ms) for k in range(k_max)],
+                 "auc": _mean([m["auc"] for m in ms]),
+                 "flip_k_median": statistics.median(m["flip_k"] or k_max + 1 for m in ms)}
             if "collateral_drop" in ms[0]:
                 ks = sorted(ms[0]["collateral_drop"], key=int)
                 d["collateral_drop"] = {k: {split: _mean([m["collateral_drop"][k][split] for m in ms])
                                             for split in ms[0]["collateral_drop"][k]} for k in ks}
+                d["collateral_at_flip"] = {split: _mean([(m["collateral_at_flip"] or {}).get(split) for m in ms])
+                                           for split in ("clean", "noisy", "test")}
             if "precision" in ms[0]:
                 for key in ("precision", "recall", "precision_any", "refs_kept"):
                     d[key] = [statistics.fmean(m[key][k] for m in ms) for k in range(k_max)]
+                d["ap"] = _mean([m["ap"] for m in ms])
+                d["layer_ap"] = {layer: _mean([m["layer_ap"][layer] for m in ms]) for layer in ms[0]["layer_ap"]}
+                d["held_out_at_flip"] = {split: _mean([m.get("held_out_at_flip", {}).get(split) for m in ms])
+                                         for split in ("clean", "noisy")}
             s[kind] = d
         out[method] = s
+    return out
+
+
+# ----------------------------------------------------------------------------- ranking the methods
+
+def _flip_ks(ms, k_max):
+    return np.array([m["flip_k"] or k_max + 1 for m in ms], dtype=float)
+
+
+def _layer_mean(m):
+    v = [a for a in m["layer_ap"].values() if a is not None and np.isfinite(a)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _nanmean(a):
+    a = np.asarray(a, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
+
+
+def compare(results_per_seed, resamples=2000):
+    """One statistic per method and question, each with a 95% percentile bootstrap CI (seeds resampled,
+    then targets within a seed; common.claims.bootstrap):
+      auc                area under the flip curve, plain model, noisy targets (mean)
+      auc_vs_greedy      the same minus greedy's, paired per target
+      median_k           median k to flip (K + 1 where the top K never flip it), plain noisy targets
+      collateral_at_flip test accuracy drop at the method's own flip point (targets it flips)
+      etd_auc            area under the flip curve, ETD noisy targets
+      held_out_at_flip   ETD: held-out clean training accuracy drop (tied) at the method's own flip point
+      ap, ap_minus_a, ap_minus_b          ETD noisy targets' average precision of their own channels; minus
+                         the same method's on baseline (a) (paired per target) and on the clean targets (b)
+      precision5_minus_a / _b, layer_ap_minus_a / _b   the same margins for precision at 5 and per-layer AP
+      forward_equivalents  cost: example-forwards + 2 x example-backwards per target (mean; no CI)
+    Returns {method: {statistic: {"value", "ci", "n"}}}."""
+    from .claims import bootstrap  # the one bootstrap of the project
+    res = results_per_seed
+    k_max = res[0]["config"]["max_k"]
+    methods = [m for m in res[0]["methods"] if all(m in r["methods"] for r in res)]
+    methods += [ORACLE] if all(r.get("etd") for r in res) else []
+    out = {}
+
+    def plain(r, kind="noisy"):
+        return [rec for rec in r["plain"]["records"] if rec["kind"] == kind]
+
+    def etd(r, model, kind):
+        return [rec for rec in (r.get("etd") or {}).get("records", []) if rec["model"] == model and rec["kind"] == kind]
+
+    def stat(name, strata, fn):
+        strata = [s for s in strata if all(len(a) for a in s)]
+        if not strata:
+            return None
+        value = fn(strata)
+        lo, hi = bootstrap(strata, fn, f"localization:{name}", resample_strata=True, n=resamples)
+        return {"value": value, "ci": [lo, hi], "n": int(sum(len(s[0]) for s in strata))}
+
+    mean0 = lambda sample: _nanmean(np.concatenate([s[0] for s in sample]))
+    median0 = lambda sample: float(np.median(np.concatenate([s[0] for s in sample])))
+    diff01 = lambda sample: mean0(sample) - _nanmean(np.concatenate([s[1] for s in sample]))
+    for m in methods:
+        o = {}
+        if m != ORACLE:
+            o["auc"] = stat(f"{m}:auc", [(np.array([t["methods"][m]["auc"] for t in plain(r)]),) for r in res], mean0)
+            if "greedy" in methods:
+                o["auc_vs_greedy"] = stat(f"{m}:auc_vs_greedy", [(np.array(
+                    [t["methods"][m]["auc"] - t["methods"]["greedy"]["auc"] for t in plain(r)]),) for r in res], mean0)
+            o["median_k"] = stat(f"{m}:median_k", [(_flip_ks([t["methods"][m] for t in plain(r)], k_max),) for r in res],
+                                 median0)
+            o["collateral_at_flip"] = stat(f"{m}:collateral", [(np.array(
+                [t["methods"][m]["collateral_at_flip"]["test"] for t in plain(r) if t["methods"][m]["collateral_at_flip"]]),)
+                for r in res], mean0)
+            every = [t for r in res for t in r["plain"]["records"] + (r.get("etd") or {}).get("records", [])]
+            o["forward_equivalents"] = {"value": float(np.mean([t["methods"][m]["passes"]["forward_examples"] +
+                                                                2 * t["methods"][m]["passes"]["backward_examples"]
+                                                                for t in every])), "ci": None, "n": len(every)}
+        if all(r.get("etd") for r in res):
+            noisy = [etd(r, "etd", "noisy") for r in res]
+            o["etd_auc"] = stat(f"{m}:etd_auc", [(np.array([t["methods"][m]["auc"] for t in ts]),) for ts in noisy], mean0)
+            o["held_out_at_flip"] = stat(f"{m}:held_out", [(np.array(
+                [t["methods"][m]["held_out_at_flip"]["clean"] for t in ts if "held_out_at_flip" in t["methods"][m]]),)
+                for ts in noisy], mean0)
+            for key, get in (("ap", lambda t: t["methods"][m]["ap"]),
+                             ("precision5", lambda t: t["methods"][m]["precision"][min(5, k_max) - 1]),
+                             ("layer_ap", lambda t: _layer_mean(t["methods"][m]))):
+                if key == "ap":
+                    o["ap"] = stat(f"{m}:ap", [(np.array([get(t) for t in ts]),) for ts in noisy], mean0)
+                base_a = [{t["index"]: t for t in etd(r, "etd_base", "noisy")} for r in res]
+                o[f"{key}_minus_a"] = stat(f"{m}:{key}:a", [(np.array(
+                    [get(t) - get(b[t["index"]]) for t in ts if t["index"] in b]),) for ts, b in zip(noisy, base_a)], mean0)
+                o[f"{key}_minus_b"] = stat(f"{m}:{key}:b", [(np.array([get(t) for t in ts]),
+                                                              np.array([get(t) for t in etd(r, "etd", "clean")]))
+                                                             for ts, r in zip(noisy, res)], diff01)
+        out[m] = o
     return out
 
 

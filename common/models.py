@@ -2,7 +2,7 @@
 and their layer groups.
 
 The `model` knob takes a model spec:
-    resnet9 | resnet50 | vit | cnn          the zoo (`width` scales it; it applies to the zoo only)
+    resnet9 | resnet18 | resnet50 | vit | cnn   the zoo (`width` scales it; it applies to the zoo only)
     torchvision:<name>                      a torchvision classification builder, randomly initialized
                                             (weights=None), adapted to the data (docs/own_model.md)
     path/to/file.py:factory                 factory(in_channels, num_classes, image_size) -> nn.Module
@@ -17,9 +17,9 @@ Layer groups (the unit that accounting, rewinding and retraining work on) are de
 module tree; a group is named by its module path below the model's *root* (`layers` for the zoo,
 `net` otherwise), and holds every parameter and buffer under that path:
   - the zoo: each child of `layers` that holds parameters, containers marked `expand_groups` (the
-    residual blocks of ResNet-9) replaced by their children. So ResNet-9 has its 8 conv+BN blocks
-    and the head (9 groups), ResNet-50 stem, stage1..4 and head, the ViT its patch embedding, each
-    block and the head;
+    residual blocks of ResNet-9, the stages of ResNet-18) replaced by their children. So ResNet-9 has
+    its 8 conv+BN blocks and the head (9 groups), ResNet-18 its stem, 8 basic blocks and head (10),
+    ResNet-50 stem, stage1..4 and head, the ViT its patch embedding, each block and the head;
   - other models: the root's children that hold parameters or buffers (tensors held by the root
     itself are groups of their own, first); a root with a single such child and no tensors of its
     own is a wrapper, looked through; a child that is a plain container (nn.Sequential,
@@ -32,7 +32,7 @@ Groups must cover every parameter and buffer exactly once (checked when the mode
 
 Dropout (optional, off by default): `build_model(..., dropout=factory)` puts `factory(layer_name,
 channels, channel_dim)` after each conv block of resnet9 and cnn (inside ConvBN, after the ReLU),
-after each stage of resnet50, and on the hidden units of every ViT MLP (between act and fc2); on
+after layer2 and layer3 of resnet18 (the authors' ETD model), after each stage of resnet50, and on the hidden units of every ViT MLP (between act and fc2); on
 other models, or where `dropout_after` names the places, common.dropout.place puts it after
 chosen modules with forward hooks. Dropout modules hold no parameters or buffers, so state_dict
 keys, layer groups and the initialization for a seed are the same with or without them.
@@ -53,7 +53,7 @@ from . import config
 from .cli import UserError
 from .rng import derive_seed
 
-MODELS = ("resnet9", "resnet50", "vit", "cnn")  # the zoo
+MODELS = ("resnet9", "resnet18", "resnet50", "vit", "cnn")  # the zoo
 TORCHVISION = "torchvision:"
 SMALL_IMAGE = 64  # images up to this size get a small-image stem on torchvision models built for 224 px
 HOW_TO_LIST = ("list them with: python -c \"import torchvision; "
@@ -266,6 +266,54 @@ def cnn(in_channels, num_classes, image_size, width=1.0, dropout=None):
     ])
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN, the shortcut an identity or a 1x1 conv+BN; ReLU after the sum."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class Stage(nn.Sequential):
+    """A ResNet stage; each of its blocks is a layer group of its own."""
+    expand_groups = True
+
+
+RESNET18_DROP = ("layer2", "layer3")  # the authors' ETD ResNet-18: dropout after these stages only
+
+
+def resnet18(in_channels, num_classes, image_size, width=1.0, dropout=None):
+    """The authors' ResNet-18 (their models/resnet18_custom.py, after kuangliu's CIFAR ResNet): a
+    small-image stem (3x3 stride-1 conv + BN + ReLU, no max-pool), four stages of two basic blocks,
+    widths 64-128-256-512 times `width`, global average pool, linear head with bias. Dropout goes
+    after layer2 and layer3 (RESNET18_DROP, their forward's two active places) as parameter-free
+    entries `layer<k>_drop` (not layer groups). Groups: stem, each block (layer1.0 ... layer4.1), head."""
+    c = [_ch(n, width) for n in (64, 128, 256, 512)]
+    d = _dropper(dropout)
+    layers = [("stem", nn.Sequential(OrderedDict(conv=nn.Conv2d(in_channels, c[0], 3, 1, 1, bias=False),
+                                                 bn=nn.BatchNorm2d(c[0]), relu=nn.ReLU(inplace=True))))]
+    cin = c[0]
+    for k, (cout, stride) in enumerate(zip(c, (1, 2, 2, 2)), 1):
+        layers.append((f"layer{k}", Stage(BasicBlock(cin, cout, stride), BasicBlock(cout, cout))))
+        cin = cout
+        drop = d(f"layer{k}", cout) if f"layer{k}" in RESNET18_DROP else None
+        if drop is not None:
+            layers.append((f"layer{k}_drop", drop))
+    return Net(layers + [("gpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+                         ("head", nn.Linear(c[3], num_classes))])
+
+
 def resnet50(in_channels, num_classes, image_size, width=1.0, dropout=None):
     """torchvision's ResNet-50 with a small-image stem (3x3 stride-1 conv, no max-pool);
     `width` scales the bottleneck width (width_per_group = 64 * width).
@@ -352,7 +400,7 @@ def vit(in_channels, num_classes, image_size, width=1.0, depth=6, heads=8, patch
                                                      fc=nn.Linear(dim, num_classes))))])
 
 
-_BUILDERS = {"resnet9": resnet9, "resnet50": resnet50, "vit": vit, "cnn": cnn}
+_BUILDERS = {"resnet9": resnet9, "resnet18": resnet18, "resnet50": resnet50, "vit": vit, "cnn": cnn}
 
 
 # ----------------------------------------------------------------------------- torchvision and user models
@@ -508,8 +556,8 @@ def build_model(name, in_channels, num_classes, image_size, width=1.0, seed=0, d
         model.group_prefixes = list(groups)
     check_groups(model)
     if dropout is not None and not builtin:
-        from . import dropout as dropout_module  # it imports this module
-        dropout_module.place(model, dropout, dropout_after, (in_channels, image_size, image_size))
+        from . import dropout as dropout_module  # lazily: torch hooks machinery only where dropout is placed
+        dropout_module.place(model, dropout, dropout_after, (in_channels, image_size, image_size), root(model)[1])
     return model
 
 

@@ -13,9 +13,12 @@ from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 from .models import MODELS  # noqa: E402
 
 COLORS = {"clean": "tab:blue", "noisy": "tab:red", "noisy_true": "tab:orange", "test": "tab:green",
-          "total": "black", "train": "tab:purple"}
+          "total": "black", "train": "tab:purple", "atypical": "tab:brown", "mislabeled": "tab:red",
+          "typical": "tab:blue"}
 LABELS = {"clean": "clean train", "noisy": "noisy train (noisy label = memorized)",
-          "noisy_true": "noisy train (true label)", "test": "test", "total": "total", "train": "train"}
+          "noisy_true": "noisy train (true label)", "test": "test", "total": "total", "train": "train",
+          "atypical": "atypical clean train (low hold-out score)", "mislabeled": "mislabeled train",
+          "typical": "typical clean train"}
 
 
 def pct(x, width=0):
@@ -139,11 +142,13 @@ def integer_ticks(ax, values, axis="x", most=10, keep=()):
     """Ticks at the integer values the data take, labelled as plain integers (a count axis on a log scale
     otherwise shows one "10^1"). More than `most` distinct values: a 1-2-5 series within their range,
     plus their minimum, maximum and `keep` (e.g. the medians a reader compares)."""
-    v = sorted({int(round(x)) for x in values if np.isfinite(x)})
+    v = sorted({int(round(x)) for x in values if x is not None and np.isfinite(x)})
     if len(v) > most:
         series = [m * 10 ** e for e in range(7) for m in (1, 2, 5)]
         v = sorted({t for t in series if v[0] <= t <= v[-1]} | {v[0], v[-1]}
-                   | {int(round(k)) for k in keep if np.isfinite(k)})
+                   | {int(round(k)) for k in keep if k is not None and np.isfinite(k)})
+    if not v:
+        return v
     axis_ = getattr(ax, f"{axis}axis")
     getattr(ax, f"set_{axis}ticks")(v, [str(t) for t in v])
     axis_.set_minor_locator(NullLocator())

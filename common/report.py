@@ -243,7 +243,8 @@ def flipping(res, cfg, out, variants):
     runs = [(None, res)] + list(variants.items())
     judged = [claims.flipping(seeds, variant=label) for label, seeds in runs]
     groups = res[0]["groups"]
-    fig, axes = figure("Neuron flipping: units zeroed to flip a prediction (seeds pooled)", cfg, ncols=2)
+    fig, axes = figure("Neuron flipping: units zeroed to flip a prediction (seeds pooled)", cfg, ncols=2,
+                       panel=(7.5, 4.2))  # room for the legends beside the panels (one entry per variant and kind)
     ax = axes[0, 0]
     styles = ["-", "--", ":", "-."]
     shown, medians = [], []
@@ -259,7 +260,7 @@ def flipping(res, cfg, out, variants):
     ax.set_xscale("log")
     if shown:
         plots.integer_ticks(ax, np.concatenate(shown), keep=medians)
-    ax.set_xlabel(f"units zeroed until the prediction flips (not flipped: {cap})")
+    ax.set_xlabel(f"units zeroed until the prediction flips\n(not flipped: {cap})")
     ax.set_ylabel("examples (cumulative %)")
     ax.grid(alpha=0.3)
     plots.legend_beside(ax, fontsize=7)
@@ -293,7 +294,8 @@ def _etd_table(run):
 
 
 def tied_dropout(res, cfg, out, variants):
-    judged = claims.tied_dropout(res)
+    judged = claims.tied_dropout(res) + [c for label, seeds in variants.items()   # e.g. the 8-place ResNet-9
+                                         for c in claims.tied_dropout(seeds, variant=label)]
     keys = ("clean", "noisy", "noisy_true", "test")
     tables = [_etd_table(r) for r in res]
     labels = list(dict.fromkeys(lab for t in tables for lab in t))  # rows matched by label across seeds

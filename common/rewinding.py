@@ -29,9 +29,8 @@ import contextlib
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .cli import UserError
+from .cli import UserError, progress
 from .evaluation import predict, split_accuracy
 from .models import group_keys, layer_groups, stages
 from .precision import autocast
@@ -100,7 +99,7 @@ def load_rewind_states(run, epochs, keys, model, device):
     own = model.state_dict()
     wanted = [k for group in keys.values() for k in group]
     states = {}
-    for epoch in tqdm(epochs, desc="load checkpoints", leave=False, disable=None):
+    for epoch in progress(epochs, desc="load checkpoints", leave=False):
         state = run.load_checkpoint(epoch)["model"]
         for k in wanted:
             if k not in state or tuple(state[k].shape) != tuple(own[k].shape):
@@ -246,7 +245,7 @@ def rewind_sweep(model, data, rewinder, epochs, groups=None, *, amp, batch_size=
     re-estimate the group's BatchNorm statistics (recompute_bn_stats). The model is left final."""
     was_training = model.training
     out = {}
-    for group in tqdm(list(groups or rewinder.keys), desc="rewind groups", disable=None):
+    for group in progress(list(groups or rewinder.keys), desc="rewind groups"):
         if recompute_bn:
             recompute_bn_stats(model, data, rewinder, group, epochs, amp=amp, batch_size=batch_size)
         model.eval()

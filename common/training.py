@@ -14,14 +14,15 @@ ranks' gradients are summed after the hook. A hook must run the same collectives
 number of backward passes through synced BatchNorm) on every rank.
 """
 import math
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # tqdm.write: a line that does not break a progress bar
 
 from . import config, distributed
-from .cli import UserError
+from .cli import UserError, progress
 from .data import load_data
 from .evaluation import accuracies
 from .precision import autocast, set_deterministic
@@ -120,7 +121,7 @@ def train_epoch(model, data, indices, optimizer, cfg, epoch, step0=0, total_step
     loss_sum = torch.zeros((), device=data.device)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(dropout_seed)
-        for i, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if distributed.is_main() else True)):
+        for i, idx in enumerate(progress(batches, every=60, desc=desc, leave=False, disable=not distributed.is_main())):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor((step0 + i) / total_steps, cfg.schedule, cfg.warmup)
             if on_batch:
@@ -197,11 +198,13 @@ def _train_run(cfg, data, backward, on_epoch, restart_from, quiet, model, run):
         ranks = f" x {distributed.world_size()} processes" if distributed.active() else ""
         print(f"training {run.dir.name} on {device}{ranks}: epochs {start + 1}..{cfg.epochs}")
     net = distributed.wrap(model) if backward is None else model  # DDP under torchrun, else `model`
-    for epoch in tqdm(range(start + 1, cfg.epochs + 1), desc="epochs", disable=None if not quiet else True):
+    clock = None if quiet else cost_clock(cfg.epochs - start, steps_per_epoch, device)
+    t_train = time.time()
+    for epoch in progress(range(start + 1, cfg.epochs + 1), desc="epochs", disable=quiet or not sys.stderr.isatty()):
         t0 = time.time()
         loss = train_epoch(net, data, torch.arange(data.n_train, device=data.device), optimizer, cfg, epoch,
                            step0=(epoch - 1) * steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
-                           backward=backward, desc=f"epoch {epoch}")
+                           backward=backward, desc=f"epoch {epoch}", on_batch=clock if epoch == start + 1 else None)
         metrics = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"], **accuracies(model, data, amp=amp),
                    "seconds": round(time.time() - t0, 3)}
         if on_epoch:
@@ -210,13 +213,33 @@ def _train_run(cfg, data, backward, on_epoch, restart_from, quiet, model, run):
         rows[epoch] = metrics
         run.write_metrics([rows[e] for e in sorted(rows)])
         if not quiet:
+            left = (time.time() - t_train) / (epoch - start) * (cfg.epochs - epoch)
             tqdm.write(f"epoch {epoch:3d}  loss {loss:.3f}  clean {metrics['clean']:.3f}  "
-                       f"noisy {metrics['noisy']:.3f}  test {metrics['test']:.3f}")
+                       f"noisy {metrics['noisy']:.3f}  test {metrics['test']:.3f}  ({metrics['seconds']:.0f}s"
+                       + (f"; ~{duration(left)} left)" if epoch < cfg.epochs else ")"))
     run.write_metrics([rows[e] for e in sorted(rows)])
     if start == cfg.epochs:
         run.load_model(model, cfg.epochs)
     distributed.barrier()  # rank 0's files are complete before any rank reads them
     return model, data, run
+
+
+def duration(seconds):
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def cost_clock(epochs, steps_per_epoch, device, warm=1, timed=3):
+    """An on_batch hook for the first epoch trained: after `warm` + `timed` steps it prints, once, what
+    the training steps of all `epochs` will take at the measured pace (before the long part starts)."""
+    stamps = []
+
+    def on_batch(idx):
+        stamps.append(time.time())
+        if len(stamps) == warm + timed + 1 and epochs * steps_per_epoch > 2 * len(stamps):
+            per_step = (stamps[-1] - stamps[warm]) / timed
+            tqdm.write(f"expected: about {duration(per_step * epochs * steps_per_epoch)} of training for {epochs} "
+                       f"epochs on {device} (measured on {timed} steps; each epoch's evaluation adds to it)")
+    return on_batch
 
 
 def trained_run(cfg, data=None, quiet=False):
@@ -227,7 +250,7 @@ def trained_run(cfg, data=None, quiet=False):
     With init_from: the user's own checkpoints, nothing trained (common/checkpoints.py)."""
     if getattr(cfg, "init_from", ""):
         from .checkpoints import imported_run
-        return imported_run(cfg, data)
+        return imported_run(cfg, data or load_data(cfg, pick_device(cfg.device)))
     run = Run(cfg)
     if not distributed.on_main(run.is_complete):
         with run.lock():

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from common.cli import UserError
-from common.dropout import (DROP_SCALINGS, MODES, ExampleTiedDropout, StandardDropout, drop_scaling, etd_factory,
-                            etd_modules, hash32, mask_memory, matched_rate, mode, set_mode)
+from common.dropout import (DROP_SCALINGS, MODES, ExampleTiedDropout, RandomChannelDrop, StandardDropout, drop_scaling,
+                            etd_factory, etd_modules, hash32, mask_memory, matched_rate, mode, random_drop_factory,
+                            set_mode)
 from common.models import MODELS, build_model, group_keys, layer_groups
 from conftest import REPO
 
@@ -156,7 +157,7 @@ def test_wiring_leaves_weights_keys_and_groups_unchanged(name):
     plain = build_model(name, 3, 10, 32, width=0.25, seed=3)
     model = build_model(name, 3, 10, 32, width=0.25, seed=3, dropout=etd_factory(0.4, 0.2, seed=3))
     mods = etd_modules(model)
-    expected = {"resnet9": 8, "cnn": 3, "resnet50": 4, "vit": 6}[name]
+    expected = {"resnet9": 8, "resnet18": 2, "cnn": 3, "resnet50": 4, "vit": 6}[name]
     assert len(mods) == expected and len({m.layer for m in mods}) == expected
     assert all(not list(m.parameters()) and not list(m.buffers()) for m in mods)
     sp, sm = plain.state_dict(), model.state_dict()
@@ -175,6 +176,46 @@ def test_wiring_leaves_weights_keys_and_groups_unchanged(name):
     set_mode(model, "tied")
     with pytest.raises(UserError):
         model(x)  # no index
+
+
+def test_resnet18_authors_placement():
+    """The authors' ETD model: ResNet-18 with example-tied dropout after layer2 and layer3 only, in drop
+    mode the memorization channels of those two stages zeroed, the generalization ones x (p_gen + p_mem) / p_gen."""
+    model = build_model("resnet18", 1, 10, 28, width=0.125, dropout=etd_factory(0.5, 0.2, 0))
+    assert [(m.layer, m.channels, m.n_gen) for m in etd_modules(model)] == [("layer2", 16, 8), ("layer3", 32, 16)]
+    names = [n for n, _ in model.layers.named_children()]
+    assert names.index("layer2_drop") == names.index("layer2") + 1 and names.index("layer3_drop") == names.index("layer3") + 1
+    seen = {}
+    hooks = [model.layers.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.clone()))
+             for n in ("layer2", "layer2_drop", "layer3", "layer3_drop")]
+    model.eval()
+    set_mode(model, "drop")
+    model(torch.rand(2, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    for k, c in (("layer2", 8), ("layer3", 16)):
+        assert torch.equal(seen[f"{k}_drop"][:, c:], torch.zeros_like(seen[f"{k}_drop"][:, c:]))
+        assert torch.allclose(seen[f"{k}_drop"][:, :c], seen[k][:, :c] * 1.4)
+
+
+def test_random_channel_drop_is_the_drops_count_at_random():
+    """The negative control drops exactly as many channels as the drop mode (C - floor(p_gen C)), chosen at
+    random per (seed, layer) -- not the memorization channels -- and scales the rest as the drop does."""
+    m = RandomChannelDrop(64, 0.5, 0.2, seed=0, layer="layer2")
+    out = m(torch.ones(3, 64, 4, 4))[:, :, 0, 0]
+    assert torch.equal(out[0], out[2]) and int((out[0] > 0).sum()) == 32
+    assert torch.allclose(out[0][out[0] > 0], torch.tensor(1.4)) and not out[0][out[0] <= 0].any()
+    assert not torch.equal(out[0] > 0, torch.arange(64) < 32)  # not the generalization channels
+    with drop_scaling(torch.nn.Sequential(m), False):
+        assert set(m(torch.ones(1, 64, 1, 1)).flatten().tolist()) == {0.0, 1.0}
+    assert m.drop_rescale is True
+    same, other = RandomChannelDrop(64, 0.5, 0.2, 0, "layer2"), RandomChannelDrop(64, 0.5, 0.2, 0, "layer3")
+    assert torch.equal(same.kept, m.kept) and not torch.equal(other.kept, m.kept)
+    assert not torch.equal(RandomChannelDrop(64, 0.5, 0.2, 1, "layer2").kept, m.kept)
+    plain = build_model("resnet18", 1, 10, 28, width=0.125)
+    ctl = build_model("resnet18", 1, 10, 28, width=0.125, dropout=random_drop_factory(0.5, 0.2, 0))
+    assert list(ctl.state_dict()) == list(plain.state_dict())  # loads the plain model's weights as they are
+    ctl.load_state_dict(plain.state_dict())
 
 
 def test_mask_memory_cifar10_full_width():
@@ -208,7 +249,9 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path, capsy
     assert modes["drop"]["noisy"] < 0.3 and modes["drop"]["test"] > 0.6, modes
     assert modes["tied"]["test"] is None and modes["keep"]["test"] is not None
     saved = json.loads((runs / run.dir.name / "example_tied_dropout.json").read_text())
-    assert [r["mode"] for r in saved["table"]] == ["-", "-", "-", "tied", "keep", "drop rescaled", "drop unscaled"]
+    assert [r["mode"] for r in saved["table"]] == ["-", "-", "-", "tied", "keep", "drop rescaled", "drop unscaled",
+                                                   "drop rescaled", "drop unscaled"]
+    assert saved["etd"]["places"] == ["conv1", "conv2", "conv3"]  # the zoo's own places (cnn)
     assert saved["table"][0]["noisy"] >= 0.95  # the plain run memorized them
     # both scalings, side by side; the earlier schema's keys hold the knob's (the authors' rescaled)
     both = saved["etd"]["drop_scalings"]
@@ -225,6 +268,9 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path, capsy
         assert f"drop {s}" in printed and f"after the drop, {s}" in printed
     assert "claim 5 [drop: rescaled (authors)]" in printed and "claim 5 [drop: not rescaled]" in printed
     assert [c.variant for c in claims.tied_dropout(saved)] == ["drop: rescaled (authors)", "drop: not rescaled"]
+    assert [c.variant for c in claims.tied_dropout(saved, variant="cnn")] == ["cnn; drop: rescaled (authors)",
+                                                                            "cnn; drop: not rescaled"]
+    assert claims.tied_dropout(saved)[0].statistic.startswith("cnn x0.5, dropout after conv1, conv2, conv3: ")
     # per-example results (paired statistics in common/claims.py): right lengths, means = the table's accuracies
     per = saved["per_example"]
     n_test, n_noisy = len(per["test_correct"]["plain"]), len(per["noisy_drop_correct"])
@@ -241,6 +287,20 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path, capsy
         assert len(p["test_correct"]) == 256 and len(p["noisy_drop_correct"]) == 51
         assert mean(p["test_correct"]) == pytest.approx(both[s]["accuracy"]["test"], abs=1e-6)
         assert mean(p["noisy_drop_correct"]) == pytest.approx(both[s]["accuracy"]["noisy"], abs=1e-6)
+    # the negative control: the plain model with as many random channels dropped, per scaling, mean of 3 draws
+    ctl, ctl_per = saved["negative_control"], per["negative_control"]
+    assert ctl["draws"] == 3 and list(ctl["drop_scalings"]) == list(ctl_per) == ["rescaled", "unscaled"]
+    for s, r in zip(ctl_per, saved["table"][7:]):
+        acc = ctl["drop_scalings"][s]
+        assert r["model"] == "no dropout, random channels dropped (3 draws)" and r["mode"] == f"drop {s}"
+        assert {c: r[c] for c in script.COLUMNS} == {c: acc[c] for c in script.COLUMNS}
+        assert len(ctl_per[s]["noisy_correct"]) == 51 and len(ctl_per[s]["test_correct"]) == 256
+        assert set(ctl_per[s]["noisy_correct"]) <= {0, 1 / 3, 2 / 3, 1}  # fractions of the 3 draws
+        assert mean(ctl_per[s]["noisy_correct"]) == pytest.approx(acc["noisy"], abs=1e-6)
+        assert mean(ctl_per[s]["test_correct"]) == pytest.approx(acc["test"], abs=1e-6)
+    assert ctl["drop_scalings"]["rescaled"] != ctl["drop_scalings"]["unscaled"]
+    assert "negative control" in printed
+    assert all(c.previous and "negative control" in c.statistic for c in claims.tied_dropout(saved))
     assert "default_claim" not in saved  # the verdict is common/claims.py's
     for what in ("bars", "curves", "gallery"):
         assert (runs / run.dir.name / f"example_tied_dropout_{what}.png").stat().st_size > 10_000
@@ -258,6 +318,29 @@ def test_short_run_drop_forgets_memorized_examples(tiny_trained, tmp_path, capsy
     assert other["etd"]["drop_scalings"] == out["etd"]["drop_scalings"] and other["table"] == out["table"]
     assert other["etd"]["modes"]["drop"] == both["unscaled"]["accuracy"] and other["etd"]["drop_rescale"] is False
     assert other["per_example"]["noisy_drop_correct"] == per["drop_scalings"]["unscaled"]["noisy_drop_correct"]
+
+
+def test_dropout_after_list_on_the_command_line_and_in_a_config_file(tiny_argv, tmp_path):
+    """`dropout_after` defaults to "auto" but takes a list (docs/own_model.md), from a config file and from
+    --dropout_after=[...] (which wins); a bad list is one line, exit 2, nothing written."""
+    import example_tied_dropout as script
+    from common import config
+    preset = tmp_path / "places.py"
+    preset.write_text('dropout_after = ["conv*.relu"]\n')
+    assert config.parse(script.KNOBS, [str(preset)]).dropout_after == ["conv*.relu"]
+    assert config.parse(script.KNOBS, ["--dropout_after=auto"]).dropout_after == "auto"
+    argv = tiny_argv(epochs=1) + ["--etd_epochs=1", "--gallery_size=1", "--control_draws=1"]
+    res = subprocess.run([sys.executable, str(REPO / "example_tied_dropout.py"), *argv, str(preset),
+                          "--dropout_after=['conv2.relu']"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(next((tmp_path / "runs").glob("*/example_tied_dropout.json")).read_text())
+    assert out["config"]["dropout_after"] == ["conv2.relu"] and out["etd"]["places"] == ["conv2.relu"]
+    etd_dir = next((tmp_path / "runs").glob("*/example_tied_dropout/etd_*"))
+    assert etd_dir.name.endswith("after-conv2.relu")  # another placement: its own variant directory
+    bad = subprocess.run([sys.executable, str(REPO / "example_tied_dropout.py"), "--dropout_after=[3]",
+                          f"--runs_dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert "dropout_after=[3] must be 'auto' or a list" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_bad_knob_exits_2_with_one_line(tmp_path):

@@ -98,7 +98,9 @@ def _flip_run(seed, noisy_units, clean_units, groups=("conv1", "conv2", "head"))
 def test_report_flipping_figure_ticks_at_the_unit_counts(tmp_path, drawn, seeds):
     noisy, clean = [1, 2, 2, 2, 3, 2, 1, 2], [3, 3, 4, 5, 3, 2, 6, 3]
     res = [_flip_run(s, noisy, clean) for s in seeds]
-    report.flipping(res, _cfg(seeds=seeds), tmp_path, {})
+    variants = {"unit: channel, BatchNorm re-estimated (train pass)": [_flip_run(s, noisy, clean) for s in seeds],
+                "unit: channel_out": [_flip_run(s, noisy, clean) for s in seeds]}  # long legend entries
+    report.flipping(res, _cfg(seeds=seeds), tmp_path, variants)
     (_, suptitle, fig), = drawn
     assert f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" in suptitle
     ticks = [int(t) for t in fig.axes[0].get_xticks()]

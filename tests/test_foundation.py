@@ -163,7 +163,7 @@ def test_models_forward_and_groups(name, channels, size):
     assert len(owned) == len(set(owned)) == len(list(model.parameters()))  # every parameter exactly once
     keys = [k for ks in group_keys(model).values() for k in ks]
     assert sorted(keys) == sorted(model.state_dict())  # and every buffer
-    expected = {"resnet9": 9, "resnet50": 6, "vit": 8, "cnn": 4}[name]
+    expected = {"resnet9": 9, "resnet18": 10, "resnet50": 6, "vit": 8, "cnn": 4}[name]
     assert len(groups) == expected
 
 
@@ -175,6 +175,26 @@ def test_resnet9_architecture():
     assert [n for n, _ in layer_groups(model)] == ["conv1", "conv2", "res1.0", "res1.1", "conv3",
                                                     "res2.0", "res2.1", "conv4", "head"]
     assert model.layers.head.bias is None
+
+
+def test_resnet18_architecture_is_the_authors():
+    """The authors' ResNet-18 (models/resnet18_custom.py): 3x3 stride-1 stem, no max-pool, 2+2+2+2 basic
+    blocks of 64-128-256-512 channels (x width), 1x1 conv shortcuts where the shape changes, head with bias."""
+    model = build_model("resnet18", 1, 10, 28, width=1.0)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].kernel_size == (3, 3) and convs[0].stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    main = [c.out_channels for c in convs if c.kernel_size == (3, 3)]
+    assert main == [64] * 5 + [128] * 4 + [256] * 4 + [512] * 4
+    assert [(c.out_channels, c.stride) for c in convs if c.kernel_size == (1, 1)] == [(128, (2, 2)), (256, (2, 2)),
+                                                                                     (512, (2, 2))]
+    rgb = build_model("resnet18", 3, 10, 32, width=1.0)
+    assert sum(p.numel() for p in rgb.parameters()) == 11_173_962  # kuangliu's CIFAR ResNet-18, as the authors
+    assert [n for n, _ in layer_groups(model)] == ["stem"] + [f"layer{k}.{i}" for k in range(1, 5) for i in (0, 1)] \
+        + ["head"]
+    assert model.layers.head.bias is not None
+    narrow = build_model("resnet18", 1, 10, 28, width=0.125)
+    assert [c.out_channels for c in narrow.modules() if isinstance(c, torch.nn.Conv2d)][0] == 8
 
 
 def test_init_depends_on_seed_only():

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import gradient_accounting
-from common.accounting import KEY, GradientAccountant, accounted_prefix, control_mask, memorization_phase
+from common.accounting import (KEY, GradientAccountant, accounted_prefix, control_mask, example_losses,
+                               loss_matched_mask, memorization_phase)
 from common.models import model_for
 from common.runs import Run, load_tensors, read_jsonl, write_jsonl
 from common.training import train_run
@@ -86,6 +87,58 @@ def test_split_is_exact_and_grad_is_plain(make_cfg, mnist_small, skip_pure):
     assert int(acct.n_control) == 0
 
 
+def test_loss_matching_by_hand():
+    """Hardest noisy first, each takes the nearest free clean loss (a tie goes to the higher loss)."""
+    losses = torch.tensor([5.0, 0.1, 4.9, 0.2, 3.0, 0.05, 6.0, 2.9, 0.0, 4.0])
+    noisy = torch.tensor([1, 0, 0, 0, 1, 0, 1, 0, 0, 0], dtype=torch.bool)
+    # 6.0 -> 4.9; 5.0 -> 4.0 (4.9 taken); 3.0 -> 2.9
+    mask, info = loss_matched_mask(losses, noisy)
+    assert torch.nonzero(mask).flatten().tolist() == [2, 7, 9]
+    assert info["n_matched"] == 3 and math.isclose(info["loss_matched"], (4.9 + 4.0 + 2.9) / 3, rel_tol=1e-6)
+    assert math.isclose(info["loss_gap"], (1.1 + 1.0 + 0.1) / 3, rel_tol=1e-5)
+    assert math.isclose(info["loss_noisy"], 14 / 3, rel_tol=1e-6)
+    tie, _ = loss_matched_mask(torch.tensor([1.0, 0.5, 1.5]), torch.tensor([1, 0, 0], dtype=torch.bool))
+    assert tie.tolist() == [False, False, True]
+    # fewer clean than noisy examples: every clean one, taken by the hardest noisy ones
+    few, info = loss_matched_mask(torch.tensor([3.0, 1.0, 2.0, 0.0]), torch.tensor([1, 1, 1, 0], dtype=torch.bool))
+    assert few.tolist() == [False, False, False, True] and info["n_matched"] == 1
+
+
+@pytest.mark.parametrize("skip_pure", [True, False])
+def test_loss_matched_part_is_exact(make_cfg, mnist_small, skip_pure):
+    """The loss-matched part equals its own backward; `.grad` stays plain; the per-example losses leave
+    the model untouched (eval mode: BatchNorm statistics unchanged, training mode restored)."""
+    cfg = make_cfg()
+    model = model_for(cfg, mnist_small)
+    noisy = mnist_small.noisy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = example_losses(model, mnist_small, amp=False)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert losses.shape == (mnist_small.n_train,)
+    mask, info = loss_matched_mask(losses, noisy)
+    assert int(mask.sum()) == int(noisy.sum()) == info["n_matched"] and not (mask & noisy).any()
+    assert info["loss_gap"] < abs(info["loss_noisy"] - info["loss_clean"]) + 1e-9
+    idx = torch.arange(64)
+    _losses(model, mnist_small, idx).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    acct = GradientAccountant(model, noisy, control=control_mask(noisy, 0), skip_pure=skip_pure, matched=True)
+    with pytest.raises(ValueError):
+        acct.match(noisy, info)
+    acct.match(mask, info)
+    acct.backward(_losses(model, mnist_small, idx), idx)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
+    ref = _part_grads(model, mnist_small, idx, mask[idx].float())
+    assert all(torch.equal(m, r) for m, r in zip(acct.mtch, ref))
+    out = acct.end_epoch(1)[KEY]
+    assert out["n_matched"] == int(mask[idx].sum()) > 0 and out["matching"] == info
+    for gi in range(len(acct.groups)):
+        m = torch.cat([ref[i].flatten() for i in acct.slices[gi]]).double()
+        assert math.isclose(out["norm_matched"][gi], float(m.norm()), rel_tol=1e-6)
+        assert -1 <= out["cosine_matched_unmatched"][gi] <= 1
+    with pytest.raises(ValueError):
+        GradientAccountant(model, noisy).match(mask, info)
+
+
 @pytest.mark.parametrize("skip_pure", [True, False])
 def test_control_only_and_control_free_batches(make_cfg, mnist_small, skip_pure):
     model = model_for(make_cfg(), mnist_small)
@@ -136,6 +189,8 @@ def test_memorization_phase():
                              {"epoch": 4, KEY: {}}]) == 2
     with_control = {"norm_control": []}  # accounted without the control group: not accounted for the claim
     assert accounted_prefix([{"epoch": 1, KEY: with_control}, {"epoch": 2, KEY: {}}], control=True) == 1
+    both = {"norm_control": [], "norm_matched": []}  # without the loss-matched control: re-accounted
+    assert accounted_prefix([{"epoch": 1, KEY: both}, {"epoch": 2, KEY: with_control}], control=True, matched=True) == 1
 
 
 def _states_equal(a, b):
@@ -168,19 +223,26 @@ def test_accounts_a_plain_run_bit_identically(tiny_trained, tiny_argv, tmp_path)
     assert len(results["control"]) == 51 and not set(results["control"]) & set(data.noisy_idx.tolist())
     for t in results["epochs"]:
         assert set(t["groups"]) == set(groups)
-        assert (t["n_clean"], t["n_noisy"], t["n_control"]) == (512 - 51, 51, 51)
+        assert (t["n_clean"], t["n_noisy"], t["n_control"], t["n_matched"]) == (512 - 51, 51, 51, 51)
+        m = t["matching"]
+        assert m["n_matched"] == 51 and m["loss_gap"] >= 0
         assert t["noisy"] == metrics[t["epoch"]]["noisy"] and t["test"] == metrics[t["epoch"]]["test"]
         for g in t["groups"].values():
             assert -1 <= g["cosine"] <= 1 and g["norm_total"] > 0
             assert math.isclose(g["per_example_noisy"], g["norm_noisy"] / 51)
             assert math.isclose(g["per_example_control"], g["norm_control"] / 51)
             assert -1 <= g["cosine_rest_noisy"] <= 1 and -1 <= g["cosine_control_rest"] <= 1
+            assert math.isclose(g["per_example_matched"], g["norm_matched"] / 51) and g["norm_matched"] > 0
+            assert g["norm_clean"] <= (g["norm_clean_unmatched"] + g["norm_matched"]) * (1 + 1e-6)
             assert g["norm_clean"] <= (g["norm_clean_rest"] + g["norm_control"]) * (1 + 1e-6)
             # triangle inequality: the parts add up to the total
             assert g["norm_total"] <= (g["norm_clean"] + g["norm_noisy"]) * (1 + 1e-6)
     phase = results["memorization_phase"]
     assert phase["reached"] and phase["epochs"] and set(results["summary"]) == set(groups)
-    assert all("control_rest_ratio" in s for s in results["summary"].values())
+    assert all("control_rest_ratio" in s and s["noisy_matched_ratio"] > 0 for s in results["summary"].values())
+    # the loss-matched control is harder than the clean average in the memorization phase
+    assert all(t["matching"]["loss_matched"] > t["matching"]["loss_clean"] for t in results["epochs"]
+               if t["epoch"] in phase["epochs"])
     for name in ("norms", "per_example", "cosine", "accuracy"):
         assert run.path(f"gradient_accounting_{name}.png").stat().st_size > 10_000
 
@@ -215,6 +277,7 @@ def test_fresh_run_without_noise_matches_plain_training(tiny_argv, tiny_npz, tmp
         for g in t["groups"].values():
             assert g["norm_noisy"] == 0 and g["cosine"] is None and g["per_example_noisy"] is None
             assert g["norm_control"] == 0 and g["cosine_control_rest"] is None and g["per_example_control"] is None
+            assert g["norm_matched"] == 0 and g["per_example_matched"] is None
             assert g["norm_clean"] == g["norm_total"] > 0
     assert results["memorization_phase"]["epochs"] == [] and results["summary"] == {}
 

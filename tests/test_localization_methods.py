@@ -1,6 +1,8 @@
-"""localization_methods.py: every method's ranking, a hand-built model with a known answer, the ETD
-ground truth against the masks a model trained with, and the script end to end on the tiny run."""
+"""localization_methods.py: every method's ranking, a hand-built model with a known answer, the stopping
+rule of the learned masks, ZeroOut, the ETD ground truth against the masks a model trained with, its
+baselines and oracle on a hand-built ETD model, and the script end to end on the tiny run."""
 import copy
+import json
 import math
 import shutil
 from collections import OrderedDict
@@ -16,15 +18,19 @@ from common import dropout
 from common.cli import UserError
 from common.evaluation import predict
 from common.flipping import Units, flip_sequential, objective, pick_targets, reference_batch
-from common.localization import (METHODS, ActivationProbe, ChannelUnits, Localizer, ig_scores, pin_tied,
-                                 report_section, tied_channels)
+from common.localization import (MASKS, METHODS, ORACLE, ActivationProbe, ChannelUnits, Localizer, PinnedMask,
+                                 Plateau, average_precision,
+                                 ig_scores, label_probability, mask_scores, oracle_ranking, pin_tied, report_section,
+                                 tied_channels, topk_predictions, zeroout_scores)
+from common.rng import generator
 from common.models import Net, model_for
 from common.training import make_optimizer, train_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: many tiny kernels
 
 
-OPTIONS = dict(max_k=6, ig_steps=2, mask_steps=5, hc_lr=0.1, slim_lr=0.02, l0_penalty=0.01, l1_penalty=0.01)
+OPTIONS = dict(max_k=6, ig_steps=2, mask_max_steps=20, mask_window=5, mask_tol=0.01, hc_lr=0.1, slim_lr=0.02,
+               penalties={"hardconcrete": 0.01, "slimming": 0.01, "keep_hc": 1.0, "keep_slim": 1.0})
 
 
 def batch(data, index, size=7):
@@ -49,7 +55,7 @@ def test_every_ranking_is_a_seeded_permutation(tiny_trained):
         r = a.rank(method, x, y, index)[0]
         assert torch.equal(torch.sort(r).values, torch.arange(len(units))), method
         assert torch.equal(r, b.rank(method, x, y, index)[0]), method  # deterministic with the seed
-        if method in ("hardconcrete", "random"):  # the seeded pieces: another seed, another ranking
+        if method in ("hardconcrete", "keep_hc", "random"):  # the seeded pieces: another seed, another ranking
             assert not torch.equal(r, other.rank(method, x, y, index)[0]), method
 
 
@@ -110,9 +116,9 @@ def test_hand_built_unit_is_found_by_every_method_but_random():
     assert units.describe(filter2)["param"] == "conv.weight" and units.describe(filter2)["index"] == [2]
     head = units.entries[1].offset
     edges = {head + 2 * 8 + 4, head + 2 * 8 + 5}  # the head weights from filter 2 to class 2
-    options = {**OPTIONS, "mask_steps": 50}
+    options = {**OPTIONS, "mask_max_steps": 300}
     for method in METHODS:
-        seeds = range(10 if method in ("hardconcrete", "random") else 3)  # 10 where seeds make a difference
+        seeds = range(10 if method in ("hardconcrete", "keep_hc", "random") else 3)  # 10 where seeds differ
         ranks = [Localizer(model, units, seed, **options).rank(method, x, y, 0)[0] for seed in seeds]
         tops = [set(r[:3].tolist()) for r in ranks]
         firsts = [int(r[0]) for r in ranks]
@@ -123,13 +129,124 @@ def test_hand_built_unit_is_found_by_every_method_but_random():
             assert {int(u) for u in torch.nonzero(s == s.max()).flatten()} == {filter2} | edges
             assert all(t == {filter2} | edges for t in tops)
         elif method == "hardconcrete":
-            # Adam moves the three log_alphas at the same rate while removing each helps; the gate noise
-            # then decides their order: the filter first for most seeds, the three always on top.
-            assert all(t == {filter2} | edges for t in tops) and firsts.count(filter2) >= 6, firsts
+            # Run to convergence the three removal gates end open; their order is the gate noise's: the
+            # three on top for every seed.
+            assert all(t == {filter2} | edges for t in tops), tops
+        elif method in ("keep_hc", "keep_slim"):
+            # Keeping the target's class 2 needs filter 2 and a head weight from it; every other unit's mask
+            # only pays the penalty: the three stay on top, their order among equal masks seeded.
+            assert all(t == {filter2} | edges for t in tops), (method, tops)
         elif method == "random":
             assert len(set(map(tuple, (r.tolist() for r in ranks)))) == 10  # no answer, another per seed
         else:
             assert firsts == [filter2] * 3, (method, firsts)
+
+
+def test_plateau_stops_when_the_loss_and_the_top_units_settle():
+    theta = torch.arange(10.0)
+    rule = Plateau(window=4, tol=0.01, k=3)
+    falling = [rule.step(10.0 / (1 + i), theta) for i in range(12)]  # 25% less per window: never converged
+    assert not any(falling) and len(rule.means) == 3
+    flat = [rule.step(1.0, theta) for _ in range(4)]  # a window no lower than the last (0.96): settled, same top 3
+    assert flat == [False, False, False, True]
+    moving = Plateau(window=2, tol=0.01, k=3)  # a flat loss, but the top units change: not converged
+    assert not any(moving.step(1.0, torch.roll(theta, i // 2)) for i in range(8))
+    assert Plateau(window=2, tol=0.01, k=3).step(torch.tensor(1.0, requires_grad=True), theta) is False
+
+
+def test_learned_masks_stop_by_the_rule_and_flip_the_hand_built_target():
+    model, x, y = hand_built()
+    units = Units(model, "channel")
+    frozen = copy.deepcopy(model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    for method, penalty, lr in (("hardconcrete", 0.01, 0.1), ("slimming", 0.01, 0.02), ("keep_hc", 1.0, 0.1),
+                                ("keep_slim", 1.0, 0.02)):
+        theta, facts = mask_scores(frozen, units, x, y, method, lr, penalty, generator(0, method), Plateau(10, 0.01, 3), 2000)
+        assert facts["converged"] and facts["steps"] < 2000 and facts["steps"] % 10 == 0, (method, facts["steps"])
+        assert len(facts["trace"]) == facts["steps"] // 10
+        ranking = torch.sort(theta, descending=True, stable=True).indices
+        assert topk_predictions(model, units, ranking, x, 3)[-1] != 2, method  # its top 3 zeroed: the target flips
+    # a cap below convergence is reported as such
+    _, facts = mask_scores(frozen, units, x, y, "hardconcrete", 0.1, 0.01, generator(0, "hc"), Plateau(10, 0.01, 3), 15)
+    assert facts == {**facts, "steps": 15, "converged": False}
+
+
+def test_zeroout_is_every_unit_zeroed_alone():
+    model, x, y = hand_built()
+    units = Units(model, "channel")
+    scores, forwards = zeroout_scores(copy.deepcopy(model), units, x, y)
+    assert forwards == len(units) + 1
+    with torch.no_grad():
+        p = float(label_probability(model(x[:1]), y[:1]))
+        for u in range(len(units)):
+            m = copy.deepcopy(model)
+            units.zero_(m, u)
+            assert float(scores[u]) == pytest.approx(p - float(label_probability(m(x[:1]), y[:1])), abs=1e-6), u
+    assert int(scores.argmax()) == 2  # filter 2 carries the target's class
+
+
+def test_zeroout_restarts_from_cached_stages_exactly(tiny_trained):
+    cfg, model, data, run = tiny_trained
+    model.eval()
+    units = Units(model, "channel")
+    _, x, y = batch(data, first_noisy(model, data))
+    scores, _ = zeroout_scores(copy.deepcopy(model), units, x, y)
+    with torch.no_grad():
+        p = float(label_probability(model(x[:1]), y[:1]))
+        for u in torch.randperm(len(units), generator=generator(0, "zeroout"))[:20].tolist():
+            m = copy.deepcopy(model)
+            units.zero_(m, u)
+            assert float(scores[u]) == pytest.approx(p - float(label_probability(m(x[:1]), y[:1])), abs=1e-5), u
+
+
+def hand_built_etd(p_gen=0.5, p_mem=0.5):
+    """A 1x1 conv of 8 filters + ReLU + example-tied dropout (4 generalization, 4 memorization channels),
+    then a head: seeded random weights. Returns (model, x for examples 0..5, their labels, indices)."""
+    torch.manual_seed(0)
+    drop = dropout.etd_factory(p_gen, p_mem, 0)("block", 8)
+    model = Net([("block", nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 1, bias=False), relu=nn.ReLU(), drop=drop))),
+                 ("flatten", nn.Flatten(1)), ("head", nn.Linear(8 * 4, 3))]).eval()
+    count = drop.memorization_mask(torch.arange(100)).sum(1)
+    idx = torch.nonzero((count > 0) & (count < 4)).flatten()[:6]  # each: some, not all, memorization channels
+    return model, torch.randn(6, 3, 2, 2), torch.randint(0, 3, (6,)), idx
+
+
+def test_etd_baselines_score_a_mask_reader_at_zero_and_the_probe_reads_no_mask():
+    model, x, y, idx = hand_built_etd()
+    other = copy.deepcopy(model)  # "trained without ETD": other weights, the same masks pinned
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+    units = Units(model, "channel")
+    truth = ChannelUnits(model, units)
+    own = {i: truth.own(tied_channels(model, 0.5, 0.5, 0, idx[i:i + 1])) for i in range(len(idx))}
+    assert all(0 < int(o.sum()) < 4 for o in own.values())
+
+    def reader(m, i):
+        """Reads the answer off the target's pinned mask (as selectivity probed after the mask did): the
+        units of memorization channels open for example i first, then the rest in unit order."""
+        mask = next(mod for mod in pin_tied(m, torch.roll(idx, -i)).modules() if isinstance(mod, PinnedMask)).mask
+        read = (truth.unit_channel >= 0) & (mask[0] & truth.is_mem)[truth.unit_channel.clamp_min(0)]
+        return torch.sort(read.int(), descending=True, stable=True).indices
+    noisy, clean = [0, 1, 2], [3, 4, 5]  # which examples play the memorized targets is arbitrary here
+    ap = lambda m, i: truth.scores(reader(m, i), own[i], 3)["ap"]
+    etd = [ap(model, i) for i in noisy]
+    assert min(etd) == 1.0  # against the ground truth alone a mask reader is perfect ...
+    assert [a - b for a, b in zip(etd, [ap(other, i) for i in noisy])] == [0.0] * 3  # ... but no better than (a)
+    assert sum(etd) / 3 - sum(ap(model, i) for i in clean) / 3 == 0.0  # ... or (b)
+    # The activation probe sits before the mask: pinning other examples' masks changes no selectivity.
+    probe_scores = [ActivationProbe(pin_tied(model, torch.cat([idx[:1], torch.roll(idx[1:], s)])), units).selectivity(x)
+                    for s in (0, 1)]
+    filters = units.entries[0].count
+    assert torch.equal(probe_scores[0][:filters], probe_scores[1][:filters])
+    # The oracle: the own channels' units first (every unit writing them), so precision 1 while they last.
+    ranking = oracle_ranking(truth, own[0], generator(0, "oracle"))
+    n_own = int(((truth.unit_channel >= 0) & own[0][truth.unit_channel.clamp_min(0)]).sum())
+    s = truth.scores(ranking, own[0], n_own + 1)
+    assert s["precision"][:n_own] == [1.0] * n_own and s["precision"][n_own] < 1 and s["ap"] == 1.0
+    assert s["recall"][n_own - 1] == 1.0 and sorted(ranking.tolist()) == list(range(len(units)))
+    assert average_precision([False, True, False, True]) == pytest.approx((1 / 2 + 2 / 4) / 2)
 
 
 def assert_complete(model, x, y, steps, rel):
@@ -209,8 +326,9 @@ def run_copy(tiny_trained, tiny_argv, tmp_path):
     cfg, model, data, run = tiny_trained
     runs = tmp_path / "runs"
     shutil.copytree(run.dir, runs / run.dir.name)
-    small = ["--n_examples=2", "--ref_batch=7", "--max_k=4", "--ig_steps=2", "--mask_steps=4", "--collateral_n=20",
-             "--collateral_k=[1,4,9]", "--etd_epochs=12"]
+    small = ["--n_examples=2", "--n_dev=1", "--ref_batch=7", "--max_k=4", "--ig_steps=2", "--mask_max_steps=20",
+             "--mask_window=5", "--penalty_factors=[1,10]", "--collateral_n=20", "--collateral_k=[1,4,9]",
+             "--etd_epochs=12", "--resamples=50"]
     return (lambda *extra: tiny_argv(runs_dir=runs) + small + list(extra)), runs / run.dir.name
 
 
@@ -218,42 +336,76 @@ def test_script_end_to_end_and_report_section(run_copy, tmp_path):
     argv, run_dir = run_copy
     results = localization_methods.main(argv())
     for name in ("localization_methods.json", "localization_methods.png", "localization_methods_etd.png",
-                 "localization_methods_cost.png"):
+                 "localization_methods_cost.png", "localization_methods_convergence.png"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "localization_methods.partial.json").exists()
     assert results["methods"] == list(METHODS) and results["collateral_k"] == [1, 4]
+    assert set(results["tuning"]) == set(MASKS) and all(t["chosen"] in (results["config"][localization_methods.PENALTY[m]]
+                                                                        * f for f in (1, 10))
+                                                        for m, t in results["tuning"].items())
     plain, etd = results["plain"]["records"], results["etd"]["records"]
-    assert [r["kind"] for r in plain] == ["noisy", "clean"] * 2 and len(etd) == 2
+    assert [r["kind"] for r in plain] == ["noisy", "clean"] * 2
+    assert [(r["model"], r["kind"]) for r in etd] == [("etd", "noisy"), ("etd", "clean")] * 2 + [("etd_base", "noisy")] * 2
+    assert [r["index"] for r in etd if r["model"] == "etd_base"] == [r["index"] for r in etd[:4] if r["kind"] == "noisy"]
     for r in plain + etd:
         for method, m in r["methods"].items():
             assert len(m["top"]) == len(set(m["top"])) == 4 and len(m["flipped"]) == 4 and m["seconds"] >= 0
             assert m["flipped"] == [p != r["label"] for p in m["predictions"]]
+            assert m["flip_k"] == (m["flipped"].index(True) + 1 if any(m["flipped"]) else None)
+            assert m["auc"] == sum(m["flipped"]) / 4
+            if method != ORACLE:
+                assert m["passes"]["forward"] >= (method != "random") and m["passes"]["forward_examples"] >= m["passes"]["forward"]
+            if method in MASKS:
+                assert 0 < m["mask"]["steps"] <= 20 and len(m["mask"]["trace"]) == m["mask"]["steps"] // 5
     for r in plain:
         for m in r["methods"].values():
             assert sorted(m["collateral_drop"], key=int) == ["1", "4"]
+            assert (m["collateral_at_flip"] is None) == (m["flip_k"] is None)
     for r in etd:
-        assert r["own_channels"] > 0 and 0 < r["chance_precision"] < 1
-        for m in r["methods"].values():
+        assert r["own_channels"] > 0 and 0 < r["chance_precision"] < 1 and list(r["methods"]) == list(METHODS) + [ORACLE]
+        for name, m in r["methods"].items():
             assert all(0 <= v <= 1 for v in m["precision"] + m["recall"] + m["refs_kept"])
             assert m["recall"] == sorted(m["recall"]) and len(m["refs_kept"]) == 4
+            assert ("held_out_at_flip" in m) == (m["flip_k"] is not None)
+            assert set(m["layer_ap"]) == set(m["layer_precision"]) and len(m["layer_ap"]) > 1
+        assert r["methods"][ORACLE]["precision"] == [1.0] * 4 and r["methods"][ORACLE]["ap"] == 1.0
+    c = results["comparison"]
+    assert set(c) == set(METHODS) | {ORACLE}
+    for key in ("auc", "median_k", "ap_minus_a", "ap_minus_b", "layer_ap_minus_a"):
+        v = c["oneshot"][key]
+        assert v["ci"][0] <= v["value"] <= v["ci"][1] or not math.isfinite(v["ci"][0]), key
+    assert c[ORACLE]["ap_minus_a"]["value"] == 0 and c[ORACLE]["ap_minus_b"]["value"] == 0  # it reads the mask
+    assert c["random"]["forward_equivalents"]["value"] == 0 < c["zeroout"]["forward_equivalents"]["value"]
     s = results["summary"]
     assert s["plain"]["greedy"]["noisy"]["flip_rate"][-1] == 1.0  # the search flips these memorized targets
     assert set(results["cost_ratio_to_oneshot"]) == set(METHODS) and results["cost_ratio_to_oneshot"]["oneshot"] == 1
     # an interrupted run resumes from its records; another setting recomputes
     again = localization_methods.main(argv())
-    assert again["plain"]["records"] == plain and again["etd"]["records"] == etd
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN (an AP without hits) != NaN
+    assert same(again["plain"]["records"], plain) and same(again["etd"]["records"], etd)
+    assert again["tuning"] == results["tuning"]
+    # the comparison over seeds: each seed's JSON combined (here one file twice)
+    out = tmp_path / "combined"
+    path = str(run_dir / "localization_methods.json")
+    combined = localization_methods.main(argv(f"--combine={[path, path]!r}",
+                                              f"--combine_out={out}"))
+    assert (tmp_path / "combined.json").is_file() and (tmp_path / "combined_cost.png").is_file()
+    assert combined["comparison"]["oneshot"]["auc"]["n"] == 4 and combined["targets"][0]["etd_base/noisy"] == 2
+
     fewer = localization_methods.main(argv("--methods=['oneshot','random']", "--etd=False"))
     assert fewer["methods"] == ["oneshot", "random"] and fewer["etd"] is None
-    assert [r["methods"]["oneshot"] for r in fewer["plain"]["records"]] == [r["methods"]["oneshot"] for r in plain]
+    assert [r["methods"]["oneshot"]["top"] for r in fewer["plain"]["records"]] == \
+        [r["methods"]["oneshot"]["top"] for r in plain]
 
     fig, text = report_section([results, results], SimpleNamespace(**results["config"]), tmp_path / "report")
-    assert fig.is_file() and all(f"| {label}" in text for label in localization_methods.LABELS.values())
+    assert fig.is_file() and all(f"| {localization_methods.LABELS[m]}" in text for m in METHODS)
 
 
 def test_bad_input_is_one_line(run_copy):
     argv, _ = run_copy
     for bad, match in (("--methods=['oneshot','nope']", "methods="), ("--ref_batch=0", "ref_batch=0"),
-                       ("--max_k=100000", "max_k=100000"), ("--collateral_k=[0]", "collateral_k=")):
+                       ("--max_k=100000", "max_k=100000"), ("--collateral_k=[0]", "collateral_k="),
+                       ("--penalty_factors=[0]", "penalty_factors="), ("--combine=['nope.json']", "no file nope.json")):
         with pytest.raises(UserError, match=match):
             localization_methods.main(argv(bad))
 

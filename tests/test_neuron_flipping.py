@@ -1,7 +1,9 @@
-"""neuron_flipping.py: the criterion (objective, noise, units), the fast path against the reference loop
-(any architecture), the records, the stop, resume, the result files."""
+"""neuron_flipping.py: the criterion (objective, noise, units), the batched search and the steps in pieces
+against the plain loop (any architecture), the margin-matched targets, the records, the stop, resume,
+the result files."""
 import copy
 import math
+import types
 import shutil
 import subprocess
 import sys
@@ -15,9 +17,11 @@ import neuron_flipping
 from common import config
 from common.cli import UserError
 from common.evaluation import predict
-from common.flipping import (LAMBDA, ROUNDOFF, Collateral, FlipResult, Flipper, Units, _reference_scores,
-                             collateral_sets, eot_inputs, filter_tolerance, flip_sequential, objective, pick_targets,
-                             reference_batch, refresh_batchnorm, step_copies, target_prediction, zeroed_copy)
+from common import flipping
+from common.flipping import (Collateral, FlipResult, Units, collateral_sets, eot_inputs, flip_batched, flip_sequential,
+                             graph_bytes_per_row, graph_rows, margins, nearest_on_margin, objective, pick_targets,
+                             reference_batch, refresh_batchnorm, search_step, step_input, target_prediction,
+                             zeroed_copy)
 from common.models import stages
 from common.precision import strict_fp32
 from common.rng import generator
@@ -54,20 +58,54 @@ def run_copy(tiny_trained, tmp_path):
 # ----------------------------------------------------------------------------- the criterion
 
 def test_objective_on_a_hand_computed_batch():
+    ce = lambda z, c: math.log(sum(math.exp(v) for v in z)) - z[c]  # cross-entropy of logits z, class c
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     y = torch.tensor([0, 1, 0])
-    ce = [math.log(1 + math.exp(-2)), math.log(1 + math.exp(-1)), math.log(2)]
-    # the target's (row 0) term times -|B|, then the mean over the batch
-    assert float(objective(logits, y)) == pytest.approx((-3 * ce[0] + ce[1] + ce[2]) / 3, rel=1e-6)
-    # two noised copies stacked copy-major: the mean of the copies' objectives
+    one = (-3 * ce([2, 0], 0) + ce([0, 1], 1) + ce([1, 1], 0)) / 3  # the target's (row 0) term times -|B|, the mean
+    assert float(objective(logits, y)) == pytest.approx(one, rel=1e-6)
+    assert float(objective(logits, y, "mean_loss")) == pytest.approx(one, rel=1e-6)  # one copy: both agree
+    # two noised copies stacked copy-major
     other = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
-    ce2 = [math.log(2), math.log(1 + math.exp(3)), math.log(1 + math.exp(2))]
-    expected = ((-3 * ce[0] + ce[1] + ce[2]) / 3 + (-3 * ce2[0] + ce2[1] + ce2[2]) / 3) / 2
-    assert float(objective(torch.cat([logits, other]), y)) == pytest.approx(expected, rel=1e-6)
+    two = (-3 * ce([0, 0], 0) + ce([3, 0], 1) + ce([0, 2], 0)) / 3
+    # the authors' current code: the cross-entropy of the copies' mean logits (1, 0), (1.5, 0.5), (0.5, 1.5)
+    mean = (-3 * ce([1, 0], 0) + ce([1.5, 0.5], 1) + ce([0.5, 1.5], 0)) / 3
+    assert float(objective(torch.cat([logits, other]), y)) == pytest.approx(mean, rel=1e-6)
+    # their earlier code: the mean of the copies' objectives
+    assert float(objective(torch.cat([logits, other]), y, "mean_loss")) == pytest.approx((one + two) / 2, rel=1e-6)
+    assert abs(mean - (one + two) / 2) > 0.05  # the two objectives differ here
+    with pytest.raises(ValueError, match="objective"):
+        objective(logits, y, "mean_grad")
     # the flip is judged on the target's logits averaged over the copies: (2, 0) and (0, 0) -> class 0;
     # with a third copy (0, 5) the average is (2/3, 5/3) -> class 1
-    assert target_prediction([logits, other]) == 0
-    assert target_prediction([logits, other, torch.tensor([[0.0, 5.0], [0, 0], [0, 0]])]) == 1
+    assert target_prediction(torch.cat([logits, other]), 3) == 0
+    assert target_prediction(torch.cat([logits, other, torch.tensor([[0.0, 5.0], [0, 0], [0, 0]])]), 3) == 1
+
+
+def test_objective_gradient_is_the_authors_current_one(tiny_trained):
+    """The plain loop's gradient equals the authors' code after their fix, written as they write it: the
+    copies' logits summed and divided by n_EoT, CrossEntropyLoss(reduction='none'), the target's term
+    times -batch_size, the mean, one backward; before the fix (mean_loss): per copy that loss, backward,
+    gradients accumulated and divided by n_EoT."""
+    cfg, model, data, run = tiny_trained
+    x, y = batch(data, 5)
+    inp = step_input(x, 3, 0.01, (0, 5), 0)
+    m = copy.deepcopy(model).eval().requires_grad_(True)
+    params = list(m.parameters())
+
+    def authors(z):
+        loss = nn.CrossEntropyLoss(reduction="none")(z, y)
+        loss[0] *= -1 * len(y)
+        return loss.mean()
+    final = None
+    for c in inp.split(len(y)):
+        final = m(c) if final is None else final + m(c)
+    current = torch.autograd.grad(authors(final / 3), params)
+    earlier = [g / 3 for g in map(sum, zip(*(torch.autograd.grad(authors(m(c)), params) for c in inp.split(len(y)))))]
+    for mode, expected in (("mean_logits", current), ("mean_loss", earlier)):
+        _, grads = search_step(m, params, inp, y, mode, None, lambda z: False)
+        for g, e in zip(grads, expected):
+            assert torch.allclose(g, e, rtol=1e-4, atol=1e-7), mode
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(current, earlier))
 
 
 def test_noise_is_redrawn_per_step_and_scaled_by_the_batch_norm(tiny_trained):
@@ -149,99 +187,71 @@ def test_channel_out_score_is_activation_times_its_gradient(tiny_trained):
     assert torch.allclose(scores[e.offset:e.offset + e.count], (a * grads[0]).sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-7)
 
 
-# ----------------------------------------------------------------------------- the fast path and the reference
+# ----------------------------------------------------------------------------- the batched search and the pieces
 
-@pytest.mark.parametrize("unit, n_eot, ref, n", [("channel", 0, 15, 3), ("channel", 2, 15, 2), ("channel_out", 2, 15, 1),
-                                                  ("weight", 0, 15, 1), ("channel", 5, 511, 1)])
-def test_fast_path_gives_the_reference_sequences(tiny_trained, unit, n_eot, ref, n):
-    cfg, model, data, run = tiny_trained
-    units = units_of(model, data, unit)
-    flipper = Flipper(model, units)
-    lengths = []
-    for index, kind in targets(model, data, n):
+def searches(model, units, picks, data, n_eot, mode="mean_logits", ref=15, max_units=40):
+    """(the plain loop's results, jobs for flip_batched) on the targets `picks`."""
+    jobs, plain = [], {}
+    for index, kind in picks:
         x, y = batch(data, index, ref)
-        expected = flip_sequential(model, units, x, y, 40, n_eot, 0.01, (0, index))
-        assert flipper.flip(x, y, 40, n_eot, 0.01, (0, index)) == expected, (index, kind)
-        lengths.append(len(expected.units))
-    assert max(lengths) >= 2 and flipper.steps == sum(lengths)  # multi-step searches were compared
+        jobs.append((index, x, y, (0, index)))
+        plain[index] = flip_sequential(model, units, x, y, max_units, n_eot, 0.01, (0, index), mode)
+    return plain, jobs
 
 
-def test_near_ties_are_settled_with_the_references_own_scores(tiny_trained):
-    cfg, model, data, run = tiny_trained
-    units = units_of(model, data, "channel")
-    always = Flipper(model, units, tolerance=lambda conv, inp, g: torch.full((conv.out_channels,), 1e9))
-    index = targets(model, data, 1)[1][0]  # a clean example: several units
-    x, y = batch(data, index)
-    ref = flip_sequential(model, units, x, y, 40, 2, 0.01, (0, index))
-    assert always.flip(x, y, 40, 2, 0.01, (0, index)) == ref  # every step: every filter ambiguous
-    n_convs = sum(e.kind == "channel" for e in units.entries)
-    assert always.exact_steps == always.steps == len(ref.units) > 0 and always.exact_layers == n_convs * always.steps
-
-
-@pytest.mark.parametrize("unit", ["channel", "channel_out"])
-def test_fast_scores_against_the_reference_scores(tiny_trained, unit):
-    """Parameter-gradient scores and the settled filter scores are bitwise the reference's; the fast
-    filter scores are within their tolerance of it."""
+@pytest.mark.parametrize("unit, n_eot, mode, n", [("channel", 2, "mean_logits", 3), ("channel", 0, "mean_logits", 2),
+                                                  ("channel_out", 2, "mean_loss", 2), ("weight", 2, "mean_logits", 1)])
+def test_batched_search_gives_the_plain_sequences(tiny_trained, unit, n_eot, mode, n):
     cfg, model, data, run = tiny_trained
     units = units_of(model, data, unit)
-    x, y = batch(data, 3, 63)
-    copies = step_copies(x, 2, 0.01, (0, 3), 0)
-    m = copy.deepcopy(model).eval().requires_grad_(True)
-    _, expected = _reference_scores(m, units, copies, y)
-    flipper = Flipper(model, units)
-    with strict_fp32():
-        scores, tols, kept = flipper._combine([flipper._copy_pass(c, y, None, 0, retain=False)[1] for c in copies])
-    exact = tols == 0
-    assert torch.equal(scores[exact], expected[exact])
-    assert bool((tols[~exact] > 0).all()) and bool(((scores - expected).abs() <= tols)[~exact].all())
-    for i in flipper.conv_entries:
-        e = units.entries[i]
-        assert torch.equal(flipper._exact_scores(i, kept), expected[e.offset:e.offset + e.count])
-    assert (unit == "channel") == bool((~exact).any())  # channel_out needs no filter scores here
+    plain, jobs = searches(model, units, targets(model, data, n), data, n_eot, mode)
+    finished = list(flip_batched(model, units, iter(jobs), 3, 40, n_eot, 0.01, mode))
+    assert sorted(k for k, _ in finished) == sorted(plain) and dict(finished) == plain
+    assert max(len(r.units) for r in plain.values()) >= 2  # multi-step searches were compared
 
 
-@pytest.mark.parametrize("shape", [dict(), dict(stride=2, padding=2, kernel_size=5), dict(groups=4, padding=1),
-                                   dict(dilation=2, padding=3), dict(padding=1, padding_mode="reflect"),
-                                   dict(padding="same", padding_mode="circular"),
-                                   dict(groups=8, stride=(2, 1), kernel_size=(3, 5), padding=(0, 2))])
-def test_filter_tolerance_bounds_the_rounding_of_a_filter_score(shape):
-    """The tolerance's S' (squares summed over each group's channels, then over the kernel window) is the
-    Cauchy-Schwarz bound ||W_c|| sum |g| ||input patch|| -- computed here in float64 as a convolution of
-    in^2 with ones over the group's channels -- a little above it (its fp32 rounding), and that bound is
-    above S = sum |w * in * g|."""
-    gen = torch.Generator().manual_seed(0)
-    conv = nn.Conv2d(8, 16, **{"kernel_size": 3, **shape})
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
-    x = F.relu(torch.randn(3, 8, 11, 13, generator=gen)).contiguous(memory_format=torch.channels_last)
-    g = torch.randn(conv(x).shape, generator=gen).contiguous(memory_format=torch.channels_last)
-    tol = filter_tolerance(conv, x, g).double()
-    c64, x64, g64 = copy.deepcopy(conv).double(), x.double(), g.double()
-    ones = torch.ones((conv.groups, conv.in_channels // conv.groups) + conv.kernel_size, dtype=torch.float64)
-    patch = c64._conv_forward(x64.square(), ones, None).sqrt()  # (N, groups, H', W')
-    patch = patch.repeat_interleave(conv.out_channels // conv.groups, dim=1)
-    bound = c64.weight.flatten(1).norm(dim=1) * (g64.abs() * patch).sum((0, 2, 3))
-    s = (g64.abs() * c64._conv_forward(x64.abs(), c64.weight.abs(), None)).sum((0, 2, 3))
-    assert bool((bound >= s).all())
-    short = LAMBDA * math.sqrt(conv.weight[0].numel() * g.numel() // g.shape[1]) * ROUNDOFF
-    ratio = tol / (2 * short * bound)
-    assert bool((ratio >= 1).all()) and bool((ratio <= 1 + 5 * short).all())
-
-
-def test_one_flipper_across_copy_counts(tiny_trained):
-    """A Flipper keeps a step's conv inputs and gradients until the next step's copies replace them (released
-    one by one) and releases them when a search ends: searches with different numbers of copies, one after
-    the other on one Flipper, keep the reference's answers."""
+def test_near_ties_go_to_the_plain_step(tiny_trained, monkeypatch):
     cfg, model, data, run = tiny_trained
     units = units_of(model, data, "channel")
-    flipper = Flipper(model, units)
-    (a, _), (b, _) = targets(model, data, 1)
-    for index, n_eot in ((a, 2), (b, 0), (a, 3), (b, 2)):
+    plain, jobs = searches(model, units, targets(model, data, 1), data, 2)
+    monkeypatch.setattr(flipping, "TIE", 10.0)  # every step a near-tie: every step is the plain loop's own
+    batched = flipping._Batched(model, units, 40, 2, 0.01, "mean_logits")
+    assert dict(batched.run(iter(jobs), 2)) == plain
+    assert batched.settled == sum(len(r.units) + 1 for r in plain.values())  # each step and each last check
+
+
+def test_steps_in_pieces_give_the_same_gradient_and_sequences(tiny_trained):
+    """A step too large for `rows` runs without a graph first, then piece by piece from the objective's
+    gradient with respect to the logits: the same gradient (to rounding) and the same unit sequences."""
+    cfg, model, data, run = tiny_trained
+    units = units_of(model, data, "channel")
+    x, y = batch(data, 3, 31)
+    inp = step_input(x, 3, 0.01, (0, 3), 0)
+    m = copy.deepcopy(model).eval().requires_grad_(True)
+    params = [m.get_parameter(n) for n in units.grad_names]
+    for mode in ("mean_logits", "mean_loss"):
+        z, whole = search_step(m, params, inp, y, mode, None, lambda z: False)
+        zp, pieces = search_step(m, params, inp, y, mode, 10, lambda z: False)  # 10 rows: 4 pieces per copy
+        assert torch.equal(z, zp)
+        for a, b in zip(whole, pieces):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for index, kind in targets(model, data, 2):
         x, y = batch(data, index)
-        assert flipper.flip(x, y, 40, n_eot, 0.01, (0, index)) == flip_sequential(model, units, x, y, 40, n_eot, 0.01,
-                                                                                  (0, index)), (index, n_eot)
-        assert flipper.held == []
-    assert flipper.steps >= 4
+        assert (flip_sequential(model, units, x, y, 40, 2, 0.01, (0, index), rows=7)
+                == flip_sequential(model, units, x, y, 40, 2, 0.01, (0, index))), index
+    # a step that ends the search (its flip check) needs no backward
+    assert search_step(m, params, inp, y, "mean_logits", 10, lambda z: True)[1] is None
+
+
+def test_graph_rows_follow_the_memory_budget(tiny_trained):
+    cfg, model, data, run = tiny_trained
+    x = data.batch(torch.arange(4))
+    per_row = graph_bytes_per_row(copy.deepcopy(model).requires_grad_(True), x)
+    conv1 = model.layers.conv1.conv.out_channels * 28 * 28 * 4  # at least the first conv's output is saved
+    assert per_row >= conv1
+    was = [p.requires_grad for p in model.parameters()]
+    assert graph_rows(model, x, 100 * per_row) == 100 and graph_rows(model, x, 1) == 1
+    assert [p.requires_grad for p in model.parameters()] == was  # left as it was
 
 
 class SkipNet(nn.Module):
@@ -262,7 +272,7 @@ class SkipNet(nn.Module):
         return self.layers.head(F.adaptive_max_pool2d(h, 1).flatten(1))
 
 
-def test_non_sequential_model_runs_whole_forwards_with_the_same_answers(tiny_trained):
+def test_non_sequential_model_batched_with_the_same_answers(tiny_trained):
     cfg, model, data, run = tiny_trained
     net = SkipNet(copy.deepcopy(model)).eval()
     assert stages(net) is None
@@ -270,13 +280,10 @@ def test_non_sequential_model_runs_whole_forwards_with_the_same_answers(tiny_tra
     picks = pick_targets(data, fits, 1, seed=0)
     for unit, n_eot in (("channel", 0), ("channel_out", 2)):
         units = Units(net, unit, sample=data.batch(torch.tensor([0])))
-        flipper, lengths = Flipper(net, units), []
-        for index, kind in picks:
-            x, y = batch(data, index)
-            expected = flip_sequential(net, units, x, y, 30, n_eot, 0.01, (0, index))
-            assert flipper.flip(x, y, 30, n_eot, 0.01, (0, index)) == expected
-            lengths.append(len(expected.units))
-        assert max(lengths) >= 2
+        plain, jobs = searches(net, units, picks, data, n_eot, max_units=30)
+        assert dict(flip_batched(net, units, iter(jobs), 2, 30, n_eot, 0.01)) == plain
+        assert max(len(r.units) for r in plain.values()) >= 2
+    expected = next(iter(plain.values()))
     skip = [e for e in units.entries if e.module == "skip"]  # a conv without BatchNorm after it
     assert [(e.group, e.param, e.kind, e.names) for e in skip] == [("skip", "skip", "channel_out",
                                                                     ("skip.weight", "skip.bias"))]
@@ -295,8 +302,9 @@ def test_max_units_stops_the_search(tiny_trained):
         x, y = batch(data, index)
         full = flip_sequential(model, units, x, y, 40, 2, 0.01, (0, index))
         if len(full.units) >= 2:
-            capped = Flipper(model, units).flip(x, y, 1, 2, 0.01, (0, index))
+            capped = flip_sequential(model, units, x, y, 1, 2, 0.01, (0, index))
             assert capped.units == full.units[:1] and not capped.flipped and capped.prediction == int(y[0])
+            assert dict(flip_batched(model, units, iter([(index, x, y, (0, index))]), 2, 1, 2, 0.01)) == {index: capped}
             return
     pytest.fail("no target needed two or more units: the cap was never exercised")
 
@@ -350,9 +358,10 @@ def test_a_record_with_no_units_is_an_error(tiny_trained):
     units = units_of(model, data, "channel")
     nothing = FlipResult([], True, 3)
     with pytest.raises(ValueError, match="0 units"):
-        neuron_flipping.make_record(data, 0, "clean", units, nothing, {}, {}, 0, 0.0, "fast")
-    record = neuron_flipping.make_record(data, 0, "clean", units, FlipResult([5], True, 3), {}, {}, 0, 1.0, "fast")
-    assert record["n_units"] == 1 and record["units"] == [units.describe(5)] and record["search"] == "fast"
+        neuron_flipping.make_record(data, 0, "clean", units, nothing, {}, {}, 0.5, 0.0, "batched")
+    record = neuron_flipping.make_record(data, 0, "clean", units, FlipResult([5], True, 3), {}, {}, 0.5, 1.0, "batched")
+    assert record["n_units"] == 1 and record["units"] == [units.describe(5)] and record["search"] == "batched"
+    assert record["margin"] == 0.5
 
 
 def test_batchnorm_pass_overwrites_running_statistics_only(tiny_trained):
@@ -376,20 +385,57 @@ def test_batchnorm_pass_overwrites_running_statistics_only(tiny_trained):
 
 # ----------------------------------------------------------------------------- the script
 
-def test_fast_knob_auto_is_the_fast_path_on_a_cpu_only():
-    use_fast = neuron_flipping.use_fast
-    assert neuron_flipping.KNOBS["fast"] is None  # the default: auto
-    for auto in (None, "auto"):
-        assert use_fast(auto, torch.device("cpu")) is True
-        assert use_fast(auto, torch.device("cuda")) is False and use_fast(auto, torch.device("cuda:1")) is False
-        assert use_fast(auto, torch.device("mps")) is False
-    assert use_fast(True, torch.device("cuda")) is True and use_fast(False, torch.device("cpu")) is False
-    parse = lambda *argv: config.parse(neuron_flipping.KNOBS, argv).fast
-    assert parse() is None and parse("--fast=auto") == "auto"
-    assert parse("--fast=True") is True and parse("--fast=False") is False
-    for bad in ("--fast=yes", "--fast=1", "--fast=0", "--fast=[True]"):
-        with pytest.raises(UserError, match="fast="):
-            parse(bad)
+def test_targets_per_forward(monkeypatch):
+    slots = neuron_flipping.slots_for
+    assert neuron_flipping.KNOBS["batch_targets"] == 0  # the default: auto
+    assert slots(0, torch.device("cpu"), 10 ** 6, 2560) == 1 and slots(0, torch.device("mps"), 10 ** 6, 2560) == 1
+    assert slots(0, torch.device("cuda"), 3 * 2 * 2560 + 5, 2560) == 3 and slots(0, torch.device("cuda:1"), 100, 2560) == 1
+    assert slots(0, torch.device("cuda"), 10 ** 9, 2560) == neuron_flipping.MAX_SLOTS
+    assert slots(4, torch.device("cpu"), 1, 2560) == 4  # asked for: as asked
+    budget = neuron_flipping.graph_budget
+    assert budget(2, torch.device("cpu")) == 2 * 2 ** 30 and budget(0, torch.device("cpu")) == 1.5 * 2 ** 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80e9))
+    assert budget(0, torch.device("cuda")) == 20e9 and budget(2, torch.device("cuda")) == 2 * 2 ** 30
+
+
+def test_margins_and_matching(tiny_trained):
+    cfg, model, data, run = tiny_trained
+    margin = margins(model, data)
+    with torch.no_grad():
+        logits = model(data.batch(torch.arange(5)))
+    label = data.y_train[:5]
+    other = logits.clone()
+    other[torch.arange(5), label] = -torch.inf
+    assert torch.allclose(margin[:5], logits[torch.arange(5), label] - other.max(1).values, atol=1e-5)
+    fits = predict(model, data, "train", amp=False) == data.y_train
+    assert torch.equal(margin > 0, fits.cpu())
+    m = torch.tensor([0.0, 5.0, 1.0, 2.0, 1.5, 1.0])
+    assert nearest_on_margin(m, 1.2, [1, 2, 3, 4, 5], set()) == 2  # 1.0 at 2 and 5: the first in pool order
+    assert nearest_on_margin(m, 1.2, [5, 4, 3, 2], set()) == 5
+    assert nearest_on_margin(m, 1.2, [1, 2, 3, 4, 5], {2, 5}) == 4
+    assert nearest_on_margin(m, 1.2, [2], {2}) is None
+
+
+def test_plan_targets_matches_each_noisy_target_once():
+    cfg = types.SimpleNamespace(n_examples=2, matched=True)
+    order = {"noisy": [10, 11, 12], "clean": [20, 21, 22, 23]}
+    margin = torch.zeros(30)
+    margin[[10, 11, 12]] = torch.tensor([0.5, 0.6, 3.0])
+    margin[[20, 21, 22, 23]] = torch.tensor([4.0, 0.55, 0.58, 9.0])
+    chosen, todo = neuron_flipping.plan_targets(cfg, order, margin, {}, {})
+    assert chosen == {"noisy": [], "clean": []} and todo == [(10, "noisy"), (20, "clean"), (11, "noisy"), (21, "clean")]
+    done = {i: {} for i in (10, 20, 21)}
+    chosen, todo = neuron_flipping.plan_targets(cfg, order, margin, done, {11: {}})  # 11 passed over
+    assert chosen == {"noisy": [10], "clean": [20, 21]} and todo == [(12, "noisy")]
+    done.update({12: {}})
+    chosen, todo = neuron_flipping.plan_targets(cfg, order, margin, done, {11: {}})
+    # noisy 10 (0.5) -> clean 21 (0.55, already searched as a clean target); noisy 12 (3.0) -> 20 (4.0)
+    assert chosen == {"noisy": [10, 12], "clean": [20, 21], "clean_matched": [21, 20]} and todo == []
+    chosen, todo = neuron_flipping.plan_targets(cfg, order, margin, done, {11: {}, 21: {}})
+    # 21 passed over: clean takes 22; noisy 10 -> 22 (0.58, searched once for both kinds), noisy 12 -> 20
+    assert chosen["clean"] == [20] and chosen["clean_matched"] == [20] and todo == [(22, "clean")]
+    cfg.matched = False
+    assert "clean_matched" not in neuron_flipping.plan_targets(cfg, order, margin, done, {11: {}})[0]
 
 
 def test_result_files_keep_variants_apart():
@@ -398,25 +444,31 @@ def test_result_files_keep_variants_apart():
     assert neuron_flipping.results_file(cfg(), ".partial.json") == "neuron_flipping.partial.json"
     assert neuron_flipping.results_file(cfg(unit="channel_out")) == "neuron_flipping_channel_out.json"
     assert neuron_flipping.results_file(cfg(bn_train=True), ".png") == "neuron_flipping_bntrain.png"
+    assert neuron_flipping.results_file(cfg(objective="mean_loss", bn_train=True)) == "neuron_flipping_mean_loss_bntrain.json"
     names = {neuron_flipping.results_file(cfg(unit=u, bn_train=b)) for u in ("channel", "channel_out", "weight")
              for b in (False, True)}
     assert len(names) == 6
 
 
-def test_flipped_predictions_are_real(tiny_trained, run_copy, monkeypatch):
+def test_flipped_predictions_are_real(tiny_trained, run_copy, monkeypatch, capsys):
     cfg, model, data, run = tiny_trained
     argv, run_dir = run_copy
     results = neuron_flipping.main(argv())
-    assert results["search"] == "fast" and {r["search"] for r in results["records"]} == {"fast"}  # auto on a CPU
+    assert "warning" not in capsys.readouterr().out  # the tiny run memorized its noisy examples
+    assert results["search"] == "sequential" and {r["search"] for r in results["records"]} == {"sequential"}
     assert (run_dir / "neuron_flipping.json").is_file() and not (run_dir / "neuron_flipping.partial.json").exists()
     assert (run_dir / "neuron_flipping.png").is_file() and (run_dir / "neuron_flipping_examples.png").is_file()
     records = results["records"]
-    assert [r["kind"] for r in records] == ["noisy", "clean"] * 3 and len({r["index"] for r in records}) == 6
+    assert [r["kind"] for r in records] == ["noisy", "clean", "clean_matched"] * 3
+    assert len({r["index"] for r in records if r["kind"] != "clean_matched"}) == 6
     assert any(r["flipped"] for r in records)
     assert results["settings"]["n_eot"] == 2 and results["settings"]["bn_train"] is False
+    assert results["settings"]["objective"] == "mean_logits"
     assert {"config", "settings", "groups", "baseline", "summary", "records"} <= set(results)
+    margin = margins(model, data)
     for r in records:
         assert r["n_units"] == len(r["units"]) > 0
+        assert r["margin"] == pytest.approx(float(margin[r["index"]])) and r["margin"] > 0
         edited = copy.deepcopy(model).eval()
         with torch.no_grad():
             for u in r["units"]:  # rebuilt from the JSON description alone
@@ -427,59 +479,79 @@ def test_flipped_predictions_are_real(tiny_trained, run_copy, monkeypatch):
         x = data.batch(idx)
         inp = eot_inputs(x, 2, 0.01, generator(0, "neuron_flipping", "eot", r["index"], r["n_units"]))
         with torch.no_grad():
-            assert target_prediction([edited(c) for c in inp.split(len(idx))]) == r["prediction"]
+            assert target_prediction(torch.cat([edited(c) for c in inp.split(len(idx))]), len(idx)) == r["prediction"]
         assert (r["prediction"] != r["label"]) == r["flipped"]
         assert r["label"] == int(data.y_train[r["index"]]) and r["true_label"] == int(data.y_true[r["index"]])
         assert set(r["accuracy_after"]) == set(r["accuracy_drop"]) == {"clean", "noisy", "noisy_true", "test"}
         assert r["seconds"] > 0
+    # each margin-matched target: a clean example, matched to the noisy target beside it, and no clean
+    # candidate left (not matched before, not passed over) is nearer to that noisy target's margin
+    noisy = [r for r in records if r["kind"] == "noisy"]
+    matched = [r for r in records if r["kind"] == "clean_matched"]
+    pool = [i for i in range(data.n_train) if not bool(data.noisy[i]) and float(margin[i]) > 0
+            and i not in {p["index"] for p in results["passed_over"]}]
+    taken = set()
+    for n, m in zip(noisy, matched):
+        assert m["matched_to"] == n["index"] and not bool(data.noisy[m["index"]]) and m["index"] not in taken
+        best = min(abs(float(margin[i]) - n["margin"]) for i in pool if i not in taken)
+        assert abs(m["margin"] - n["margin"]) == pytest.approx(best)
+        taken.add(m["index"])
     s = results["summary"]
-    assert s["noisy"]["n"] == s["clean"]["n"] == 3 and 0 <= s["noisy"]["flipped"] <= 1
+    assert s["noisy"]["n"] == s["clean"]["n"] == s["clean_matched"]["n"] == 3 and 0 <= s["noisy"]["flipped"] <= 1
     assert s["noisy"]["units_q1"] <= s["noisy"]["units_median"] <= s["noisy"]["units_q3"]
 
-    # the plain loop on the same run: the six records are reused (`fast` is not a setting), one more
-    # target of each kind is searched by the plain loop, every step its reference computation
-    calls, plain = [], neuron_flipping.flip_sequential
-    monkeypatch.setattr(neuron_flipping, "flip_sequential", lambda *a: (calls.append(1), plain(*a))[1])
+    # the batched search on the same run: the nine records are reused (it is not a setting), one more
+    # target of each kind is searched, several in one forward
+    calls, batched = [], neuron_flipping.flip_batched
+
+    def counted(*args):
+        calls.append(1)
+        yield from batched(*args)
+    monkeypatch.setattr(neuron_flipping, "flip_batched", counted)
     for plot in ("plot_summary", "plot_examples"):
         monkeypatch.setattr(neuron_flipping, plot, lambda *a: None)
-    more = neuron_flipping.main(argv("--fast=False", "--n_examples=4"))
-    assert more["search"] == "sequential" and more["records"][:6] == records
-    assert len(calls) == 2 + len(more["passed_over"]) - len(results["passed_over"])
-    assert [r["search"] for r in more["records"][6:]] == ["sequential"] * 2
-    assert all(r["reference_steps"] == r["n_units"] for r in more["records"][6:])
+    more = neuron_flipping.main(argv("--batch_targets=3", "--n_examples=4"))
+    assert more["search"] == "batched" and more["records"][:9] == records and calls
+    assert all(("matched_to" in r) == (r["kind"] == "clean_matched") for r in more["records"])
+    new = [r for r in more["records"][9:] if r["index"] not in {q["index"] for q in records}]
+    assert new and {r["search"] for r in new} == {"batched"}
 
 
-def test_variants_write_their_own_files(run_copy):
+def test_variants_write_their_own_files(run_copy, monkeypatch, capsys):
     argv, run_dir = run_copy
-    results = neuron_flipping.main(argv("--n_examples=1", "--unit=channel_out", "--bn_train=True", "--n_show=1"))
-    assert (run_dir / "neuron_flipping_channel_out_bntrain.json").is_file()
-    assert (run_dir / "neuron_flipping_channel_out_bntrain.png").is_file()
+    monkeypatch.setattr(neuron_flipping.claims, "MEMORIZED", 1.01)  # as if the run had not memorized
+    results = neuron_flipping.main(argv("--n_examples=1", "--unit=channel_out", "--bn_train=True", "--n_show=1",
+                                        "--matched=False", "--objective=mean_loss"))
+    assert "not memorized them, so what flipping them shows is inconclusive" in capsys.readouterr().out
+    assert (run_dir / "neuron_flipping_channel_out_mean_loss_bntrain.json").is_file()
+    assert (run_dir / "neuron_flipping_channel_out_mean_loss_bntrain.png").is_file()
     assert not (run_dir / "neuron_flipping.json").exists()
     assert results["settings"]["bn_train"] is True and results["settings"]["unit"] == "channel_out"
+    assert results["settings"]["objective"] == "mean_loss" and [r["kind"] for r in results["records"]] == ["noisy", "clean"]
     assert {u["kind"] for r in results["records"] for u in r["units"]} <= {"channel_out", "element"}
 
 
 def test_interrupted_run_resumes_without_duplicates(tiny_trained, run_copy, monkeypatch):
     make_argv, run_dir = run_copy
-    argv = make_argv("--n_examples=2")
-    calls, original = [], Flipper.flip
+    argv = make_argv("--n_examples=2", "--matched=False")
+    calls, original = [], neuron_flipping.flip_sequential
     for plot in ("plot_summary", "plot_examples"):  # figures are checked elsewhere; four runs here
         monkeypatch.setattr(neuron_flipping, plot, lambda *a: None)
 
-    def flip_then_stop(self, *args, **kwargs):
+    def flip_then_stop(*args):
         if len(calls) == 3:
             raise KeyboardInterrupt  # as a user's Ctrl-C after three examples
         calls.append(1)
-        return original(self, *args, **kwargs)
+        return original(*args)
 
-    monkeypatch.setattr(Flipper, "flip", flip_then_stop)
+    monkeypatch.setattr(neuron_flipping, "flip_sequential", flip_then_stop)
     with pytest.raises(KeyboardInterrupt):
         neuron_flipping.main(argv)
     partial = read_json(run_dir / "neuron_flipping.partial.json")
     assert len(partial["records"]) + len(partial["passed_over"]) == 3 and not (run_dir / "neuron_flipping.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(Flipper, "flip", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    monkeypatch.setattr(neuron_flipping, "flip_sequential", lambda *a: (calls.append(1), original(*a))[1])
     resumed = neuron_flipping.main(argv)
     assert len(calls) == 4 - len(partial["records"]) + len(resumed["passed_over"]) - len(partial["passed_over"])
     assert len(resumed["records"]) == 4 and len({r["index"] for r in resumed["records"]}) == 4
@@ -491,11 +563,14 @@ def test_interrupted_run_resumes_without_duplicates(tiny_trained, run_copy, monk
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert strip(fresh["records"]) == strip(resumed["records"])
 
-    # more examples later: the four done are reused, only the new ones are computed
+    # more examples later: the four done are reused, only the new ones are computed (the margin-matched
+    # targets of a clean example already searched are not searched again)
     calls.clear()
-    more = neuron_flipping.main(argv + ["--n_examples=3"])
-    assert len(calls) == 2 + len(more["passed_over"]) - len(fresh["passed_over"])
-    assert strip(more["records"][:4]) == strip(fresh["records"])
+    more = neuron_flipping.main(argv[:-1] + ["--n_examples=3", "--matched=True"])
+    new = {r["index"] for r in more["records"]} - {r["index"] for r in fresh["records"]}
+    assert len(calls) == len(new) + len(more["passed_over"]) - len(fresh["passed_over"])
+    assert strip([r for r in more["records"] if r["kind"] != "clean_matched"][:4]) == strip(fresh["records"])
+    assert [r["kind"] for r in more["records"]] == ["noisy", "clean", "clean_matched"] * 3
 
 
 def test_bad_input_exits_2_with_one_line(run_copy):
@@ -508,8 +583,8 @@ def test_bad_input_exits_2_with_one_line(run_copy):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "n_examples=100000" in lines[0] and "--n_examples=" in lines[0]
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
-    proc = subprocess.run([sys.executable, str(REPO / "neuron_flipping.py"), *make_argv("--fast=maybe")],
+    proc = subprocess.run([sys.executable, str(REPO / "neuron_flipping.py"), *make_argv("--objective=mean_grad")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1
-    assert "fast='maybe'" in lines[0] and "--fast=auto" in lines[0]
+    assert "objective 'mean_grad'" in lines[0] and "mean_logits, mean_loss" in lines[0]

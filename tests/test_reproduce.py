@@ -1,12 +1,17 @@
 """make reproduce, end to end on a tiny configuration: all five experiments, one seed, the report."""
+import json
 import re
+import shutil
+
+import pytest
 
 import reproduce
+from common.cli import UserError
 from common.runs import read_json
 
 
 def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
-    argv = ["--seeds=[0]", "--name=smoke", f"--reports_dir={tmp_path / 'reports'}",
+    argv = ["--seeds=[0]", "--name=smoke", f"--reports_dir={tmp_path / 'reports'}", f"--results_dir={tmp_path / 'res'}",
             f"--dataset=npz:{tiny_npz}", "--model=cnn", "--width=0.5", "--epochs=3", "--device=cpu",
             f"--runs_dir={tmp_path / 'runs'}", "--rewind_epochs=[0,1]", "--retrain_epochs=1",
             "--n_examples=2", "--max_units=5", "--ref_batch=15", "--n_eot=1", "--collateral_n=50",
@@ -15,7 +20,7 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     text = path.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(images) == 5 and all((path.parent / im).is_file() for im in images)
-    run_dir = tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir())
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if "cnn" in p.name)  # (the ETD variant: resnet9's)
     for exp in reproduce.EXPERIMENTS:
         assert (run_dir / f"{exp}.json").is_file(), exp
     # the variants the claims need ran beside the defaults (first seed)
@@ -27,16 +32,21 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     rows = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in claims_md.splitlines()
             if r.startswith("| ") and not r.startswith("| #")]
     header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
-    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "verdict", "statistic", "95% CI",
-                                                                     "why"]
-    # BN modes, ablation, flip variants, drop scalings
-    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5"]
+    # a model column, since the ETD variant's rows are measured on another model than the run's
+    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "model", "verdict", "statistic",
+                                                                     "95% CI", "why"]
+    # BN modes, ablation, flip variants, drop scalings x (the run's model, the resnet9 variant)
+    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5", "5", "5"]
     for r in rows:
-        assert len(r) == 6 and r[1] and r[3] and r[4] and r[5]
-        assert r[2].split("**")[1] in ("yes", "partial", "no", "inconclusive")
+        assert len(r) == 7 and r[1] and r[2] and r[4] and r[5] and r[6]
+        assert r[3].split("**")[1] in ("yes", "partial", "no", "inconclusive")
+    assert [r[2] for r in rows] == ["cnn x0.5"] * 10 + ["resnet9 x0.25"] * 2
     assert {r[1] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
-    assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled"]
+    etd_variant = reproduce.VARIANTS[-1][1]
+    assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled",
+                                                  f"{etd_variant}; drop: rescaled (authors)",
+                                                  f"{etd_variant}; drop: not rescaled"]
     rules = text.split("## Rules")[1].split("\n## ")[0]
     for n in range(1, 6):
         assert rules.count(f"**Claim {n}.**") == 1 and len(rules.split(f"**Claim {n}.**")[1].split("*Rule:*")[1]) > 40
@@ -51,6 +61,11 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     n_runs = 4 + len(reproduce.VARIANTS)  # the retraining ablation replaces seed 0's default retraining
     assert len(timings) == n_runs and all(k.endswith("/seed0") for k in timings)
 
+    # every experiment and variant kept with its seed under its own name (two ETD runs, one file name)
+    stored = json.loads((tmp_path / "res" / "smoke" / "seed0" / "provenance.json").read_text())
+    assert len(stored) == n_runs and all((tmp_path / "res" / "smoke" / "seed0" / f).is_file() for f in stored)
+    assert {"example_tied_dropout.json", "example_tied_dropout.resnet9-x0.25-after-every-conv-block.json"} <= set(stored)
+
     # a second invocation reuses every result and only rebuilds the report
     files = [p for p in run_dir.glob("*.json")]
     mtimes = {p: p.stat().st_mtime_ns for p in files}
@@ -60,3 +75,60 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     assert out.count("reusing") == n_runs
     assert path.read_text().count("reused (took") == n_runs  # the wall-time table marks the reused jobs
     assert mtimes == {p: p.stat().st_mtime_ns for p in files}
+
+
+# Two experiments are enough to test the scheduling: the trainer and one that reuses its run.
+TWO = ("gradient_accounting", "neuron_flipping")
+SMALL = ["--model=cnn", "--width=0.5", "--epochs=3", "--device=cpu", "--n_examples=2", "--max_units=5",
+         "--ref_batch=15", "--n_eot=1", "--collateral_n=50", "--variant_seeds=0"]
+
+
+def _numbers(obj):
+    """A results JSON without what depends on when, where and how fast it ran."""
+    if isinstance(obj, dict):  # nor where it ran (runs_dir, ...)
+        return {k: _numbers(v) for k, v in obj.items()
+                if not any(w in k for w in ("second", "time", "wall")) and k not in reproduce.IGNORED}
+    return [_numbers(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, tmp_path, monkeypatch, capsys,
+                                                                      one_thread):
+    monkeypatch.setattr(reproduce, "EXPERIMENTS", TWO)
+    base = [f"--dataset=npz:{tiny_npz}", "--name=t", f"--reports_dir={tmp_path / 'reports'}", *SMALL]
+    par, seq = tmp_path / "par", tmp_path / "seq"
+    reproduce.main(base + ["--seeds=[0,1]", "--jobs=2", "--threads=1", f"--runs_dir={par / 'runs'}",
+                           f"--results_dir={par / 'res'}"])
+    out = capsys.readouterr().out
+    assert out.count("started (process") == 4 and "1 thread(s)" in out
+    logs = list((tmp_path / "reports" / "t" / "logs").glob("*.log"))
+    assert len(logs) == 4 and all(log.stat().st_size > 0 for log in logs)  # one log per process
+    # sequential, in this process (one thread, as each parallel process had), one seed per invocation
+    seq_argv = base + [f"--runs_dir={seq / 'runs'}", f"--results_dir={seq / 'res'}"]
+    reproduce.main(seq_argv + ["--seeds=[0]"])
+    shutil.rmtree(seq / "runs")  # seed 0 now lives only in the stored per-seed files
+    path = reproduce.main(seq_argv + ["--seeds=[1]"])
+    out = capsys.readouterr().out
+    assert "1 of them made by earlier invocations" in path.read_text() and "Seeds [0, 1]" in path.read_text()
+    for seed in (0, 1):
+        files = sorted(p.name for p in (par / "res" / "t" / f"seed{seed}").iterdir())
+        assert files == sorted(p.name for p in (seq / "res" / "t" / f"seed{seed}").iterdir())
+        assert {"gradient_accounting.json", "neuron_flipping.json", "gradient_accounting.metrics.jsonl",
+                "provenance.json"} <= set(files)
+        assert not any(f.endswith(".pt") for f in files)  # never a checkpoint
+        for f in ("gradient_accounting.json", "neuron_flipping.json"):
+            a, b = (json.loads((d / "res" / "t" / f"seed{seed}" / f).read_text()) for d in (par, seq))
+            assert _numbers(a) == _numbers(b), (seed, f)
+    # a stored seed made with another configuration or code is refused in one line, before any work
+    stored = seq / "res" / "t" / "seed0" / "neuron_flipping.json"
+    saved = json.loads(stored.read_text())
+    stored.write_text(json.dumps({**saved, "config": {**saved["config"], "max_units": 7}}))
+    with pytest.raises(UserError, match=r"seed 0: .*neuron_flipping.json was made with another configuration "
+                                        r"\(max_units: 7 there, 5 now\)"):
+        reproduce.main(seq_argv + ["--seeds=[1]"])
+    stored.write_text(json.dumps(saved))
+    prov_path = seq / "res" / "t" / "seed0" / "provenance.json"
+    prov = json.loads(prov_path.read_text())
+    prov["neuron_flipping.json"]["code"]["common/flipping.py"] = "0" * 12
+    prov_path.write_text(json.dumps(prov))
+    with pytest.raises(UserError, match=r"another code version \(code of common/flipping.py changed\)"):
+        reproduce.main(seq_argv + ["--seeds=[1]"])

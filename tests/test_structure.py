@@ -91,13 +91,35 @@ def test_the_shared_block_is_defined_once_in_the_library():
     assert list(block) == list(config.RUN_DEFAULTS) and block["width"] == 0.5 and ns["epochs"] == 20
     with pytest.raises(RuntimeError, match="not a shared key"):
         config.run_knobs({"__name__": "script", "widht": 0.5})
-    for path in (REPO / "common").glob("*.py"):
+    # the import graph of scripts and library (imports inside functions count): no library module imports
+    # a script, and there is no cycle
+    edges = {}
+    for path in [*REPO.glob("*.py"), *(REPO / "common").glob("*.py")]:
+        mod = path.stem if path.parent == REPO else f"common.{path.stem}"
+        edges[mod] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (f"common.{node.module}" if node.module else "common") if node.level else node.module or ""
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
                 names = [getattr(node.args[0], "value", "")]
-            assert not set(names) & set(scripts), f"{path.name} imports a script: {names}"
+            else:
+                continue
+            edges[mod] |= {n for n in names if n != mod}
+        if mod.startswith("common."):
+            assert not edges[mod] & set(scripts), f"{path.name} imports a script: {edges[mod] & set(scripts)}"
+    done = set()
+
+    def visit(mod, stack):
+        assert mod not in stack, "import cycle: " + " -> ".join(stack[stack.index(mod):] + [mod])
+        if mod in edges and mod not in done:
+            for other in sorted(edges[mod]):
+                visit(other, stack + [mod])
+            done.add(mod)
+    for mod in edges:
+        visit(mod, [])
 
 
 def test_runs_of_a_sweep_sit_side_by_side_and_old_config_files_still_match(make_cfg):
@@ -187,3 +209,30 @@ def test_figure_titles_are_wrapped_inside_the_canvas(tmp_path):
     assert plots.overflowing_text(fig) == []
     path = plots.save(fig, tmp_path / "f.png")
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_help_lists_every_knob_with_its_default_and_meaning_and_a_typo_gets_a_guess():
+    r = subprocess.run([sys.executable, "layer_rewinding.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    run_part, own_part = r.stdout.split("this experiment:")
+    assert "the run (shared by every script" in run_part
+    assert re.search(r"--width=0\.25 +channel-width multiplier", run_part)
+    assert re.search(r"--epochs=20 +training epochs of the run", run_part)  # the library's comment
+    assert re.search(r"--rewind_bn_stats=final +BatchNorm statistics of the rewound group", own_part)
+    assert all(f"--{k}=" in r.stdout for k in __import__("layer_rewinding").KNOBS)
+    r = subprocess.run([sys.executable, "layer_rewinding.py", "--epoch=3"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown key --epoch; did you mean --epochs? (--help lists every key)"
+
+
+def test_progress_off_a_terminal_is_a_plain_line_at_an_interval(capsys):
+    from common.cli import progress
+    for _ in progress(range(3), every=0.3, desc="short"):
+        pass
+    for _ in progress(range(4), every=0.3, desc="long"):
+        time.sleep(0.2)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "short" not in err and "\r" not in err  # a loop shorter than the interval prints nothing
+    assert 1 <= len(lines) <= 4 and lines[-1].startswith("long: 4/4 (100%)"), lines

@@ -17,7 +17,8 @@ TINY = ["--model=cnn", "--width=0.5", "--epochs=3", "--device=cpu", "--rewind_ep
 
 def _argv(tiny_npz, tmp_path, *extra):
     return ["--key=retrain_epochs", "--values=[1,2]", "--seeds=[0]", "--name=tiny",
-            f"--reports_dir={tmp_path / 'reports'}", f"--table={tmp_path / 'docs' / 'SCALE.md'}",
+            f"--reports_dir={tmp_path / 'reports'}", f"--results_dir={tmp_path / 'res'}",
+            f"--table={tmp_path / 'docs' / 'SCALE.md'}",
             f"--dataset=npz:{tiny_npz}", f"--runs_dir={tmp_path / 'runs'}", *TINY, *extra]
 
 
