@@ -344,3 +344,26 @@ def test_judge_adds_the_atypical_claim_only_with_atypical_targets():
     plain = {**both, "records": [r for r in both["records"] if r["kind"] != "atypical"]}
     assert [c.number for c in claims.judge("neuron_flipping", plain)] == [4]
     assert [c.number for c in claims.judge("neuron_flipping", both)] == [4, claims.ATYPICAL]
+
+
+def test_the_findings_numbers_come_from_the_committed_results():
+    """docs/experiments/atypical.md's numbers are those of docs/results/atypical/ (the default run, seed 0)."""
+    import json
+    from common import claims
+    from common.memorization import PROXIES
+    from conftest import REPO
+    res = REPO / "docs" / "results" / "atypical"
+    page = (REPO / "docs" / "experiments" / "atypical.md").read_text()
+    if (res / "memorization_scores.json").is_file():
+        agreement = json.loads((res / "memorization_scores.json").read_text())["agreement"]
+        for name in PROXIES:
+            a = agreement[name]
+            assert f"| {name} | {a['rho']:+.2f} | [{a['lo']:+.2f}, {a['hi']:+.2f}] |" in page, name
+        assert "at least 90% of the digits score 1.0" in page.replace("\n", " ")
+        assert (load_scores("mnist_5k")["score"] == 1).mean() >= 0.9
+    if (res / "neuron_flipping.json").is_file():
+        c = claims.atypical(json.loads((res / "neuron_flipping.json").read_text()))
+        assert f"**{c.verdict}**" in page
+        for k in ("A", "B", "C"):
+            lo, hi = c.values["intervals"][k]
+            assert f"{k} = {c.values['point'][k]:.2f} [{lo:.2f}, {hi:.2f}]" in page, k
