@@ -19,6 +19,11 @@ only, as the authors did); `recompute` re-estimates them on the training images 
 rewound group now sits in (final layers before it); `checkpoint` takes the checkpoint's, with its weights.
 
 Epoch 0 is the checkpoint saved at initialization; epoch e the one saved after e epochs.
+
+Under bf16 autocast every rewind happens outside an autocast region and each forward opens its own:
+autocast keeps the bf16 copy of each weight for the life of a region, so rewinds inside one region
+computed with the first rewind's weights (results before this fix: docs/results/h100,
+docs/results/fashion_h100).
 """
 import contextlib
 
@@ -208,20 +213,21 @@ def recompute_bn_stats(model, data, rewinder, group, epochs, *, amp, batch_size=
                 for m in bns:
                     m.reset_running_stats()
         for idx in _batches(data, "train", batch_size):
-            with autocast(data.device, amp):
-                if split is not None:
-                    _set_index(model, idx)
+            if split is not None:
+                _set_index(model, idx)
+                with autocast(data.device, amp):
                     h = _run(split[0], data.batch(idx))
-                for e in epochs:
-                    with rewinder.rewound(group, e, keep=True):
-                        for m in bns:
-                            m.train()
+            for e in epochs:  # the rewind outside the autocast region (module docstring)
+                with rewinder.rewound(group, e, keep=True):
+                    for m in bns:
+                        m.train()
+                    with autocast(data.device, amp):
                         if split is not None:
                             split[1][0](h.clone())  # only the statistics matter: the later stages are not needed
                         else:
                             model(data.batch(idx), index=idx)
-                        for m in bns:
-                            m.eval()
+                    for m in bns:
+                        m.eval()
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
@@ -258,10 +264,10 @@ def rewind_sweep(model, data, rewinder, epochs, groups=None, *, amp, batch_size=
                 _set_index(model, idx if s == "train" else None)
                 with autocast(data.device, amp):
                     h = _run(front, data.batch(idx, s))
-                    for e in epochs:
-                        with rewinder.rewound(group, e):
-                            # a clone: no module may edit the shared activations in place
-                            preds[s, e].append(_run(back, h.clone()).argmax(1))
+                for e in epochs:  # the rewind outside the autocast region (module docstring)
+                    with rewinder.rewound(group, e), autocast(data.device, amp):
+                        # a clone: no module may edit the shared activations in place
+                        preds[s, e].append(_run(back, h.clone()).argmax(1))
         out[group] = {e: split_accuracy(torch.cat(preds["train", e]), torch.cat(preds["test", e]), data)
                       for e in epochs}
     model.train(was_training)

@@ -52,6 +52,14 @@ def autocast_spy(monkeypatch):
 
 
 @pytest.fixture
+def cpu_bf16(monkeypatch):
+    """amp autocasts on the CPU too (torch.autocast("cpu", dtype=torch.bfloat16)) inside the test: the
+    code path of a CUDA run, e.g. what an in-place weight change inside an autocast region does."""
+    from common import precision
+    monkeypatch.setattr(precision, "AUTOCAST_DEVICES", (*precision.AUTOCAST_DEVICES, "cpu"))
+
+
+@pytest.fixture
 def make_cfg(tmp_path):
     """make_cfg(**overrides) -> a config namespace whose runs_dir is a fresh temporary directory."""
     def make(**overrides):

@@ -258,3 +258,22 @@ def test_amp_setting_reaches_every_forward(tiny_trained, autocast_spy, monkeypat
     seen.clear()
     rewind_sweep(model, data, Rewinder(model, rewinding.clone_states(states), keys), [0], amp=False, recompute_bn=True)
     assert seen and set(seen) == {False}
+
+
+@pytest.mark.parametrize("bn_stats", ["final", "recompute"])
+def test_rewound_to_the_last_checkpoint_under_bf16_autocast_is_nearly_the_final_model(tiny_trained, cpu_bf16, bn_stats):
+    """Under bf16 autocast (a CUDA run's code path, here on the CPU) every rewind computes with its own
+    weights: rewound to the last-but-one checkpoint right after a rewind to initialization, each group
+    gives nearly the final model's accuracies. (Autocast keeps each weight's bf16 copy for the life of a
+    region: rewinds inside one region reused the first rewind's weights.)"""
+    cfg, model, data, run = tiny_trained
+    epochs = [0, cfg.epochs - 1]  # initialization first, as in every sweep
+    keys = rewind_keys(model, bn_stats)
+    rewinder = Rewinder(model, load_rewind_states(run, epochs, keys, model, data.device), keys)
+    final = accuracies(model, data, amp=True)
+    acc = rewind_sweep(model, data, rewinder, epochs, amp=True, recompute_bn=bn_stats == "recompute")
+    for group in keys:
+        for k in ("clean", "noisy", "test"):
+            assert abs(acc[group][epochs[1]][k] - final[k]) <= 0.1, (group, k, acc[group][epochs[1]][k], final[k])
+    assert min(acc[group][0]["noisy"] for group in keys) < 0.5  # the rewinds to initialization before them were real
+    assert rewinder.changed_keys() == []
