@@ -60,7 +60,8 @@ def test_five_experiments(spec, tiny8_npz, tmp_path):
     assert list(ret["groups"]) == [groups[0], groups[-1]]
     flip = neuron_flipping.main(base + ["--n_examples=2", "--ref_batch=3", "--n_eot=0", "--max_units=5",
                                         "--collateral_n=16"])
-    assert len(flip["records"]) == 4 and all(u["group"] in groups for r in flip["records"] for u in r["units"])
+    # 2 noisy, 2 clean and their 2 margin-matched clean controls (matched=True by default)
+    assert len(flip["records"]) == 6 and all(u["group"] in groups for r in flip["records"] for u in r["units"])
     etd = example_tied_dropout.main(base)
     assert set(etd["etd"]["modes"]) == {"tied", "keep", "drop"}
     assert etd["etd"]["modes"]["keep"]["train"] is not None
