@@ -163,10 +163,12 @@ def _prefix(cfg):
 
 
 def run_name(cfg):
-    """<dataset>_<model>_w<width>_noise<p>_seed<s>[_mseed<m>]_<hash of the whole identity>."""
+    """<dataset>_<model>_w<width>_noise<p>_seed<s>[_mseed<m>][_from-<dir>]_<hash of the whole identity>."""
     parts = _prefix(cfg) + [f"w{cfg.width:g}", f"noise{cfg.noise:g}", f"seed{cfg.seed}"]
     if cfg.model_seed != cfg.seed:
         parts.append(f"mseed{cfg.model_seed}")
+    if getattr(cfg, "init_from", ""):  # the user's own weights: say whose, readably
+        parts.append("from-" + _safe(Path(str(cfg.init_from).rstrip("/*")).name))
     return "_".join(parts + [identity_hash(train_config(cfg))])
 
 

@@ -337,7 +337,7 @@ def test_init_from_gives_the_rewinding_numbers_of_the_same_weights_trained_here(
     assert ret["final_model"] == mine["final"]
     flip = neuron_flipping.main(own + ["--n_examples=2", "--ref_batch=3", "--n_eot=0", "--max_units=5",
                                        "--collateral_n=16"])
-    assert flip["baseline"] and len(flip["records"]) == 4
+    assert flip["baseline"] and len(flip["records"]) == 6  # 2 noisy, 2 clean, 2 margin-matched clean
     imported = tmp_path / "runs" / mine["run"]
     assert not (imported / "checkpoints").exists() and (imported / "sources.json").is_file()
     # other versions of the files: refused (resumed results would mix two models), or moved aside
