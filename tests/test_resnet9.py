@@ -82,7 +82,7 @@ def test_flipping_searches_units_in_residual_groups(resnet9_run):
     out = neuron_flipping.main(argv + ["--n_examples=2", "--ref_batch=15", "--max_units=8", "--n_eot=0",
                                        "--collateral_n=16"])
     records = out["records"]
-    assert sorted(r["kind"] for r in records) == ["clean", "clean", "noisy", "noisy"]
+    assert sorted(r["kind"] for r in records) == ["clean", "clean", "clean_matched", "clean_matched", "noisy", "noisy"]
     groups = set(group_names(argv))
     assert all(r["n_units"] == len(r["units"]) >= 1 for r in records)
     assert {u["group"] for r in records for u in r["units"]} <= groups
