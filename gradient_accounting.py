@@ -314,7 +314,8 @@ def print_split(results):
     for g, s in results["summary"].items():
         print(f"{g:<10} {_fmt(s['mislabeled_clean_ratio'], '12.3f')} {_fmt(s['atypical_clean_ratio'], '10.3f')} "
               f"{_fmt(s['mislabeled_clean_ratio_per_example'], '11.2f')} "
-              f"{_fmt(s['atypical_clean_ratio_per_example'], '11.2f')} {_fmt(s['mean_cosine_clean_mislabeled'], '8.3f')} "
+              f"{_fmt(s['atypical_clean_ratio_per_example'], '11.2f')} "
+              f"{_fmt(s['mean_cosine_clean_mislabeled'], '8.3f')} "
               f"{_fmt(s['mean_cosine_clean_atypical'], '8.3f')} | {_fmt(s['mean_share_clean'], '10.3f')} "
               f"{_fmt(s['mean_share_mislabeled'], '8.3f')} {_fmt(s['mean_share_atypical'], '8.3f')}")
     print("(share = <part, total> / |total|^2: the three shares add up to 1)")

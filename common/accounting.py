@@ -301,7 +301,8 @@ class GradientAccountant:
                 na, nl = math.sqrt(aa), math.sqrt(ll)
                 for key, v in (("norm_mislabeled", nl), ("norm_atypical", na),
                                ("cosine_mislabeled_atypical", _cosine(al, nl, na)),
-                               ("cosine_clean_mislabeled", _cosine(cl, nc, nl)), ("cosine_clean_atypical", _cosine(ca, nc, na)),
+                               ("cosine_clean_mislabeled", _cosine(cl, nc, nl)),
+                               ("cosine_clean_atypical", _cosine(ca, nc, na)),
                                ("share_clean", _share(tc, tt)), ("share_mislabeled", _share(tl, tt)),
                                ("share_atypical", _share(ta, tt)), ("share_noisy", _share(tn, tt))):
                     out[key].append(v)
