@@ -205,8 +205,8 @@ def bar_chart(rows, cfg):
     ax.set_xticks(range(len(subsets)), [plots.LABELS[s] for s in subsets], fontsize=8)
     ax.set_xlabel("subset")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 135)
-    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    ax.set_ylim(0, 105)
+    plots.legend_beside(ax, fontsize=7)  # bars reach 100% in every subset: no room above them
     return fig
 
 
@@ -228,6 +228,8 @@ def curves(metrics, plain_test, cfg):
             ax.axhline(100 * plain_test, color="gray", ls="--", lw=1, label="test, no dropout (final)")
         plots.accuracy_curves(ax, rows, keys)
         ax.set_title(title, fontsize=9)
+    for ax in axes[0, :-1]:  # one legend, beside the last panel: it shows every series (the drop panel's)
+        ax.get_legend().remove()
     return fig
 
 
@@ -280,7 +282,7 @@ def sweep_plot(drops, tied, plain_test, cfg):
         ax.set_title(claims.DROP_VARIANTS[s], fontsize=9)
         ax.set_xlabel("p_mem")
         ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize=7)
+    plots.legend_beside(axes[0, -1], fontsize=7)  # the same series in every panel
     return fig
 
 

@@ -186,11 +186,8 @@ def main(argv=()):
     plot_norms(table, "per_example_", "Gradient norm per layer, per example (sum / number of examples)",
                "norm of the sum / examples", cfg, run.path("gradient_accounting_per_example.png"))
     plot_cosine(table, phase, cfg, run.path("gradient_accounting_cosine.png"))
-    fig, axes = figure("Accuracy during training: when are the noisy labels memorized?", cfg, panel=(8.5, 4.2))
-    accuracy_curves(axes[0, 0], rows, keys=("clean", "noisy", "noisy_true", "test")
-                    + (("mislabeled", "atypical") if accountant.atypical is not None else ()))
-    shade_phase(axes[0, 0], phase)
-    save(fig, run.path("gradient_accounting_accuracy.png"))
+    plot_accuracy(rows, phase, cfg, run.path("gradient_accounting_accuracy.png"),
+                  ("mislabeled", "atypical") if accountant.atypical is not None else ())
 
     print_summary(results)
     return results
@@ -198,11 +195,20 @@ def main(argv=()):
 
 # ----------------------------------------------------------------------------- figures and summary
 
+def plot_accuracy(rows, phase, cfg, path, kinds=()):
+    """Accuracy per epoch (the metrics rows), the memorization phase shaded; `kinds`: the memorized set's
+    kinds shown apart (memorized=both: "mislabeled", "atypical")."""
+    fig, axes = figure("Accuracy during training: when are the noisy labels memorized?", cfg, panel=(8.5, 4.2))
+    accuracy_curves(axes[0, 0], rows, keys=("clean", "noisy", "noisy_true", "test") + tuple(kinds))
+    shade_phase(axes[0, 0], phase)
+    return save(fig, path)
+
+
 def shade_phase(ax, phase):
     if phase["epochs"]:
         ax.axvspan(phase["epochs"][0] - 0.5, phase["epochs"][-1] + 0.5, color="gold", alpha=0.25,
                    label="memorization phase")
-        ax.legend(fontsize=8)
+        plots.legend_beside(ax)
 
 
 def _nanmean(v):

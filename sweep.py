@@ -204,7 +204,7 @@ def claim_figure(number, cols, per_value, cfg, base, seed_lists, path):
     ax.set_xlabel(cfg.key)
     ax.set_ylabel(label + (" (%)" if pct else "") + "\npoint and 95% CI")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    plots.legend_beside(ax, fontsize=7)
     ax.set_title(f"base: {base}; verdicts by common/claims.py", fontsize=8)
     return plots.save(fig, path)
 
