@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import torch
 
 from common import claims, cli, config, dropout, plots
+from common.data import KINDS
 from common.evaluation import SPLIT_KINDS, predict, split_accuracy, split_kinds
 from common.memorization import write_examples
 from common.models import model_for
@@ -349,6 +350,7 @@ def main(argv=()):
     per_example = {"test_correct": {"plain": (predict(plain, data, "test", amp=cfg.amp) == data.y_test).int().tolist(),
                                     "drop": per_scaling[knob]["test_correct"]},
                    "noisy_index": noisy_idx.tolist(),
+                   **({"noisy_kind": [KINDS[k] for k in data.kind[noisy_idx].tolist()]} if kinds else {}),
                    "noisy_drop_correct": per_scaling[knob]["noisy_drop_correct"],
                    "drop_scalings": per_scaling,
                    "negative_control": {s: {k: c[k] for k in ("noisy_correct", "test_correct")}

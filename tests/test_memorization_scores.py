@@ -408,6 +408,9 @@ def test_both_shows_the_kinds_apart(tiny_argv, tiny_npz, tmp_path, capsys):
     etd = example_tied_dropout.main(argv + ["--etd_epochs=1", "--gallery_size=1", "--control_draws=1"])
     for r in etd["table"]:
         lumped(r)
+    per = etd["per_example"]  # each memorized example's kind beside its drop-mode result (memorized=both)
+    assert per["noisy_kind"] == [KINDS[int(data.kind[i])] for i in per["noisy_index"]]
+    assert per["noisy_kind"].count("atypical") == n_atyp
     assert "by kind, still predicted with their training label after the drop" in capsys.readouterr().out
     run_dir = next((tmp_path / "runs").glob("*/layer_rewinding.json")).parent
     for name in ("layer_rewinding_depth", "layer_retraining_noisy", "layer_retraining_curves",
