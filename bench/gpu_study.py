@@ -58,23 +58,38 @@ smoke = False              # the same plan at tiny sizes on the CPU (SMOKE below
 smoke_dir = ""             # where the smoke writes everything ("" = a new temporary directory)
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
-config.range_check("budget_s", 0, None)
-config.range_check("jobs", 1, None)
-config.range_check("chunk", 1, None)
-config.register_check("stages", lambda v, cfg: None if v and set(v) <= {1, 2, 3} else
-                      f"stages={v!r}: give a non-empty list of 1, 2, 3, e.g. --stages=[2,3]")
 
 FASHION = "configs/fashion_mnist_resnet9_paper.py"
 # The reproduction's own knobs the study sets (per unit); any other of its knobs may be passed.
 SET_HERE = ("seeds", "name", "reports_dir", "results_dir", "jobs", "readme")
 # --smoke: a seeded random subset of the embedded digits (mnist_5k is sorted by class) as every setting's
-# data, a small CNN (width 0.25; stage 2 keeps its widths), 2 epochs, 2 flipping targets of each kind, no
-# variants; 1 seed per setting, one seed per unit. The settings (preset, widths) and their order stay the plan's.
+# data, a small CNN (width 0.25; stage 2 at widths 0.125 and 0.5), 2 epochs, 2 flipping targets of each kind,
+# no variants; 1 seed per setting, one seed per unit. The settings and their order stay the plan's (at these
+# sizes stage 1's preset keys equal stage 3's, so stage 3 reuses stage 1's runs).
 SMOKE_SIZES = dict(n_train=512, n_test=256)
 SMOKE = ["--model=cnn", "--width=0.25", "--epochs=2", "--batch_size=64", "--lr=0.05", "--device=cpu",
          "--rewind_epochs=[0,1]", "--retrain_epochs=1", "--n_examples=2", "--max_units=5", "--ref_batch=15", "--n_eot=1",
          "--collateral_n=50", "--etd_epochs=1", "--gallery_size=2", "--variant_seeds=0"]
-SMOKE_PLAN = dict(seeds_fashion=[0], seeds_width=[0], seeds_default=[0], chunk=1, jobs=1)
+SMOKE_PLAN = dict(seeds_fashion=[0], widths=[0.125, 0.5], seeds_width=[0], seeds_default=[0], chunk=1, jobs=1)
+
+
+def check(cfg):
+    """Refuse a bad knob value in one line (checked here, not with config.register_check, whose checks would
+    also judge other scripts' keys of the same name)."""
+    seeds_ok = lambda v: v and all(isinstance(s, int) and s >= 0 for s in v)  # noqa: E731
+    problem = next((text for bad, text in [
+        (cfg.budget_s < 0, f"budget_s={cfg.budget_s!r}: give seconds >= 0, e.g. --budget_s=540"),
+        (cfg.jobs < 1, f"jobs={cfg.jobs!r}: give at least 1, e.g. --jobs=4"),
+        (cfg.chunk < 1, f"chunk={cfg.chunk!r}: give at least 1 seed per unit, e.g. --chunk=3"),
+        (not cfg.stages or not set(cfg.stages) <= {1, 2, 3},
+         f"stages={cfg.stages!r}: give a non-empty list of 1, 2, 3, e.g. --stages=[2,3]"),
+        (not cfg.widths or not all(isinstance(w, (int, float)) and w > 0 for w in cfg.widths),
+         f"widths={cfg.widths!r}: give positive widths, e.g. --widths=[0.5,1.0]"),
+        *[(not seeds_ok(getattr(cfg, k)), f"{k}={getattr(cfg, k)!r}: give a non-empty list of non-negative "
+                                          f"integers, e.g. --{k}=[0,1,2]")
+          for k in ("seeds_fashion", "seeds_width", "seeds_default")]] if bad), None)
+    if problem:
+        raise UserError(problem)
 
 
 def settings(cfg):
@@ -191,6 +206,7 @@ def main(argv=()):
     rest = [a for a in argv if a not in own]
     smoking = any(a in ("--smoke=True", "--smoke=1") for a in own)
     cfg = config.parse(KNOBS, ([f"--{k}={v!r}" for k, v in SMOKE_PLAN.items()] if smoking else []) + own)
+    check(cfg)
     known = set().union(*(importlib.import_module(e).KNOBS for e in reproduce.EXPERIMENTS)) | set(reproduce.KNOBS)
     for a in rest:
         if not a.startswith("--"):

@@ -26,7 +26,7 @@ def test_smoke_budget_cut_leaves_whole_seeds_and_scale_table(tmp_path, one_threa
     path = gpu_study.main(["--smoke=True", f"--smoke_dir={tmp_path}", "--budget_s=0"])
     out = tmp_path / "results"
     assert path == out / "SCALE.md"
-    names = ["fashion_paper", "default_w0.5", "default_w1", "default"]  # the plan's settings, in priority order
+    names = ["fashion_paper", "default_w0.125", "default_w0.5", "default"]  # the plan's settings, in priority order
     units = read_json(out / "study.json")["units"]
     assert [u["setting"] for u in units] == names
     assert [u["status"] for u in units] == ["done"] + ["not started: budget"] * 3
@@ -69,7 +69,9 @@ def test_smoke_budget_cut_leaves_whole_seeds_and_scale_table(tmp_path, one_threa
     (["--stages=[4]"], "give a non-empty list of 1, 2, 3"),
     (["--seeds=[0]"], "--seeds is set by the study"),
     (["--no_such_knob=1"], "unknown key --no_such_knob"),
-    (["--chunk=0"], "chunk"),
+    (["--chunk=0"], "chunk=0: give at least 1"),
+    (["--seeds_width=[]"], "seeds_width=[]: give a non-empty list"),
+    (["--budget_s=-1"], "budget_s=-1"),
 ])
 def test_bad_input_refused_before_any_work(tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(gpu_study.reproduce, "main", lambda argv: pytest.fail("a reproduction started"))
