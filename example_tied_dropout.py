@@ -14,7 +14,8 @@ model: generalization channels rescaled by (p_gen + p_mem) / p_gen (the authors'
 rescaled (the method's description); `drop_rescale` picks the one the "drop" keys hold. Negative
 control: the plain model with as many randomly chosen channels dropped at the same places. The paper:
 noisy accuracy 100% -> ~3% after the drop, test accuracy kept (judged by common/claims.py, for
-each scaling, from the per-example results written here).
+each scaling, from the per-example results written here). With memorized=both every table row and the
+bars also show the memorized set's two kinds apart, mislabeled and atypical clean (docs/experiments/atypical.md).
 
     python example_tied_dropout.py [configs/preset.py] [--key=value ...]
     python example_tied_dropout.py --model=resnet18 --width=0.125   # claim 5's primary row (reproduce.py)
@@ -25,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 from common import claims, cli, config, dropout, plots
-from common.evaluation import predict, split_accuracy
+from common.evaluation import SPLIT_KINDS, predict, split_accuracy, split_kinds
 from common.memorization import write_examples
 from common.models import model_for
 from common.precision import autocast
@@ -37,7 +38,8 @@ from common.training import train_run, trained_run
 # Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
 # for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+model = "resnet9"       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                        # path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise
@@ -146,7 +148,7 @@ def negative_control(cfg, data, plain):
             o["noisy"] = o["noisy"] + (train_pred[data.noisy_idx] == data.y_train[data.noisy_idx]).int()
             o["test"] = o["test"] + (test_pred == data.y_test).int()
     n = cfg.control_draws
-    return {s: {"accuracy": {k: sum(a[k] for a in o["acc"]) / n for k in COLUMNS},
+    return {s: {"accuracy": {k: sum(a[k] for a in o["acc"]) / n for k in COLUMNS + split_kinds(cfg.memorized)},
                 "noisy_correct": [c / n for c in o["noisy"].tolist()],
                 "test_correct": [c / n for c in o["test"].tolist()]}
             for s, o in out.items()} if n else {}
@@ -165,14 +167,22 @@ def drop_mode_label(scaling):
     return f"drop {scaling}"
 
 
-def row(label, acc, mode="-"):
-    return {"model": label, "mode": mode, **{k: acc[k] for k in COLUMNS}}
+def row(label, acc, mode="-", kinds=()):
+    """A table row: COLUMNS, and the accuracy of each kind of `kinds` (split_kinds: memorized=both's
+    mislabeled and atypical)."""
+    return {"model": label, "mode": mode, **{k: acc[k] for k in COLUMNS + tuple(kinds)}}
+
+
+def row_columns(rows):
+    """COLUMNS, then the kinds the rows hold (memorized=both: mislabeled, atypical)."""
+    return COLUMNS + tuple(k for k in SPLIT_KINDS if rows and k in rows[0])
 
 
 def print_table(rows):
-    print(f"\n{'model':<46} {'mode':<13} " + " ".join(f"{c:>10}" for c in COLUMNS))
+    columns = row_columns(rows)
+    print(f"\n{'model':<46} {'mode':<13} " + " ".join(f"{c:>10}" for c in columns))
     for r in rows:
-        cells = " ".join(f"{'-':>10}" if r[c] is None else f"{100 * r[c]:>9.1f}%" for c in COLUMNS)
+        cells = " ".join(f"{'-':>10}" if r[c] is None else f"{100 * r[c]:>9.1f}%" for c in columns)
         print(f"{r['model']:<46} {r['mode']:<13} {cells}")
 
 
@@ -182,7 +192,7 @@ def bar_chart(rows, cfg):
     """Grouped bars: one group per subset, one bar per (model, mode) row of the table."""
     fig, axes = plots.figure(f"Example-tied dropout vs baselines (dropout variants: {variant_epochs(cfg)} epochs)", cfg,
                              panel=(11, 4.2))
-    ax, subsets = axes[0, 0], ("clean", "noisy", "noisy_true", "test")
+    ax, subsets = axes[0, 0], ("clean", "noisy", "noisy_true", "test") + row_columns(rows)[len(COLUMNS):]
     shown = [r for r in rows if r["mode"] == "-" or f"p_mem={cfg.p_mem:g}" in r["model"] or r["model"].startswith(CONTROL)]
     w = 0.8 / len(shown)
     for i, r in enumerate(shown):
@@ -195,8 +205,8 @@ def bar_chart(rows, cfg):
     ax.set_xticks(range(len(subsets)), [plots.LABELS[s] for s in subsets], fontsize=8)
     ax.set_xlabel("subset")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 135)
-    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    ax.set_ylim(0, 105)
+    plots.legend_beside(ax, fontsize=7)  # bars reach 100% in every subset: no room above them
     return fig
 
 
@@ -218,6 +228,8 @@ def curves(metrics, plain_test, cfg):
             ax.axhline(100 * plain_test, color="gray", ls="--", lw=1, label="test, no dropout (final)")
         plots.accuracy_curves(ax, rows, keys)
         ax.set_title(title, fontsize=9)
+    for ax in axes[0, :-1]:  # one legend, beside the last panel: it shows every series (the drop panel's)
+        ax.get_legend().remove()
     return fig
 
 
@@ -270,7 +282,7 @@ def sweep_plot(drops, tied, plain_test, cfg):
         ax.set_title(claims.DROP_VARIANTS[s], fontsize=9)
         ax.set_xlabel("p_mem")
         ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize=7)
+    plots.legend_beside(axes[0, -1], fontsize=7)  # the same series in every panel
     return fig
 
 
@@ -278,7 +290,8 @@ def main(argv=()):
     cfg = config.parse(KNOBS, argv)
     t_start = time.time()
     plain, data, run = trained_run(cfg)                   # the no-dropout baseline (trained first if missing)
-    rows = [row(f"no dropout ({cfg.epochs} epochs)", dropout.evaluate(plain, data, "keep", cfg.amp)[0])]
+    kinds = split_kinds(cfg.memorized)                   # memorized=both: mislabeled and atypical apart
+    rows = [row(f"no dropout ({cfg.epochs} epochs)", dropout.evaluate(plain, data, "keep", cfg.amp)[0], kinds=kinds)]
 
     # Example-tied dropout, for p_mem and every value of the optional sweep; the drop mode both ways.
     knob = dropout.scaling_name(cfg.drop_rescale)        # the scaling the "drop" keys hold
@@ -292,10 +305,10 @@ def main(argv=()):
         results[pm], drops[pm] = {}, {}
         for m in ("tied", "keep"):
             results[pm][m], preds[pm, m] = dropout.evaluate(etd, data, m, cfg.amp)
-            etd_rows.append(row(label, results[pm][m], m))
+            etd_rows.append(row(label, results[pm][m], m, kinds))
         for s in dropout.DROP_SCALINGS:
             drops[pm][s], preds[pm, s] = evaluate_drop(etd, data, s, cfg.amp)
-            etd_rows.append(row(label, drops[pm][s], drop_mode_label(s)))
+            etd_rows.append(row(label, drops[pm][s], drop_mode_label(s), kinds))
         results[pm]["drop"] = drops[pm][knob]
         if pm == cfg.p_mem:
             etd_model, main_run = etd, etd_run
@@ -305,15 +318,15 @@ def main(argv=()):
     name = f"standard_dropout_p{rate:.4g}_ep{variant_epochs(cfg)}"
     std, _, times[name] = train_variant(cfg, data, run, name, dropout.standard_dropout_factory(rate),
                                         {"dropout_rate": rate})
-    rows.append(row(f"standard dropout p={rate:.3g}", dropout.evaluate(std, data, "keep", cfg.amp)[0]))
+    rows.append(row(f"standard dropout p={rate:.3g}", dropout.evaluate(std, data, "keep", cfg.amp)[0], kinds=kinds))
     with autocast(data.device, cfg.amp):  # the re-estimate in the precision of every other forward
         recalibrated = dropout.recalibrate_batchnorm(std, data)
     rows.append(row(f"standard dropout p={rate:.3g}, BN re-estimated",   # without dropout's variance shift
-                    dropout.evaluate(recalibrated, data, "keep", cfg.amp)[0]))
+                    dropout.evaluate(recalibrated, data, "keep", cfg.amp)[0], kinds=kinds))
     rows += etd_rows
     control = negative_control(cfg, data, plain)     # evaluation only: the plain model, random channels dropped
     rows += [row(f"{CONTROL} ({cfg.control_draws} draws)", c["accuracy"],
-                 drop_mode_label(s)) for s, c in control.items()]
+                 drop_mode_label(s), kinds) for s, c in control.items()]
     print_table(rows)
 
     # Per scaling: which training examples does the drop change? Forgotten clean ones, and noisy ones
@@ -360,6 +373,9 @@ def main(argv=()):
               f"{100 * acc['noisy']:.1f}% (tied {100 * etd['tied']['noisy']:.1f}%), {100 * acc['noisy_true']:.1f}% of "
               f"noisy examples back to their true label; test {100 * acc['test']:.1f}% (plain "
               f"{100 * rows[0]['test']:.1f}%); {len(v['clean_forgotten'])} clean examples forgotten")
+        if kinds:  # memorized=both: which kind does the drop take away?
+            print("  by kind, still predicted with their training label after the drop (tied mode): "
+                  + "; ".join(f"{k} {100 * acc[k]:.1f}% ({100 * etd['tied'][k]:.1f}%)" for k in kinds))
         if s in control:
             c = control[s]["accuracy"]
             print(f"  negative control, the plain model with as many random channels dropped: noisy "

@@ -12,6 +12,8 @@ Paper: the 10% noisy examples carry a gradient comparable to the 90% clean ones,
 point against them (negative cosine) while they are being memorized. The control shows what any
 10% of the data would carry, the loss-matched control what equally hard clean examples carry; the
 claim's rule is in docs/protocol.md ("How each claim is judged").
+With memorized=both the noisy part (the memorized set) is also reported split by kind: mislabeled and
+atypical clean, beside the typical clean part (docs/experiments/atypical.md).
 
     python gradient_accounting.py [configs/preset.py] [--key=value ...]
 """
@@ -24,7 +26,7 @@ from common import claims, cli, config, plots
 from common.accounting import (GradientAccountant, accounted_prefix, control_mask, epoch_table, example_losses,
                                loss_matched_mask, memorization_phase, summarize)
 from common.cli import UserError
-from common.data import load_data
+from common.data import KINDS, load_data
 from common.memorization import write_examples
 from common.models import model_for
 from common.plots import COLORS, LABELS, accuracy_curves, figure, save
@@ -36,7 +38,8 @@ from common.training import pick_device, train_run
 # Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
 # for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+model = "resnet9"       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                        # path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise
@@ -70,10 +73,22 @@ config.choice_check("keep_checkpoints", ("all", "needed"))
 config.range_check("memorized_at", 0, 1, lo_open=True)
 
 SERIES = ("total", "clean", "noisy", "control", "matched")
+SPLIT_SERIES = ("mislabeled", "atypical")  # the noisy part by kind, with memorized=both (appended to SERIES then)
 SERIES_COLORS = {**COLORS, "control": "tab:gray", "matched": "tab:purple"}
 SERIES_LABELS = {"total": LABELS["total"], "clean": "clean part", "noisy": "noisy part",
                  "control": "control part (random clean, as many as noisy)",
-                 "matched": "loss-matched control part (clean, as hard as noisy)"}
+                 "matched": "loss-matched control part (clean, as hard as noisy)",
+                 "mislabeled": "mislabeled part (of noisy)", "atypical": "atypical clean part (of noisy)"}
+SPLIT_DEFINITIONS = {
+    "split": "memorized=both: the memorized set (noisy) holds mislabeled and atypical clean examples; clean = the "
+             "typical clean examples. noisy = mislabeled + atypical, each part accounted like the others "
+             "(atypical by its own backward, mislabeled = noisy - atypical)",
+    "norm_mislabeled, norm_atypical": "norm_* of the mislabeled and atypical parts (per_example_*: over n_mislabeled, "
+                                      "n_atypical)",
+    "cosine_clean_mislabeled, cosine_clean_atypical, cosine_mislabeled_atypical": "cosines of those sums",
+    "share_*": "a part's share of the total gradient, <part, total> / |total|^2 (the total's squared norm split "
+               "exactly): share_clean + share_mislabeled + share_atypical = 1, share_mislabeled + share_atypical "
+               "= share_noisy"}
 
 
 def restart_epoch(cfg):
@@ -86,9 +101,16 @@ def restart_epoch(cfg):
     except UserError:
         return 0, 0  # another configuration: train_run refuses it, or (overwrite) moves it aside
     saved = set(run.saved_epochs())
-    k = max([e for e in range(accounted_prefix(run.metrics(), control=True, matched=True) + 1) if e in saved],
-            default=0)
+    split = getattr(cfg, "memorized", "noisy") == "both"  # accounted with the atypical split (split_mask)
+    k = max([e for e in range(accounted_prefix(run.metrics(), control=True, matched=True, split=split) + 1)
+             if e in saved], default=0)
     return k, max(saved, default=0)
+
+
+def split_mask(data):
+    """The atypical clean examples inside the memorized set when it holds two kinds (memorized=both):
+    the accountant splits the noisy part into mislabeled and atypical; None otherwise (one kind: no split)."""
+    return data.kind == KINDS.index("atypical") if getattr(data, "memorized", "noisy") == "both" else None
 
 
 def main(argv=()):
@@ -96,7 +118,7 @@ def main(argv=()):
     data = load_data(cfg, pick_device(cfg.device))
     net = model_for(cfg, data)
     control = control_mask(data.noisy, cfg.seed)  # seeded by the data seed: the same examples for every model
-    accountant = GradientAccountant(net, data.noisy, control=control, matched=True)
+    accountant = GradientAccountant(net, data.noisy, control=control, matched=True, atypical=split_mask(data))
     # The accounting of each epoch is returned by on_epoch and stored in that epoch's metrics row
     # and checkpoint: a crash can never separate the numbers from the weights they describe.
     start, trained = restart_epoch(cfg)
@@ -129,6 +151,8 @@ def main(argv=()):
     results = {"run": run.dir.name, "config": {**run.config, "window": cfg.window, "memorized_at": cfg.memorized_at},
                "groups": accountant.groups, "group_params": accountant.sizes,
                "n_train": data.n_train, "n_noisy": int(data.noisy.sum()),
+               **({"n_mislabeled": int(data.mislabeled.sum()), "n_atypical": int(accountant.atypical.sum())}
+                  if accountant.atypical is not None else {}),
                "control": torch.nonzero(control).flatten().tolist(),
                "definitions": {
                    "norm_*": "L2 norm, per layer group, of the sum over the epoch's steps of that part of the "
@@ -150,7 +174,8 @@ def main(argv=()):
                    "cosine_matched_noisy": "cosine of the loss-matched and noisy sums",
                    "cosine_matched_unmatched": "cosine of the loss-matched and the other clean examples' sums",
                    "memorization_phase": "epochs whose training took noisy-train accuracy from its last low "
-                                         f"to >= memorized_at ({cfg.memorized_at:g})"},
+                                         f"to >= memorized_at ({cfg.memorized_at:g})",
+                   **(SPLIT_DEFINITIONS if accountant.atypical is not None else {})},
                "epochs": table, "memorization_phase": phase, "summary": summary}
     write_json(run.path("gradient_accounting.json"), results)
     write_examples(run, data)  # examples.csv: this experiment's per-example results beside the scores
@@ -161,10 +186,8 @@ def main(argv=()):
     plot_norms(table, "per_example_", "Gradient norm per layer, per example (sum / number of examples)",
                "norm of the sum / examples", cfg, run.path("gradient_accounting_per_example.png"))
     plot_cosine(table, phase, cfg, run.path("gradient_accounting_cosine.png"))
-    fig, axes = figure("Accuracy during training: when are the noisy labels memorized?", cfg, panel=(8.5, 4.2))
-    accuracy_curves(axes[0, 0], rows, keys=("clean", "noisy", "noisy_true", "test"))
-    shade_phase(axes[0, 0], phase)
-    save(fig, run.path("gradient_accounting_accuracy.png"))
+    plot_accuracy(rows, phase, cfg, run.path("gradient_accounting_accuracy.png"),
+                  ("mislabeled", "atypical") if accountant.atypical is not None else ())
 
     print_summary(results)
     return results
@@ -172,11 +195,20 @@ def main(argv=()):
 
 # ----------------------------------------------------------------------------- figures and summary
 
+def plot_accuracy(rows, phase, cfg, path, kinds=()):
+    """Accuracy per epoch (the metrics rows), the memorization phase shaded; `kinds`: the memorized set's
+    kinds shown apart (memorized=both: "mislabeled", "atypical")."""
+    fig, axes = figure("Accuracy during training: when are the noisy labels memorized?", cfg, panel=(8.5, 4.2))
+    accuracy_curves(axes[0, 0], rows, keys=("clean", "noisy", "noisy_true", "test") + tuple(kinds))
+    shade_phase(axes[0, 0], phase)
+    return save(fig, path)
+
+
 def shade_phase(ax, phase):
     if phase["epochs"]:
         ax.axvspan(phase["epochs"][0] - 0.5, phase["epochs"][-1] + 0.5, color="gold", alpha=0.25,
                    label="memorization phase")
-        ax.legend(fontsize=8)
+        plots.legend_beside(ax)
 
 
 def _nanmean(v):
@@ -189,19 +221,21 @@ def plot_norms(table, prefix, title, ylabel, cfg, path):
     """(a)/(b): x = layer group (input to output), lines total / clean / noisy / control; one panel averaging
     all epochs, then one per window of `cfg.window` epochs (means of the per-epoch norms)."""
     groups = list(table[0]["groups"])
+    series = SERIES + (SPLIT_SERIES if "norm_atypical" in table[0]["groups"][groups[0]] else ())
     windows = [("all epochs", table)] + [(f"epochs {w[0]['epoch']}-{w[-1]['epoch']}" if len(w) > 1
                                           else f"epoch {w[0]['epoch']}", w)
                                          for w in (table[i:i + cfg.window] for i in range(0, len(table), cfg.window))]
     ncols = min(3, len(windows))
     fig, axes = figure(title, cfg, ncols=ncols, nrows=math.ceil(len(windows) / ncols), panel=(4.6, 3.4))
     for ax, (name, rows) in zip(axes.flat, windows):
-        for k, s in enumerate(SERIES):  # dots, not lines: the groups are categories
+        for k, s in enumerate(series):  # dots, not lines: the groups are categories
             v = np.array([[np.nan if r["groups"][g].get(prefix + s) is None else r["groups"][g][prefix + s]
                            for g in groups] for r in rows], dtype=float)
             if np.isnan(v).all():  # a part this run did not account
                 continue
-            plots.dots(ax, None, _nanmean(v), offset=0.12 * (k - (len(SERIES) - 1) / 2), color=SERIES_COLORS[s],
-                       label=SERIES_LABELS[s], fmt={"control": "s", "matched": "D"}.get(s, "o"))
+            plots.dots(ax, None, _nanmean(v), offset=0.12 * (k - (len(series) - 1) / 2), color=SERIES_COLORS[s],
+                       label=SERIES_LABELS[s], fmt={"control": "s", "matched": "D", "mislabeled": "v",
+                                                    "atypical": "^"}.get(s, "o"))
         ax.set_yscale("log")
         ax.set_xticks(range(len(groups)), groups, rotation=60, fontsize=7)
         ax.set_xlabel("layer group (input -> output)")
@@ -272,7 +306,25 @@ def print_summary(results):
               f"{_fmt(s.get('mean_cosine_control_rest'), '17.3f')} | {_fmt(s.get('noisy_matched_ratio'), '13.3f')}")
     print("(means over the memorization phase; rest = clean examples outside the control group; matched = the "
           "loss-matched control)")
+    if any("mislabeled_clean_ratio" in s for s in results["summary"].values()):
+        print_split(results)
     claims.print_claims([claims.accounting(results)])
+
+
+def print_split(results):
+    """memorized=both: the memorized set's gradient by kind, means over the memorization phase."""
+    print(f"\nthe noisy part by kind ({results['n_mislabeled']} mislabeled, {results['n_atypical']} atypical clean; "
+          f"clean = the typical clean examples)")
+    print(f"{'group':<10} {'mislab/clean':>12} {'atyp/clean':>10} {'per ex. m/c':>11} {'per ex. a/c':>11} "
+          f"{'cos(c,m)':>8} {'cos(c,a)':>8} | {'share typ.':>10} {'mislab.':>8} {'atyp.':>8}")
+    for g, s in results["summary"].items():
+        print(f"{g:<10} {_fmt(s['mislabeled_clean_ratio'], '12.3f')} {_fmt(s['atypical_clean_ratio'], '10.3f')} "
+              f"{_fmt(s['mislabeled_clean_ratio_per_example'], '11.2f')} "
+              f"{_fmt(s['atypical_clean_ratio_per_example'], '11.2f')} "
+              f"{_fmt(s['mean_cosine_clean_mislabeled'], '8.3f')} "
+              f"{_fmt(s['mean_cosine_clean_atypical'], '8.3f')} | {_fmt(s['mean_share_clean'], '10.3f')} "
+              f"{_fmt(s['mean_share_mislabeled'], '8.3f')} {_fmt(s['mean_share_atypical'], '8.3f')}")
+    print("(share = <part, total> / |total|^2: the three shares add up to 1)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ accuracy. If the noisy examples come back, their labels are stored elsewhere in 
 Positive control, per group: the same reset group retrained on ALL examples (noisy included) with
 the same budget; a group whose control does not re-memorize the noisy examples cannot tell us
 anything (the rule: common/claims.py). The frozen BatchNorm layers stay in train mode as in the
-authors' loop; holding them in eval mode is an optional ablation, reported side by side.
+authors' loop; holding them in eval mode is an optional ablation, reported side by side. With
+memorized=both every accuracy of the memorized set is also reported for its two kinds apart,
+mislabeled and atypical clean (docs/experiments/atypical.md).
 
     python layer_retraining.py [configs/preset.py] [--key=value ...]
 """
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from common import claims, cli, config, plots
 from common.cli import UserError
-from common.evaluation import accuracies
+from common.evaluation import accuracies, split_kinds
 from common.models import MODELS, build_model
 from common.retraining import (FROZEN_BN, RunningAccuracy, changed_outside, freeze_except, group_names, hold_eval,
                                reset_group, unfreeze)
@@ -34,7 +36,8 @@ from common.training import SCHEDULES, batch_order, make_optimizer, train_epoch,
 # Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
 # for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+model = "resnet9"       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                        # path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise
@@ -148,7 +151,7 @@ def retrain_checked(model, data, name, init_state, final_state, cfg, control=Fal
     if params_changed or (noisy_shown and not control) or (buffers_changed and cfg.frozen_bn == "eval"):
         raise RuntimeError(f"retraining {name}: {noisy_shown} noisy examples shown, changed outside: "
                            f"{(params_changed + buffers_changed)[:3]}")
-    acc = lambda r: {k: r[k] for k in ACC_KEYS}  # noqa: E731
+    acc = lambda r: {k: r[k] for k in ACC_KEYS + split_kinds(cfg.memorized)}  # noqa: E731
     return {"reset": acc(rows[0]), "curve": [r for r in rows if "clean" in r], "final": acc(rows[-1]),
             "fit": [r["fit"] for r in rows[1:]], "epochs_trained": rows[-1]["epoch"],
             "stopped_early": rows[-1]["epoch"] < cfg.retrain_epochs, "examples_shown": len(shown),
@@ -204,8 +207,8 @@ def main(argv=()):
     print_summary(results)
     for claim in claims.retraining(results):  # claim 3 (and its ablation), with the positive control
         print(claim.line())
-    plot_curves(results, cfg, run.path("layer_retraining_curves.png"))
-    plot_final_noisy(results, cfg, run.path("layer_retraining_noisy.png"))
+    plot_curves(results, cfg, run.path("layer_retraining_curves.png"), split_kinds(cfg.memorized))
+    plot_final_noisy(results, cfg, run.path("layer_retraining_noisy.png"), split_kinds(cfg.memorized))
     print(f"wrote {run.path('layer_retraining.json')} and layer_retraining_{{curves,noisy}}.png "
           f"({results['seconds']:.0f} s)")
     return results
@@ -232,6 +235,17 @@ def print_summary(results):
             print(f"{name:<10} {plots.pct(g['reset']['noisy'], 12)} {plots.pct(g['final']['noisy'], 10)} {control} "
                   f"{g['epochs_trained']:>7d} {plots.pct(g['final']['clean'], 7)} "
                   f"{plots.pct(g['final']['noisy_true'], 11)} {plots.pct(g['final']['test'], 6)}")
+        kinds = split_kinds(results["config"].get("memorized", "noisy"))
+        if kinds:  # memorized=both: the memorized set's two kinds apart (w.r.t. their training label)
+            print("by kind: " + "; ".join(f"{k} {plots.pct(results['final_model'][k])}" for k in kinds)
+                  + " in the final model")
+            print(f"{'group':<10}" + "".join(f" {f'{k} {when}':>22}" for k in kinds
+                                            for when in ("after reset", "retrained", "control")))
+            for name, g in groups.items():
+                value = lambda k, when: (g["control"]["final"][k] if "control" in g else None) \
+                    if when == "control" else g[when][k]  # noqa: E731
+                print(f"{name:<10}" + "".join(f" {plots.pct(value(k, when), 22)}"
+                                              for k in kinds for when in ("reset", "final", "control")))
 
 
 def retrain_note(cfg):
@@ -240,9 +254,10 @@ def retrain_note(cfg):
             f"frozen BatchNorm in {cfg.frozen_bn} mode")
 
 
-def plot_curves(results, cfg, path):
+def plot_curves(results, cfg, path, kinds=()):
     """One panel per group: accuracies over retraining epochs on clean data (epoch 0 = right after the
-    reset), and the control's noisy accuracy (retrained on all examples)."""
+    reset; with `kinds`, memorized=both's mislabeled and atypical too), and the control's noisy accuracy
+    (retrained on all examples)."""
     names = list(results["groups"])
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
@@ -254,7 +269,7 @@ def plot_curves(results, cfg, path):
                              gridspec_kw={"height_ratios": [1] * nrows + [0.07 * -(-7 // legend_cols)]})
     for ax, name in zip(axes.flat, names):
         g = results["groups"][name]
-        plots.accuracy_curves(ax, g["curve"], keys=("clean", "noisy", "noisy_true", "test"),
+        plots.accuracy_curves(ax, g["curve"], keys=("clean", "noisy", "noisy_true", "test") + tuple(kinds),
                               xlabel="retraining epoch (0 = after reset)")
         if "control" in g:
             ax.plot([r["epoch"] for r in g["control"]["curve"]], [100 * r["noisy"] for r in g["control"]["curve"]],
@@ -271,36 +286,41 @@ def plot_curves(results, cfg, path):
     return plots.save(fig, path)
 
 
-def plot_final_noisy(results, cfg, path):
+def plot_final_noisy(results, cfg, path, kinds=()):
     """Per group: noisy-example accuracy (noisy label) right after the reset, after retraining on clean
-    data, after the control's retraining on all data (and with the other frozen-BatchNorm mode)."""
+    data, after the control's retraining on all data (and with the other frozen-BatchNorm mode); with
+    `kinds` (memorized=both: mislabeled, atypical) one more panel per kind of the memorized set."""
     names = list(results["groups"])
     groups, ablation = results["groups"], results["ablation"]
-    bars = [("right after reset", [g["reset"]["noisy"] for g in groups.values()], "tab:red", 0.3),
-            (f"retrained on clean data (frozen BN {results['frozen_bn']})", [g["final"]["noisy"] for g in groups.values()],
-             "tab:red", 1.0)]
-    if ablation:
-        bars.append((f"retrained on clean data (frozen BN {ablation['frozen_bn']})",
-                     [ablation["groups"][n]["final"]["noisy"] for n in names], "tab:purple", 1.0))
-    if all("control" in g for g in groups.values()):
-        bars.append(("control: retrained on all data", [g["control"]["final"]["noisy"] for g in groups.values()],
-                     "tab:gray", 1.0))
+    n_bars = 2 + bool(ablation) + all("control" in g for g in groups.values())
     fig, axes = plots.figure(f"Memorized examples after retraining one layer\n{retrain_note(cfg)}", cfg,
-                             panel=(max(6.5, 0.3 * len(bars) * len(names) + 4.0), 4.2))
-    ax, w = axes[0, 0], 0.8 / len(bars)
-    for k, (label, values, color, alpha) in enumerate(bars):
-        ax.bar([i + (k - (len(bars) - 1) / 2) * w for i in range(len(names))], [100 * v for v in values], w,
-               color=color, alpha=alpha, label=label)
-    ax.axhline(100 * results["final_model"]["noisy"], color="black", ls=":", lw=1, label="final model")
-    ax.axhline(100 * claims.MEMORIZED, color="tab:gray", ls="--", lw=1, label="control must reach (claim 3's rule)")
-    ax.axhline(100 * claims.RETAINED, color="tab:red", ls="--", lw=1, label="memorized from here (claim 3's rule)")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30)
-    ax.set_xlabel("retrained layer group (input -> output)")
-    ax.set_ylabel("noisy examples predicted with\ntheir noisy label (%)")
-    ax.set_ylim(0, 105)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, off the data
+                             nrows=1 + len(kinds), panel=(max(6.5, 0.3 * n_bars * len(names) + 4.0), 4.2))
+    for ax, key in zip(axes[:, 0], ("noisy",) + tuple(kinds)):
+        color = "tab:red" if key == "noisy" else plots.COLORS[key]
+        bars = [("right after reset", [g["reset"][key] for g in groups.values()], color, 0.3),
+                (f"retrained on clean data (frozen BN {results['frozen_bn']})",
+                 [g["final"][key] for g in groups.values()], color, 1.0)]
+        if ablation:
+            bars.append((f"retrained on clean data (frozen BN {ablation['frozen_bn']})",
+                         [ablation["groups"][n]["final"][key] for n in names], "tab:purple", 1.0))
+        if all("control" in g for g in groups.values()):
+            bars.append(("control: retrained on all data", [g["control"]["final"][key] for g in groups.values()],
+                         "tab:gray", 1.0))
+        w = 0.8 / len(bars)
+        for k, (label, values, c, alpha) in enumerate(bars):
+            ax.bar([i + (k - (len(bars) - 1) / 2) * w for i in range(len(names))], [100 * v for v in values], w,
+                   color=c, alpha=alpha, label=label)
+        ax.axhline(100 * results["final_model"][key], color="black", ls=":", lw=1, label="final model")
+        ax.axhline(100 * claims.MEMORIZED, color="tab:gray", ls="--", lw=1, label="control must reach (claim 3's rule)")
+        ax.axhline(100 * claims.RETAINED, color="tab:red", ls="--", lw=1, label="memorized from here (claim 3's rule)")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30)
+        ax.set_xlabel("retrained layer group (input -> output)")
+        ax.set_ylabel("noisy examples predicted with\ntheir noisy label (%)" if key == "noisy" else
+                      f"{key} examples predicted with\ntheir training label (%)")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, off the data
     return plots.save(fig, path)
 
 

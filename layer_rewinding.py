@@ -3,9 +3,10 @@
 Take the final model of a run. For every layer group and every earlier checkpoint (0 = initialization),
 put only that group back to the checkpoint's weights and measure accuracy on clean training examples,
 on the mislabeled ones w.r.t. their noisy label (still memorized?) and their true label, and on the
-test set. A group is *critical* for memorization if rewinding it alone makes the model stop predicting
-the noisy labels (the rule and its threshold: common/claims.py, docs/protocol.md). The paper finds
-most layers redundant and the critical ones not the last. The rewound group's BatchNorm statistics
+test set (with memorized=both also on the mislabeled and the atypical clean examples apart,
+docs/experiments/atypical.md). A group is *critical* for memorization if rewinding it alone makes the
+model stop predicting the noisy labels (the rule and its threshold: common/claims.py, docs/protocol.md).
+The paper finds most layers redundant and the critical ones not the last. The rewound group's BatchNorm statistics
 are a choice the paper leaves open: the authors' (the final model's) is the primary result, and a
 re-estimate for the rewound network is computed in the same run, side by side.
 
@@ -14,7 +15,7 @@ re-estimate for the rewound network is computed in the same run, side by side.
 import time
 
 from common import claims, cli, config, plots
-from common.evaluation import accuracies
+from common.evaluation import accuracies, split_kinds
 from common.models import group_params
 from common.rewinding import (BN_MODES, Rewinder, clone_states, load_rewind_states, resolve_rewind_epochs,
                               rewind_keys, rewind_sweep)
@@ -25,7 +26,8 @@ from common.training import trained_run
 # Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
 # for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+model = "resnet9"       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                        # path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise
@@ -99,7 +101,7 @@ def main(argv=()):
         "experiment": "layer_rewinding", "run": run.dir.name, "config": vars(cfg),
         "rewind_bn_stats": modes[0], "bn_stats": primary["bn_stats"], "rewound_keys": primary["rewound_keys"],
         "groups": groups, "group_params": {g: sum(p.numel() for p in ps) for g, ps in group_params(model).items()},
-        "rewind_epochs": epochs, "subsets": list(SUBSETS), "final": final,
+        "rewind_epochs": epochs, "subsets": list(SUBSETS) + list(split_kinds(cfg.memorized)), "final": final,
         "accuracy": primary["accuracy"],                      # the primary BatchNorm mode's, as bn_modes[mode]
         "bn_modes": by_mode,
         "sweep_seconds": round(sum(m["sweep_seconds"] for m in by_mode.values()), 2),
@@ -107,29 +109,38 @@ def main(argv=()):
         "evaluations": len(groups) * len(epochs) * len(modes),
     }
     write_json(run.path("layer_rewinding.json"), results)
-    print_table(run, results)
+    print_table(run, results, split_kinds(cfg.memorized))
     judged = claims.rewinding(results)                        # claim 2, one verdict per BatchNorm mode
     for claim in judged:
         print(claim.line())
-    plot_by_depth(cfg, results, run.path("layer_rewinding_depth.png"))
+    plot_by_depth(cfg, results, run.path("layer_rewinding_depth.png"), split_kinds(cfg.memorized))
     plot_heatmaps(cfg, results, {c.values["mode"]: c for c in judged}, run.path("layer_rewinding_heatmap.png"))
     print(f"wrote {run.path('layer_rewinding.json')} and layer_rewinding_{{depth,heatmap}}.png")
     return results
 
 
-def print_table(run, res):
+def print_table(run, res, kinds=()):
+    """The primary mode's accuracies rewound to the first epoch, noisy accuracy per rewind epoch; `kinds`
+    (memorized=both: mislabeled, atypical): those columns too, and each kind's accuracy per rewind epoch."""
     groups, epochs, final, modes = res["groups"], res["rewind_epochs"], res["final"], list(res["bn_modes"])
+    subsets = SUBSETS + tuple(kinds)
     first = str(epochs[0])
     acc = res["accuracy"]
     print(f"\nlayer rewinding of {run.dir.name}: {len(groups)} groups x {len(epochs)} rewind epochs x "
           f"{len(modes)} BatchNorm modes in {res['sweep_seconds']:.1f} s; primary: {res['bn_stats']}")
     print(f"accuracy (%) with one group rewound to epoch {first}" + (" (initialization)" if first == "0" else "")
           + "; then noisy accuracy per rewind epoch")
-    print(f"{'group':<10} {'clean':>6} {'noisy':>6} {'n.true':>6} {'test':>6}  |" + "".join(f"{e:>6}" for e in epochs))
-    row = lambda a: "".join(f"{100 * a[s]:>7.1f}" for s in SUBSETS)
+    print(f"{'group':<10} {'clean':>6} {'noisy':>6} {'n.true':>6} {'test':>6}"
+          + "".join(f" {k[:6]:>6}" for k in kinds) + "  |" + "".join(f"{e:>6}" for e in epochs))
+    row = lambda a: "".join(f"{100 * a[s]:>7.1f}" for s in subsets)
     print(f"{'final':<10}{row(final)}  |" + "".join(f"{100 * final['noisy']:>6.1f}" for _ in epochs))
     for g in groups:
         print(f"{g:<10}{row(acc[g][first])}  |" + "".join(f"{100 * acc[g][str(e)]['noisy']:>6.1f}" for e in epochs))
+    for k in kinds:  # memorized=both: each kind of the memorized set per rewind epoch
+        print(f"\n{k} accuracy (%) per rewind epoch (final model: {100 * final[k]:.1f})")
+        print(f"{'group':<10}" + "".join(f"{e:>6}" for e in epochs))
+        for g in groups:
+            print(f"{g:<10}" + "".join(f"{100 * acc[g][str(e)][k]:>6.1f}" for e in epochs))
     if len(modes) > 1:
         print(f"\nnoisy / clean accuracy (%) rewound to epoch {first}, per BatchNorm mode")
         print(f"{'group':<10}" + "".join(f"{m:>18}" for m in modes))
@@ -144,14 +155,16 @@ def epoch_label(e):
     return "epoch 0 (init)" if e == 0 else f"epoch {e}"
 
 
-def plot_by_depth(cfg, res, path):
+def plot_by_depth(cfg, res, path, kinds=()):
     """The paper's view, primary BatchNorm mode: accuracy per layer group (input at top) x rewind epoch, one
-    panel per subset. Cells, not lines: the groups are categories, and a line between them is no trend."""
+    panel per subset (and per kind of `kinds`: memorized=both's mislabeled and atypical). Cells, not
+    lines: the groups are categories, and a line between them is no trend."""
     groups, epochs, final, acc = res["groups"], res["rewind_epochs"], res["final"], res["accuracy"]
     fig, axes = plots.figure(f"Layer rewinding: accuracy (%) with one layer group rewound to an earlier checkpoint "
                              f"(BatchNorm statistics: {res['rewind_bn_stats']})", cfg,
-                             ncols=len(SUBSETS), panel=(0.55 * len(epochs) + 2.6, 0.32 * len(groups) + 1.6))
-    for ax, subset in zip(axes[0], SUBSETS):
+                             ncols=len(SUBSETS) + len(kinds),
+                             panel=(0.55 * len(epochs) + 2.6, 0.32 * len(groups) + 1.6))
+    for ax, subset in zip(axes[0], SUBSETS + tuple(kinds)):
         im = plots.heatmap(ax, [[100 * acc[g][str(e)][subset] for e in epochs] for g in groups],
                            [str(e) for e in epochs], groups)
         ax.set_title(f"{plots.LABELS[subset]}\nfinal model (epoch {cfg.epochs}): {100 * final[subset]:.1f}%", fontsize=9)

@@ -37,7 +37,8 @@ from common.training import trained_run
 # Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
 # for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+model = "resnet9"       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                        # path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise
@@ -381,7 +382,7 @@ def plot_plain(results, cfg, path):
             k_max)
     for ax in axes[0, :2]:
         ax.set_ylim(-3, 103)
-    axes[0, 3].legend(fontsize=7, loc="upper left")  # the drops start at 0 and rise to the right
+    plots.legend_beside(axes[0, 3], fontsize=7)  # the same methods in every panel
     return plots.save(fig, path)
 
 
@@ -424,7 +425,7 @@ def plot_etd(results, cfg, path):
     axes[0, 3].set_title("held-out clean training accuracy drop\n(tied) at each method's own flip point", fontsize=9)
     axes[0, 3].set_ylabel("accuracy drop (points)")
     axes[0, 3].grid(alpha=0.3, axis="y")
-    axes[0, 0].legend(fontsize=6, loc="upper right")
+    plots.legend_beside(axes[0, -1], axes[0, 0].get_legend_handles_labels(), fontsize=6)  # the methods' colours
     return plots.save(fig, path)
 
 
@@ -452,7 +453,7 @@ def plot_tradeoff(comparison, methods, cfg, path):
         ax.set_xlabel("forward-equivalents per target (example-forwards + 2 x backwards; log)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=6, loc="lower right")
+    plots.legend_beside(axes[0, -1], axes[0, 0].get_legend_handles_labels(), fontsize=6)  # the methods' colours
     return plots.save(fig, path)
 
 

@@ -40,7 +40,8 @@ from common.training import pick_device, trained_run
 # Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
 # for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+model = "resnet9"       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                        # path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise

@@ -32,7 +32,8 @@ from common.training import trained_run
 # Defined once, with each key's meaning, in common/config.py (RUN_DEFAULTS); shown here to be edited
 # for this script (a config file or --key=value changes them for every script).
 dataset = "mnist_5k"    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-model = "resnet9"       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+model = "resnet9"       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                        # path/file.py:factory (docs/own_model.md)
 width = 0.25            # channel-width multiplier
 noise = 0.1             # fraction of training labels replaced by a wrong class: the examples to memorize
 seed = 0                # data split and label noise
@@ -343,7 +344,7 @@ def plot_summary(results, cfg, path):
     ax.set_ylabel("examples flipped (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")  # the curves start at the lower left and rise to the upper right
+    plots.legend_beside(ax)  # a curve that stops rising (targets not flipped) runs along the bottom to the cap
     ax.set_title("units needed to flip (CDF)", fontsize=10)
 
     ax = axes[0, 1]
@@ -357,7 +358,7 @@ def plot_summary(results, cfg, path):
     ax.set_xlabel("layer group (input -> output)")
     ax.set_ylabel("zeroed units in this group (%)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    plots.legend_beside(ax)
     ax.set_title("where the zeroed units are", fontsize=10)
 
     ax = axes[0, 2]
@@ -376,7 +377,7 @@ def plot_summary(results, cfg, path):
     ax.set_ylabel("accuracy drop (percentage points, mean +- sd)")
     ax.axhline(0, color="black", lw=0.8)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    plots.legend_beside(ax)
     ax.set_title("collateral damage of the edit", fontsize=10)
     return plots.save(fig, path)
 

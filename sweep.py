@@ -48,14 +48,15 @@ KNOBS = config.knobs(globals())
 GPU_ROW = "GPU: Fashion-MNIST at paper scale"
 NOT_RESULTS = reproduce.IGNORED  # keys that cannot change a number (where it ran, what it may download)
 
-# The number that stands for each claim in the figures: (label, {number: values -> (value, low, high)},
-# the rule's thresholds to draw, percent?). Every number is common/claims.py's; nothing is judged here.
+# The number that stands for each claim in the figures: (label, the rule's thresholds to draw, percent?).
+# Every number is common/claims.py's (headline() reads it from the claim's values); nothing is judged here.
 HEADLINE = {
     1: ("noisy / control gradient factor, weakest group", [(claims.FACTOR, "rule: CI low > this")], False),
     2: ("share of redundant layer groups", [(0.5, "rule: a majority")], True),
-    3: ("share of groups kept or back (of conclusive)", [(0.5, "yes: above"), (claims.PARTIAL_SHARE, "partial: from")],
-        True),
-    4: ("median units clean / noisy", [(claims.MEDIAN_RATIO, "rule: >= this, CI low > 1")], False),
+    3: ("share back / (back + not back), uninformative groups aside",
+        [(0.5, "yes: above"), (claims.PARTIAL_SHARE, "partial: from")], True),
+    4: ("ratio of mean units, clean / noisy (weaker of clean, margin-matched)",
+        [(claims.MEAN_RATIO, "rule: CI >= this")], False),
     5: ("noisy accuracy after the drop", [(claims.DROPPED, "rule: CI high <= this")], True),
 }
 VERDICT_COLORS = {"yes": "tab:green", "partial": "tab:orange", "no": "tab:red", "inconclusive": "tab:gray"}
@@ -118,14 +119,24 @@ def headline(claim):
         groups = v.get("groups") or {}
         if not groups:
             return nan, nan, nan
-        low = lambda g: groups[g]["ci"][0] if groups[g]["ci"][0] is not None and np.isfinite(groups[g]["ci"][0]) \
-            else -math.inf  # noqa: E731
-        worst = min(groups, key=low)
+        worst = min(groups, key=lambda g: _low(groups[g]["ci"][0]))
         return groups[worst]["factor"], *groups[worst]["ci"]
-    value = {2: "redundant_share", 3: "share", 4: "ratio", 5: "noisy_after_drop"}[n]
-    ci = {4: "ratio_ci", 5: "noisy_ci"}.get(n)
+    if n == 4:  # the rule's ratio of means, against the clean and the margin-matched targets: the weaker
+        sides = [e for e in (v.get("clean"), v.get("matched")) if e and e.get("mean_ratio_ci")]
+        if not sides:
+            return nan, nan, nan
+        weaker = min(sides, key=lambda e: (_low(e["mean_ratio_ci"][0]), _num(e["mean_ratio"])))
+        return _num(weaker["mean_ratio"]), *map(_num, weaker["mean_ratio_ci"])
+    value = {2: "redundant_share", 3: "share", 5: "noisy_after_drop"}[n]
+    ci = {3: "share_ci", 5: "noisy_ci"}.get(n)
     lo, hi = v[ci] if ci and v.get(ci) else _first_interval(claim.get("ci"))
     return _num(v.get(value)), _num(lo), _num(hi)
+
+
+def _low(x):
+    """A CI's lower bound for ranking: an undefined one ranks lowest."""
+    x = _num(x)
+    return x if np.isfinite(x) else -math.inf
 
 
 def _num(x):
@@ -193,7 +204,7 @@ def claim_figure(number, cols, per_value, cfg, base, seed_lists, path):
     ax.set_xlabel(cfg.key)
     ax.set_ylabel(label + (" (%)" if pct else "") + "\npoint and 95% CI")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    plots.legend_beside(ax, fontsize=7)
     ax.set_title(f"base: {base}; verdicts by common/claims.py", fontsize=8)
     return plots.save(fig, path)
 

@@ -17,6 +17,13 @@ clean part, its control part and its loss-matched part to per-parameter sums on 
 group (the only copy to the host), returns them for the epoch's metrics row and starts the next
 epoch's sums from zero.
 
+With `atypical` (memorized=both: the memorized set holds mislabeled and atypical clean examples) the
+noisy part is split once more, by one more backward per step that has atypical examples: noisy =
+mislabeled + atypical, so total = typical clean + mislabeled + atypical. Each kind's share of the
+total is its projection on it, <part, total> / |total|^2: the shares of the three kinds add up to 1,
+the mislabeled and atypical shares to the (lumped) noisy share. Without it nothing changes: the
+default (memorized=noisy) numbers and keys are those of before the split existed.
+
 The rest turns metrics rows into the experiment's tables: per-epoch, per-group norms (raw and per
 example), the memorization phase, and its summary.
 """
@@ -32,6 +39,13 @@ from .precision import autocast
 from .rng import generator
 
 KEY = "grad_accounting"  # the key of the accounting numbers inside a metrics row
+# With the atypical split (memorized=both): the dot products end_epoch computes per group (a = atypical
+# part, ml = mislabeled part = noisy - atypical, c = clean (typical) part, t = total, n = noisy) and the
+# per-group lists it reports from them.
+SPLIT_DOTS = ("a.a", "ml.ml", "a.ml", "c.a", "c.ml", "t.a", "t.ml", "t.c", "t.n")
+SPLIT_KEYS = ("norm_mislabeled", "norm_atypical", "cosine_mislabeled_atypical", "cosine_clean_mislabeled",
+              "cosine_clean_atypical", "share_clean", "share_mislabeled", "share_atypical", "share_noisy")
+KIND_ACCURACIES = ("typical", "mislabeled", "atypical")  # metrics-row accuracies of each kind (memorized != noisy)
 
 
 def _add(buffers, grads):
@@ -120,12 +134,15 @@ class GradientAccountant:
     one more backward per step that has control examples.
     `matched`: account a loss-matched control too; its mask is set before each epoch by
     `match(mask, info)` (loss_matched_mask): one more backward per step that has matched examples.
+    `atypical`: None, or the boolean mask of the atypical clean examples inside `noisy` (memorized=both):
+    one more backward per step that has atypical examples; the noisy part is then reported split into
+    mislabeled (noisy and not atypical) and atypical.
     `skip_pure`: skip a backward whose part is empty or the whole batch (no noisy or no clean
     example; no control example). Deciding that needs counts on the host; free on the CPU, a
     per-step synchronization on an accelerator, so by default only on the CPU (elsewhere such a
     backward simply returns zeros, resp. the total)."""
 
-    def __init__(self, model, noisy, control=None, skip_pure=None, matched=False):
+    def __init__(self, model, noisy, control=None, skip_pure=None, matched=False, atypical=None):
         groups = group_params(model)
         self.groups = list(groups)
         self.params, self.slices = [], []
@@ -137,12 +154,17 @@ class GradientAccountant:
         self.noisy, self.control = noisy, control
         if control is not None and bool((control & noisy).any()):
             raise ValueError("the control group must hold clean examples only")
+        if atypical is not None and bool((atypical & ~noisy).any()):
+            raise ValueError("the atypical examples must lie inside the memorized set (noisy)")
+        self.atypical = atypical
         self.skip_pure = noisy.device.type == "cpu" if skip_pure is None else skip_pure
         zeros = lambda: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]  # noqa: E731
         self.total, self.clean = zeros(), zeros()
         self.ctrl = zeros() if control is not None else []
         self.matched, self.match_info = (torch.zeros_like(noisy) if matched else None), {}
         self.mtch = zeros() if matched else []
+        self.atyp = zeros() if atypical is not None else []
+        self.n_atypical = torch.zeros((), dtype=torch.long, device=noisy.device)
         self.n_noisy = torch.zeros((), dtype=torch.long, device=noisy.device)
         self.n_control = torch.zeros((), dtype=torch.long, device=noisy.device)
         self.n_matched = torch.zeros((), dtype=torch.long, device=noisy.device)
@@ -161,16 +183,19 @@ class GradientAccountant:
         noisy = self.noisy[idx]
         ctrl = self.control[idx] if self.control is not None else None
         mtch = self.matched[idx] if self.matched is not None else None
+        atyp = self.atypical[idx] if self.atypical is not None else None
         b = losses.shape[0]
         self.n_noisy += noisy.sum()
         if ctrl is not None:
             self.n_control += ctrl.sum()
         if mtch is not None:
             self.n_matched += mtch.sum()
+        if atyp is not None:
+            self.n_atypical += atyp.sum()
         self.n_seen += b
         # Which parts need a backward of their own: "all" (the part is the whole batch: its gradient
         # is the total), "none" (empty: zero), "mixed" (a backward through the retained graph).
-        parts = [(self.clean, ~noisy), (self.ctrl, ctrl), (self.mtch, mtch)]
+        parts = [(self.clean, ~noisy), (self.ctrl, ctrl), (self.mtch, mtch), (self.atyp, atyp)]
         kinds = ["mixed" if mask is not None else "none" for _, mask in parts]
         if self.skip_pure and not distributed.active():  # under torchrun every rank runs every backward
             # (synced BatchNorm communicates in each; whether a rank's slice is pure differs by rank)
@@ -190,7 +215,8 @@ class GradientAccountant:
             if kind == "all":
                 _add(buffers, grads)
         # The mixed parts through the retained graph: autograd.grad returns them without touching
-        # `.grad`; noisy = total - clean and clean-rest = clean - control at the end of the epoch.
+        # `.grad`; noisy = total - clean, clean-rest = clean - control and mislabeled = noisy - atypical
+        # at the end of the epoch.
         for i, (buffers, mask) in enumerate(mixed):
             part = torch.autograd.grad((losses * mask.to(losses.dtype)).sum() / b, self.params, allow_unused=True,
                                        retain_graph=i < len(mixed) - 1)
@@ -203,14 +229,16 @@ class GradientAccountant:
         dtype = torch.float32 if self.noisy.device.type == "mps" else torch.float64
         device = self.noisy.device
         if distributed.active():  # each rank summed its shares of every batch: together, a single process's sums
-            for b in self.total + self.clean + self.ctrl + self.mtch:
+            for b in self.total + self.clean + self.ctrl + self.mtch + self.atyp:
                 distributed.all_reduce_sum_(b)
             distributed.all_reduce_sum_(self.n_noisy)
             distributed.all_reduce_sum_(self.n_control)
             distributed.all_reduce_sum_(self.n_matched)
+            distributed.all_reduce_sum_(self.n_atypical)
             self.n_seen = int(distributed.all_reduce_sum_(torch.tensor(self.n_seen, device=device)))
-        control, matched = self.control is not None, self.matched is not None
-        width = 4 + 4 * control + 4 * matched
+        control, matched, split = self.control is not None, self.matched is not None, self.atypical is not None
+        width = 4 + 4 * control + 4 * matched + len(SPLIT_DOTS) * split
+        at_matched, at_split = 4 + 4 * control, 4 + 4 * control + 4 * matched  # their numbers' place in a row
         stats = []
         for s in self.slices:
             if not s:  # a group without trainable parameters
@@ -228,6 +256,10 @@ class GradientAccountant:
                 m = torch.cat([self.mtch[i].flatten() for i in s]).to(dtype)
                 o = c - m  # the clean examples outside the loss-matched control
                 row += [m @ m, o @ o, m @ n, m @ o]
+            if split:
+                a = torch.cat([self.atyp[i].flatten() for i in s]).to(dtype)
+                ml = n - a  # mislabeled = noisy - atypical
+                row += [a @ a, ml @ ml, a @ ml, c @ a, c @ ml, t @ a, t @ ml, t @ c, t @ n]  # SPLIT_DOTS
             stats.append(torch.stack(row))
         stats = torch.stack(stats).cpu().tolist()  # the epoch's only copy to the host: a few numbers per group
         n_noisy = int(self.n_noisy)
@@ -239,6 +271,10 @@ class GradientAccountant:
         if matched:
             out.update({"n_matched": int(self.n_matched), "matching": self.match_info, "norm_matched": [],
                         "norm_clean_unmatched": [], "cosine_matched_noisy": [], "cosine_matched_unmatched": []})
+        if split:
+            n_atypical = int(self.n_atypical)
+            out.update({"n_mislabeled": n_noisy - n_atypical, "n_atypical": n_atypical,
+                        **{k: [] for k in SPLIT_KEYS}})
         for row in stats:
             tt, cc, nn_, cn = row[:4]
             nt, nc, nn_ = math.sqrt(tt), math.sqrt(cc), math.sqrt(nn_)
@@ -254,19 +290,35 @@ class GradientAccountant:
                 out["cosine_rest_noisy"].append(_cosine(rn, nr, nn_))
                 out["cosine_control_rest"].append(_cosine(kr, nk, nr))
             if matched:
-                mm, oo, mn, mo = row[-4:]
+                mm, oo, mn, mo = row[at_matched:at_matched + 4]
                 nm, no = math.sqrt(mm), math.sqrt(oo)
                 out["norm_matched"].append(nm)
                 out["norm_clean_unmatched"].append(no)
                 out["cosine_matched_noisy"].append(_cosine(mn, nm, nn_))
                 out["cosine_matched_unmatched"].append(_cosine(mo, nm, no))
-        for b in self.total + self.clean + self.ctrl + self.mtch:
+            if split:
+                aa, ll, al, ca, cl, ta, tl, tc, tn = row[at_split:at_split + len(SPLIT_DOTS)]
+                na, nl = math.sqrt(aa), math.sqrt(ll)
+                for key, v in (("norm_mislabeled", nl), ("norm_atypical", na),
+                               ("cosine_mislabeled_atypical", _cosine(al, nl, na)),
+                               ("cosine_clean_mislabeled", _cosine(cl, nc, nl)),
+                               ("cosine_clean_atypical", _cosine(ca, nc, na)),
+                               ("share_clean", _share(tc, tt)), ("share_mislabeled", _share(tl, tt)),
+                               ("share_atypical", _share(ta, tt)), ("share_noisy", _share(tn, tt))):
+                    out[key].append(v)
+        for b in self.total + self.clean + self.ctrl + self.mtch + self.atyp:
             b.zero_()
         self.n_noisy.zero_()
         self.n_control.zero_()
         self.n_matched.zero_()
+        self.n_atypical.zero_()
         self.n_seen = 0
         return {KEY: out}
+
+
+def _share(dot, tt):
+    """A part's share of the total: <part, total> / |total|^2 (None if the total is zero)."""
+    return dot / tt if tt > 0 else None
 
 
 def _cosine(dot, norm_a, norm_b):
@@ -276,10 +328,11 @@ def _cosine(dot, norm_a, norm_b):
 
 # ----------------------------------------------------------------------------- from metrics rows
 
-def accounted_prefix(rows, control=False, matched=False):
+def accounted_prefix(rows, control=False, matched=False, split=False):
     """The last epoch k such that epochs 1..k all have accounting in their metrics rows (with the
-    control group's part if `control`, the loss-matched control's if `matched`); 0 if none."""
-    need = ("norm_control",) * control + ("norm_matched",) * matched
+    control group's part if `control`, the loss-matched control's if `matched`, the atypical split's
+    if `split`); 0 if none."""
+    need = ("norm_control",) * control + ("norm_matched",) * matched + ("norm_atypical",) * split
     have = {r["epoch"] for r in rows if KEY in r and all(k in r[KEY] for k in need)}
     k = 0
     while k + 1 in have:
@@ -325,8 +378,14 @@ def epoch_table(rows):
                     "per_example_matched": _per_example(a["norm_matched"][i], a["n_matched"]),
                     "cosine_matched_noisy": a["cosine_matched_noisy"][i],
                     "cosine_matched_unmatched": a["cosine_matched_unmatched"][i]})
+            if "norm_atypical" in a:
+                groups[g].update({k: a[k][i] for k in SPLIT_KEYS})
+                groups[g].update({"per_example_mislabeled": _per_example(a["norm_mislabeled"][i], a["n_mislabeled"]),
+                                  "per_example_atypical": _per_example(a["norm_atypical"][i], a["n_atypical"])})
+        kinds = {k: _finite(r[k]) for k in KIND_ACCURACIES if k in r}  # accuracy per kind (memorized != noisy)
+        split = {"n_mislabeled": a["n_mislabeled"], "n_atypical": a["n_atypical"]} if "norm_atypical" in a else {}
         table.append({"epoch": r["epoch"], **{k: _finite(r.get(k)) for k in ("clean", "noisy", "noisy_true", "test", "loss")},
-                      "n_clean": n_clean, "n_noisy": n_noisy,
+                      **kinds, "n_clean": n_clean, "n_noisy": n_noisy, **split,
                       **({"n_control": n_control} if n_control is not None else {}),
                       **({"n_matched": a["n_matched"], "matching": a["matching"]} if "norm_matched" in a else {}),
                       "groups": groups})
@@ -384,4 +443,13 @@ def summarize(table, epochs):
             out[g].update({
                 "noisy_matched_ratio": _mean([_ratio(x["norm_noisy"], x["norm_matched"]) for x in v]),
                 "mean_cosine_matched_unmatched": _mean([x["cosine_matched_unmatched"] for x in v])})
+        if "norm_atypical" in v[0]:  # the atypical split (memorized=both): each kind of the memorized set
+            for kind in ("mislabeled", "atypical"):
+                out[g].update({
+                    f"{kind}_clean_ratio": _mean([_ratio(x[f"norm_{kind}"], x["norm_clean"]) for x in v]),
+                    f"{kind}_clean_ratio_per_example": _mean([_ratio(x[f"per_example_{kind}"], x["per_example_clean"])
+                                                              for x in v]),
+                    f"mean_cosine_clean_{kind}": _mean([x[f"cosine_clean_{kind}"] for x in v])})
+            out[g].update({f"mean_share_{k}": _mean([x[f"share_{k}"] for x in v])
+                           for k in ("clean", "mislabeled", "atypical", "noisy")})
     return out

@@ -31,7 +31,8 @@ LITERAL_TYPES = (bool, int, float, str, list, tuple, type(None))
 # False, []) where the knob can be off: then existing run directory names stay as they are.
 RUN_DEFAULTS = dict(
     dataset="mnist_5k",    # mnist_5k (embedded) | mnist | fashion_mnist | cifar10 | cifar100 | svhn | npz:PATH
-    model="resnet9",       # resnet9 | resnet50 | vit | cnn | torchvision:<name> | path/file.py:factory (docs/own_model.md)
+    model="resnet9",       # resnet9 | resnet18 | resnet50 | vit | cnn | torchvision:<name> |
+                           # path/file.py:factory (docs/own_model.md)
     width=0.25,            # channel-width multiplier
     noise=0.1,             # fraction of training labels replaced by a wrong class: the examples to memorize
     memorized="noisy",     # noisy (mislabeled) | atypical (no label noise: clean examples with hold-out score
@@ -186,7 +187,8 @@ def parse(defaults, argv=(), script=None):
 
 def meanings(path):
     """{knob: its comment} for the constants of a Python file (`name = value  # meaning`, also inside a
-    dict(...) block as `name=value,  # meaning`); comment-only lines indented under one continue it."""
+    dict(...) block as `name=value,  # meaning`); comment-only lines indented under one continue it. The
+    first commented assignment of a name is its meaning."""
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(open(path).read()).readline))
     except (OSError, SyntaxError, tokenize.TokenError):
@@ -199,9 +201,10 @@ def meanings(path):
     for n in sorted(lines):
         col, line, text = lines[n]
         m = re.match(r"\s{0,4}([a-z_][a-z0-9_]*)\s*=(?!=)", line)
-        if m and col > m.end():
-            last = m.group(1)
-            out[last] = text
+        if m and col > m.end():  # the first assignment is the knob's (a later one is code using the name)
+            last = m.group(1) if m.group(1) not in out else None
+            if last:
+                out[last] = text
         elif last and not line[:col].strip() and col > 0 and n - 1 in lines:
             out[last] += " " + text
         else:

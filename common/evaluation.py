@@ -40,6 +40,16 @@ def predict(model, data, split="train", indices=None, batch_size=1024, amp=True,
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=data.device)
 
 
+SPLIT_KINDS = ("mislabeled", "atypical")  # the memorized set's two kinds with memorized=both
+
+
+def split_kinds(memorized):
+    """The kinds of the memorized set that tables and figures show apart, beside clean (with memorized=both
+    the typical clean examples) and noisy (the memorized set, lumped): mislabeled and atypical with
+    memorized=both; none otherwise (the memorized set has one kind: `noisy` is it)."""
+    return SPLIT_KINDS if memorized == "both" else ()
+
+
 def _mean(correct):
     return float(correct.float().mean()) if len(correct) else float("nan")
 

@@ -73,7 +73,7 @@ from .cli import UserError
 from .dropout import ExampleTiedDropout, StandardDropout, etd_modules
 from .flipping import entry_scores, flip_sequential, objective, stage_positions, zeroed_copy
 from .models import stages
-from .plots import figure, save
+from .plots import figure, legend_beside, save
 from .precision import strict_fp32
 from .rng import generator
 
@@ -929,7 +929,7 @@ def report_section(results_per_seed, cfg, out_dir):
         ax.set_xlabel("k (top-k units zeroed)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    legend_beside(axes[0, -1], axes[0, 0].get_legend_handles_labels(), fontsize=7)  # the methods' colours
     fig_path = save(fig, Path(out_dir) / "localization_methods.png")
 
     header = ["method", "noisy flipped @1 (%)", f"@{k5} (%)", f"@{k_max} (%)", f"clean flipped @{k_max} (%)"]

@@ -105,7 +105,7 @@ def overflowing_text(fig):
     return out + [getattr(a, "get_text", lambda: "legend")()[:40] for a in own if outside(a.get_window_extent(renderer))]
 
 
-STRICT = False  # tests: raise instead of saving a figure whose text overflows the canvas
+STRICT = False  # tests: raise instead of saving a figure whose text overflows the canvas or whose legend covers data
 
 
 def save(fig, path):
@@ -119,6 +119,9 @@ def save(fig, path):
     if STRICT and (outside := overflowing_text(fig)):
         plt.close(fig)
         raise AssertionError(f"{path.name}: text outside the canvas: {outside[:3]}")
+    if STRICT and (covered := legends_over_data(fig)):
+        plt.close(fig)
+        raise AssertionError(f"{path.name}: legend over the data: {covered[:3]}")
     runs.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     print(f"wrote {path}")
@@ -135,7 +138,7 @@ def accuracy_curves(ax, rows, keys=("clean", "noisy", "test"), x="epoch", xlabel
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_beside(ax)  # the curves cross the whole panel: no corner is free of them
 
 
 def integer_ticks(ax, values, axis="x", most=10, keep=()):
@@ -195,15 +198,23 @@ def _data_points(ax):
 
 
 def legends_over_data(fig):
-    """Panels whose legend box covers one of the points they plot (a legend over the data)."""
+    """Panels whose legend box covers one of the points they plot, and figure legends that cover a point
+    of any panel (a legend over the data)."""
     fig.canvas.draw()
     renderer, found = fig.canvas.get_renderer(), []
+
+    def covers(leg, axes):
+        box = leg.get_window_extent(renderer)
+        for ax in axes:
+            pts = _data_points(ax)
+            pts = pts[np.isfinite(pts).all(1)]
+            if ((pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1) & (pts[:, 1] >= box.y0) & (pts[:, 1] <= box.y1)).any():
+                return ax
     for i, ax in enumerate(fig.axes):
         leg = ax.get_legend()
-        if leg is None or not leg.get_visible():
-            continue
-        box, pts = leg.get_window_extent(renderer), _data_points(ax)
-        pts = pts[np.isfinite(pts).all(1)]
-        if any(box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1 for x, y in pts):
+        if leg is not None and leg.get_visible() and covers(leg, [ax]):
             found.append(f"panel {i} ({ax.get_title()[:40]!r})")
+    for leg in fig.legends:
+        if leg.get_visible() and (ax := covers(leg, [a for a in fig.axes if a.get_visible() and a.axison])):
+            found.append(f"the figure's legend, over panel {fig.axes.index(ax)} ({ax.get_title()[:40]!r})")
     return found

@@ -137,7 +137,19 @@ def _commands(text):
                     yield words[1:]
 
 
-COMMANDS = [(page.relative_to(REPO).as_posix(), cmd) for page in DOCS for cmd in _commands(page.read_text())]
+def _inline_commands(text):
+    """`python ...` code spans of the prose (outside fenced blocks), e.g. the command a results paragraph
+    cites; a span with a placeholder (<script>, =R, =MODE, script.py) is a pattern, not a command."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S).replace("\n", " ")
+    for span in re.findall(r"`(python [^`]+)`", prose):
+        words = shlex.split(span)[1:]
+        if "<" in span or re.search(r"=[A-Z]+\b", span) or words[:1] == ["script.py"]:
+            continue
+        yield words
+
+
+COMMANDS = [(page.relative_to(REPO).as_posix(), cmd) for page in DOCS
+            for cmd in [*_commands(page.read_text()), *_inline_commands(page.read_text())]]
 
 
 def test_the_docs_show_commands():
@@ -176,8 +188,9 @@ def test_every_command_in_the_docs_names_existing_files_and_knobs(page, cmd):
                                                                         "example_tied_dropout")))
         assert set(rest) <= known, f"{page}: {' '.join(cmd)}: unknown keys {set(rest) - known}"
         args = own
+    parse = getattr(module, "parse_args", None) or (lambda argv: config.parse(module.KNOBS, argv))  # its own, if any
     try:
-        config.parse(module.KNOBS, [a for a in args if a not in ("--help", "-h")])
+        parse([a for a in args if a not in ("--help", "-h")])
     except UserError as e:
         if any(n in str(e) for n in READERS_OWN | {"tiny512.npz"}):  # the reader's own files, not ours
             return

@@ -112,3 +112,155 @@ def test_save_says_where_it_wrote_and_percentages_print_one_way(tmp_path, capsys
     path = plots.save(fig, tmp_path / "saved.png")
     assert capsys.readouterr().out.strip() == f"wrote {path}"
     assert (plots.pct(0.9731), plots.pct(None, 4), plots.points(-0.068)) == ("97.3%", "   -", "-6.8 points")
+
+
+# ----------------------------------------------------------------------------- every script's figures
+# Each figure type the scripts draw, from a small result (committed or synthetic). plots.save checks each
+# one under plots.STRICT (conftest): no text outside the canvas, no legend over the data.
+
+DEFAULT = REPO / "docs" / "results" / "default" / "seed0"  # committed: accounting and rewinding at the defaults
+
+
+def _script_cfg(module, **kw):
+    """A script's own defaults (its KNOBS parsed with no arguments), as its figures see them."""
+    from common import config
+    return SimpleNamespace(**{**vars(config.parse(module.KNOBS, [])), **kw})
+
+
+def _curve(epochs, noisy_from=0.1, noisy_to=1.0):
+    """Metrics rows rising as a run memorizes: clean and test high, noisy from `noisy_from` to `noisy_to`."""
+    return [{"epoch": e, "clean": 0.8 + 0.2 * e / epochs, "noisy": noisy_from + (noisy_to - noisy_from) * e / epochs,
+             "noisy_true": 0.8 * (1 - e / epochs) + 0.05, "test": 0.85 + 0.1 * e / epochs} for e in range(epochs + 1)]
+
+
+def _saved(tmp_path, *names):
+    for name in names:
+        assert (tmp_path / name).is_file(), name
+
+
+def test_gradient_accounting_figures(tmp_path):
+    import gradient_accounting as ga
+    r = json.loads((DEFAULT / "gradient_accounting.json").read_text())
+    cfg = _script_cfg(ga)
+    table, phase = r["epochs"], r["memorization_phase"]
+    ga.plot_norms(table, "norm_", "norms", "norm of the epoch's gradient sum", cfg, tmp_path / "norms.png")
+    ga.plot_norms(table, "per_example_", "per example", "norm / examples", cfg, tmp_path / "per_example.png")
+    ga.plot_cosine(table, phase, cfg, tmp_path / "cosine.png")
+    ga.plot_accuracy(_curve(cfg.epochs)[1:], phase, cfg, tmp_path / "accuracy.png")
+    _saved(tmp_path, "norms.png", "per_example.png", "cosine.png", "accuracy.png")
+
+
+def test_layer_rewinding_figures(tmp_path):
+    import layer_rewinding as lr
+    from common import claims
+    res = json.loads((DEFAULT / "layer_rewinding.json").read_text())
+    cfg = _script_cfg(lr)
+    lr.plot_by_depth(cfg, res, tmp_path / "depth.png")
+    lr.plot_heatmaps(cfg, res, {c.values["mode"]: c for c in claims.rewinding(res)}, tmp_path / "heatmap.png")
+    _saved(tmp_path, "depth.png", "heatmap.png")
+
+
+def _retraining_result(groups=("conv1", "conv2", "res1.0", "head"), epochs=3):
+    def entry(i):
+        curve = _curve(epochs, noisy_from=0.05 + 0.3 * (i % 2), noisy_to=0.2 + 0.2 * i)
+        return {"reset": curve[0], "final": curve[-1], "curve": curve, "epochs_trained": epochs,
+                "control": {"final": {"noisy": 0.99}, "curve": [{**c, "noisy": 0.3 + 0.23 * c["epoch"]} for c in curve]}}
+    return {"groups": {g: entry(i) for i, g in enumerate(groups)}, "final_model": {"noisy": 1.0, "clean": 1.0},
+            "frozen_bn": "train", "ablation": {"frozen_bn": "eval", "groups": {g: entry(i + 1) for i, g in enumerate(groups)}}}
+
+
+def test_layer_retraining_figures(tmp_path):
+    import layer_retraining as lt
+    res = _retraining_result()
+    cfg = _script_cfg(lt)
+    lt.plot_curves(res, cfg, tmp_path / "curves.png")
+    lt.plot_final_noisy(res, cfg, tmp_path / "noisy.png")
+    report.retraining([res, _retraining_result()], _cfg(seeds=[0, 1]), tmp_path, {})  # the report's figure
+    _saved(tmp_path, "curves.png", "noisy.png", "layer_retraining.png")
+
+
+def test_neuron_flipping_figures(tmp_path):
+    import torch
+    import neuron_flipping as nf
+    from common.flipping import summarize
+    run = _flip_run(0, [1, 2, 2, 2, 3, 2, 1, 100], [3, 3, 4, 5, 3, 2, 6, 100])  # one of each not flipped
+    run["records"] += [{**r, "kind": "clean_matched"} for r in run["records"] if r["kind"] == "clean"]
+    for r in run["records"]:
+        r.update(label=1, true_label=2 if r["kind"] == "noisy" else 1, prediction=2)
+    baseline = {"clean": 0.99, "noisy": 1.0, "test": 0.97}
+    results = {**run, "summary": summarize(run["records"], baseline, 100)}
+    cfg = _script_cfg(nf, n_show=2)
+    nf.plot_summary(results, cfg, tmp_path / "summary.png")
+    data = SimpleNamespace(x_train=torch.rand(20, 1, 28, 28), image_size=28)
+    nf.plot_examples(results, data, cfg, tmp_path / "examples.png")
+    _saved(tmp_path, "summary.png", "examples.png")
+
+
+def test_example_tied_dropout_figures(tmp_path):
+    import torch
+    import example_tied_dropout as etd
+    from common import dropout, plots
+    cfg = _script_cfg(etd, epochs=4)
+    acc = lambda clean, noisy, test: {"clean": clean, "noisy": noisy, "noisy_true": 1 - noisy, "test": test,  # noqa: E731
+                                      "gap": None if test is None else clean - test}
+    rows = [etd.row("no dropout", acc(1.0, 1.0, 0.97)), etd.row("standard dropout p=0.4", acc(0.99, 0.3, 0.96)),
+            etd.row(f"example-tied dropout p_mem={cfg.p_mem:g}", acc(1.0, 1.0, None), "tied"),
+            *[etd.row(f"example-tied dropout p_mem={cfg.p_mem:g}", acc(0.98, 0.03, 0.96), etd.drop_mode_label(s))
+              for s in dropout.DROP_SCALINGS]]
+    plots.save(etd.bar_chart(rows, cfg), tmp_path / "bars.png")
+    metrics = [{**c, "tied": {"clean": c["clean"], "noisy": c["noisy"]},
+                **{f"drop_{s}": {**c, "noisy": 0.05} for s in dropout.DROP_SCALINGS}} for c in _curve(4)]
+    plots.save(etd.curves(metrics, 0.96, cfg), tmp_path / "curves.png")
+    n = 12
+    data = SimpleNamespace(x_train=torch.rand(n, 1, 28, 28), y_train=torch.arange(n) % 10, y_true=torch.arange(n) % 7)
+    scalings = {s: {"clean_forgotten": [0, 3, 5], "noisy_still_memorized": [] if s == "rescaled" else [7]}
+                for s in dropout.DROP_SCALINGS}
+    plots.save(etd.gallery(data, scalings, {s: torch.zeros(n, dtype=torch.long) for s in scalings}, cfg, 3),
+               tmp_path / "gallery.png")
+    drops = {pm: {s: acc(0.99, 0.02 + pm / 5, 0.96) for s in dropout.DROP_SCALINGS} for pm in (0.1, 0.2, 0.4)}
+    plots.save(etd.sweep_plot(drops, {pm: {"noisy": 1.0} for pm in drops}, 0.96, cfg), tmp_path / "sweep.png")
+    _saved(tmp_path, "bars.png", "curves.png", "gallery.png", "sweep.png")
+
+
+def _localization_result(methods=("greedy", "oneshot", "hardconcrete"), k_max=5, seed=0):
+    """A localization_methods.json, its summaries and comparison written directly (what the figures read)."""
+    from common.localization import ORACLE
+    ks = range(1, k_max + 1)
+    rate = lambda m, scale: [min(1.0, scale * k / (k_max * (1 + methods.index(m) if m in methods else 1)))  # noqa: E731
+                             for k in ks]
+    plain = {m: {"noisy": {"flip_rate": rate(m, 1.0), "collateral_drop": {str(k): {"clean": 0.01 * k, "test": 0.012 * k}
+                                                                              for k in (1, 3, 5)}},
+                 "clean": {"flip_rate": rate(m, 0.3)}} for m in methods}
+    etd = {m: {"noisy": {"flip_rate": rate(m, 1.0), "precision": rate(m, 0.9), "recall": rate(m, 0.5)}}
+           for m in (*methods, ORACLE)}
+    base = {m: {"noisy": {"precision": rate(m, 0.2)}} for m in (*methods, ORACLE)}
+    stat = lambda v: {"value": v, "ci": [v - 0.1, v + 0.1], "n": 10}  # noqa: E731
+    comparison = {m: {"auc": stat(0.6 - 0.1 * i), "ap_minus_a": stat(0.3 - 0.05 * i), "ap_minus_b": stat(0.2),
+                      "held_out_at_flip": stat(0.01 * (i + 1)), "forward_equivalents": {"value": 10.0 ** (i + 1)}}
+                  for i, m in enumerate((*methods, ORACLE))}
+    mask = lambda i: {"trace": [1.0, 0.6, 0.4 - 0.05 * i, 0.35], "converged": i % 2 == 0, "steps": 40}  # noqa: E731
+    records = [{"kind": "noisy", "methods": {m: {"mask": mask(i)} for m in methods}} for i in range(3)]
+    return {"config": {"max_k": k_max, "n_examples": 3, "seed": seed}, "methods": list(methods),
+            "collateral_k": [1, 3, 5], "summary": {"plain": plain, "etd": etd, "etd_base": base},
+            "comparison": comparison, "plain": {"records": records}, "etd": {"records": records, "p_gen": 0.4,
+                                                                            "p_mem": 0.1, "chance_precision": 0.1},
+            "cost_seconds": {m: 0.5 for m in methods}}
+
+
+def test_localization_methods_figures(tmp_path):
+    import localization_methods as lm
+    from common.localization import report_section
+    res = _localization_result()
+    cfg = _script_cfg(lm, n_examples=3, max_k=5)
+    lm.plot_plain(res, cfg, tmp_path / "plain.png")
+    lm.plot_etd(res, cfg, tmp_path / "etd.png")
+    lm.plot_cost(res, cfg, tmp_path / "cost.png")
+    lm.plot_convergence(res, cfg, tmp_path / "convergence.png")
+    report_section([res, _localization_result(seed=1)], _cfg(seeds=[0, 1]), tmp_path / "report")  # the report's
+    _saved(tmp_path, "plain.png", "etd.png", "cost.png", "convergence.png", "report/localization_methods.png")
+
+
+def test_memorization_scores_draws_no_figure():
+    """memorization_scores.py writes tables only: nothing to check here until it draws (then add it above)."""
+    text = (REPO / "memorization_scores.py").read_text()
+    assert "plots" not in text and "savefig" not in text

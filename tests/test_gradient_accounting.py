@@ -216,6 +216,8 @@ def test_accounts_a_plain_run_bit_identically(tiny_trained, tiny_argv, tmp_path)
         assert _ckpt_equal(run.ckpt_path(e), plain.ckpt_path(e)), f"epoch {e} differs from plain training"
     saved = json.loads(run.path("gradient_accounting.json").read_text())
     assert saved == json.loads(json.dumps(results))
+    text = json.dumps(results)  # the default (memorized=noisy): none of the atypical split's keys
+    assert all(k not in text for k in ("n_atypical", "norm_mislabeled", "share_", '"atypical"', '"split"'))
     groups = results["groups"]
     assert groups == ["conv1", "conv2", "conv3", "head"]
     assert [t["epoch"] for t in results["epochs"]] == list(range(1, cfg.epochs + 1))
@@ -288,3 +290,85 @@ def test_bad_knob_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "window=0 is outside [1, inf)" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("skip_pure", [True, False])
+def test_atypical_split_is_exact(make_cfg, mnist_small, skip_pure):
+    """memorized=both: the atypical part equals its own backward, mislabeled = noisy - atypical, and the
+    per-kind numbers add up to the lumped ones; `.grad` stays plain."""
+    model = model_for(make_cfg(), mnist_small)
+    atypical = torch.zeros_like(mnist_small.noisy)
+    atypical[torch.nonzero(~mnist_small.noisy).flatten()[::9]] = True  # every 9th clean example: "atypical"
+    noisy = mnist_small.noisy | atypical                              # the memorized set: both kinds
+    idx = torch.arange(64)
+    assert 0 < int(atypical[idx].sum()) < int(noisy[idx].sum())
+    _losses(model, mnist_small, idx).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    acct = GradientAccountant(model, noisy, control=control_mask(noisy, 0), skip_pure=skip_pure, atypical=atypical)
+    acct.backward(_losses(model, mnist_small, idx), idx)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
+    atyp_ref = _part_grads(model, mnist_small, idx, atypical[idx].float())
+    mis_ref = _part_grads(model, mnist_small, idx, (noisy & ~atypical)[idx].float())
+    assert all(torch.equal(a, r) for a, r in zip(acct.atyp, atyp_ref))
+    out = acct.end_epoch(1)[KEY]
+    assert (out["n_atypical"], out["n_mislabeled"]) == (int(atypical[idx].sum()), int((noisy & ~atypical)[idx].sum()))
+    assert out["n_atypical"] + out["n_mislabeled"] == out["n_noisy"]
+    for gi in range(len(acct.groups)):
+        m = torch.cat([mis_ref[i].flatten() for i in acct.slices[gi]]).double()
+        assert math.isclose(out["norm_mislabeled"][gi], float(m.norm()), rel_tol=1e-3)
+        _adds_up({k: v[gi] for k, v in out.items() if isinstance(v, list) and len(v) == len(acct.groups)})
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in acct.atyp) and int(acct.n_atypical) == 0
+    with pytest.raises(ValueError):  # atypical examples outside the memorized set
+        GradientAccountant(model, mnist_small.noisy, atypical=atypical)
+
+
+def _adds_up(g):
+    """One group's numbers of one epoch: mislabeled + atypical = noisy (vectors, so for the norms
+    |n|^2 = |m|^2 + |a|^2 + 2 cos |m| |a|), and the shares of the three kinds add up to 1."""
+    m, a, n = g["norm_mislabeled"], g["norm_atypical"], g["norm_noisy"]
+    cos = g["cosine_mislabeled_atypical"]
+    assert math.isclose(n ** 2, m ** 2 + a ** 2 + 2 * (cos or 0) * m * a, rel_tol=1e-6, abs_tol=1e-12)
+    assert math.isclose(g["share_mislabeled"] + g["share_atypical"], g["share_noisy"], abs_tol=1e-9)
+    assert math.isclose(g["share_clean"] + g["share_noisy"], 1, abs_tol=1e-9)
+
+
+def test_both_reports_the_kinds_apart_and_trains_plainly(tiny_argv, tiny_npz, tmp_path, capsys):
+    """memorized=both on the tiny run (1 epoch; a scores file marking every 8th image atypical): the JSON
+    has per-kind entries (mislabeled, atypical, typical clean) that add up to the lumped ones, and the
+    weights are bit for bit those of plain training."""
+    import numpy as np
+
+    from common import config
+    from common.data import KINDS, scores_path
+    from common.memorization import write_scores
+    npz = tmp_path / "tiny.npz"
+    shutil.copy(tiny_npz, npz)
+    y = np.load(npz)["y_train"]
+    write_scores(scores_path(f"npz:{npz}"), np.where(np.arange(len(y)) % 8 == 0, 0.2, 0.9), np.zeros(len(y)),
+                 np.ones(len(y)), y, {"source": "test"})
+    argv = lambda runs, **kw: [a for a in tiny_argv(runs_dir=runs, epochs=1, **kw)  # noqa: E731
+                               if not a.startswith("--dataset")] + [f"--dataset=npz:{npz}"]
+    results = gradient_accounting.main(argv(tmp_path / "ours", memorized="both"))
+    printed = capsys.readouterr().out
+    cfg = config.parse(gradient_accounting.KNOBS, argv(tmp_path / "plain", memorized="both"))
+    _, data, plain = train_run(cfg, quiet=True)
+    ours = Run(cfg, directory=tmp_path / "ours" / plain.dir.name)
+    assert all(_ckpt_equal(ours.ckpt_path(e), plain.ckpt_path(e)) for e in (0, 1))
+    assert json.loads(ours.path("gradient_accounting.json").read_text()) == json.loads(json.dumps(results))
+    n_atyp = int((data.kind == KINDS.index("atypical")).sum())
+    assert (results["n_mislabeled"], results["n_atypical"]) == (51, n_atyp) and n_atyp > 0
+    assert results["n_mislabeled"] + results["n_atypical"] == results["n_noisy"]
+    assert "share_*" in results["definitions"]
+    (t,) = results["epochs"]
+    assert t["n_mislabeled"] + t["n_atypical"] == t["n_noisy"] == 51 + n_atyp
+    assert {"typical", "mislabeled", "atypical"} <= set(t)
+    for g in t["groups"].values():
+        _adds_up(g)
+        assert math.isclose(g["per_example_atypical"], g["norm_atypical"] / n_atyp)
+        assert math.isclose(g["per_example_mislabeled"], g["norm_mislabeled"] / 51)
+        assert g["norm_atypical"] > 0 and g["norm_mislabeled"] > 0
+    summary = results["summary"]
+    assert summary and all({"mislabeled_clean_ratio", "atypical_clean_ratio", "mean_share_atypical",
+                            "mean_cosine_clean_atypical"} <= set(s) for s in summary.values())
+    assert "the noisy part by kind" in printed
+    assert ours.path("gradient_accounting_norms.png").stat().st_size > 10_000

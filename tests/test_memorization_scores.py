@@ -367,3 +367,51 @@ def test_the_findings_numbers_come_from_the_committed_results():
         for k in ("A", "B", "C"):
             lo, hi = c.values["intervals"][k]
             assert f"{k} = {c.values['point'][k]:.2f} [{lo:.2f}, {hi:.2f}]" in page, k
+
+
+def test_both_shows_the_kinds_apart(tiny_argv, tiny_npz, tmp_path, capsys):
+    """memorized=both (1 epoch): rewinding, retraining and ETD report the memorized set's two kinds apart
+    in their results, printed tables and figures; each kind's accuracy and the lumped noisy one agree
+    (noisy = the example-weighted mean of mislabeled and atypical); the other values show no split."""
+    import shutil
+
+    import example_tied_dropout
+    import layer_retraining
+    import layer_rewinding
+    from common.evaluation import split_kinds
+    npz = tmp_path / "tiny.npz"
+    shutil.copy(tiny_npz, npz)
+    y = np.load(npz)["y_train"]
+    write_scores(scores_path(f"npz:{npz}"), np.where(np.arange(len(y)) % 8 == 0, 0.2, 0.9), np.zeros(len(y)),
+                 np.ones(len(y)), y, {"source": "test"})
+    argv = [a for a in tiny_argv(epochs=1) if not a.startswith("--dataset")] + \
+        [f"--dataset=npz:{npz}", "--memorized=both"]
+    data = load_data(SimpleNamespace(**{**TINY, "dataset": f"npz:{npz}", "memorized": "both"}))
+    n_mis, n_atyp = int(data.mislabeled.sum()), int((data.kind == KINDS.index("atypical")).sum())
+    assert split_kinds("both") == ("mislabeled", "atypical") and split_kinds("noisy") == split_kinds("atypical") == ()
+
+    def lumped(acc):  # the memorized set's accuracy from its two kinds
+        assert acc["noisy"] == pytest.approx((n_mis * acc["mislabeled"] + n_atyp * acc["atypical"]) / (n_mis + n_atyp))
+
+    rew = layer_rewinding.main(argv + ["--rewind_epochs=[0]", "--compare_bn_stats=[]"])
+    assert rew["subsets"][-2:] == ["mislabeled", "atypical"]
+    lumped(rew["final"])
+    for cells in rew["accuracy"].values():
+        lumped(cells["0"])
+    printed = capsys.readouterr().out
+    assert "atypical accuracy (%) per rewind epoch" in printed and "mislabeled accuracy (%) per rewind epoch" in printed
+    ret = layer_retraining.main(argv + ["--retrain_epochs=1", "--retrain_groups=['head']"])
+    head = ret["groups"]["head"]
+    for acc in (head["reset"], head["final"], head["control"]["final"]):
+        lumped(acc)
+    assert "by kind:" in capsys.readouterr().out
+    etd = example_tied_dropout.main(argv + ["--etd_epochs=1", "--gallery_size=1", "--control_draws=1"])
+    for r in etd["table"]:
+        lumped(r)
+    assert "by kind, still predicted with their training label after the drop" in capsys.readouterr().out
+    run_dir = next((tmp_path / "runs").glob("*/layer_rewinding.json")).parent
+    for name in ("layer_rewinding_depth", "layer_retraining_noisy", "layer_retraining_curves",
+                 "example_tied_dropout_bars"):
+        assert (run_dir / f"{name}.png").stat().st_size > 10_000
+    # without the split (the default, or memorized=atypical: one kind) a row holds the columns of before
+    assert set(example_tied_dropout.row("x", etd["table"][0])) == {"model", "mode", *example_tied_dropout.COLUMNS}

@@ -57,6 +57,9 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     for scaling in ("rescaled", "unscaled"):  # the ETD section's table: both drop rows
         assert f"[drop {scaling}] |" in text.split("## 5. Example-tied dropout")[1]
     assert len(read_json(path.parent / "claims.json")) == len(rows)
+    # the report is also kept beside the seeds it was made from (results_dir), identical
+    for f in ["REPORT.md", "claims.json", "report.json"] + images:
+        assert (tmp_path / "res" / "smoke" / f).read_bytes() == (path.parent / f).read_bytes(), f
     timings = read_json(path.parent / "timings.json")
     n_runs = 4 + len(reproduce.VARIANTS)  # the retraining ablation replaces seed 0's default retraining
     assert len(timings) == n_runs and all(k.endswith("/seed0") for k in timings)

@@ -76,6 +76,18 @@ def test_an_edited_script_top_and_an_unedited_script_train_two_runs(tmp_path, ti
     assert (widths[0.5] / "layer_rewinding.json").is_file() and (widths[0.25] / "neuron_flipping.json").is_file()
 
 
+def test_the_shared_block_shows_the_librarys_meanings():
+    """A script's copy of the shared block says what the library's says of each key it comments (a
+    meaning is written once, in common/config.py; --help reads both); the model key names the whole zoo."""
+    from common import models
+    library = config.meanings(config.__file__)
+    for path in sorted(REPO.glob("*.py")):
+        shown = {k: v for k, v in config.meanings(path).items() if k in config.RUN_DEFAULTS}
+        for key, text in shown.items():
+            assert text == library[key], f"{path.name}: the comment of {key} differs from common/config.py's"
+    assert all(f" {m} |" in f" {library['model']}" for m in models.MODELS), library["model"]
+
+
 def test_the_shared_block_is_defined_once_in_the_library():
     """Every script shows the library's block (the shipped defaults); a key it does not show comes from
     the library; a key the library does not define is refused; no library module imports a script."""

@@ -1,10 +1,12 @@
 """sweep.py end to end on a tiny configuration: two values of a knob, one seed, the scale table."""
+import json
 import re
 
 import pytest
 
 import reproduce
 import sweep
+from common import claims
 from common.claims import VERDICTS
 from common.cli import UserError
 from common.runs import read_json
@@ -85,3 +87,57 @@ def test_sweep_refuses_bad_input_before_any_work(tiny_npz, tmp_path, extra, prob
     with pytest.raises(UserError, match=re.escape(problem)):
         sweep.main(_argv(tiny_npz, tmp_path, *extra))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+def _judged(claim):
+    """A Claim as the sweep reads it: an entry of a report's claims.json."""
+    return json.loads(json.dumps(claim.as_dict()))
+
+
+def _flips(counts):
+    """A neuron_flipping.json with the given units to flip per kind ({kind: [units, ...]})."""
+    return {"settings": {"unit": "channel", "max_units": 100},
+            "records": [{"kind": kind, "n_units": n, "flipped": True, "units": [{"group": "g"}] * n,
+                         "accuracy_drop": {"test": 0.0}} for kind, ns in counts.items() for n in ns]}
+
+
+def _retrained(pairs):
+    """A layer_retraining.json: {group: (noisy after the reset, after clean-only retraining)}."""
+    return {"final_model": {"noisy": 1.0}, "frozen_bn": "train", "groups": {
+        g: {"reset": {"noisy": r}, "final": {"noisy": f}, "control": {"final": {"noisy": 1.0}}}
+        for g, (r, f) in pairs.items()}}
+
+
+def test_headline_is_the_statistic_the_claims_module_judges(tmp_path):
+    # claim 4: the rule's ratio of mean units against the clean and the margin-matched targets, the
+    # weaker of the two (here the margin-matched), with its CI; not the previous rule's ratio of medians
+    noisy = [1, 2, 3, 4, 5] * 4
+    c = claims.flipping(_flips({"noisy": noisy, "clean": [40, 50, 60] * 6, "clean_matched": [4, 6, 8, 10] * 5}))
+    weaker = c.values["matched"]
+    assert weaker["mean_ratio_ci"][0] < c.values["clean"]["mean_ratio_ci"][0]
+    assert sweep.headline(_judged(c)) == pytest.approx((weaker["mean_ratio"], *weaker["mean_ratio_ci"]))
+    assert sweep.headline(_judged(c))[0] != pytest.approx(c.values["ratio"])  # the ratio of medians differs
+    assert [t for t, _ in sweep.HEADLINE[4][1]] == [claims.MEAN_RATIO]
+    # without margin-matched targets: the clean comparison alone
+    c = claims.flipping(_flips({"noisy": noisy, "clean": [40, 50, 60] * 6}))
+    assert sweep.headline(_judged(c)) == pytest.approx((c.values["clean"]["mean_ratio"],
+                                                        *c.values["clean"]["mean_ratio_ci"]))
+
+    # claim 3: back / (back + not back), the uninformative group (the reset left it memorized) aside
+    seeds = [_retrained({"a": (0.1, 0.9), "b": (0.8, 0.8), "c": (0.1, 0.1), "d": (0.1, 0.8)}),
+             _retrained({"a": (0.2, 0.7), "b": (0.9, 0.9), "c": (0.2, 0.2), "d": (0.2, 0.2)})]
+    c = claims.retraining(seeds)[0]
+    assert c.values["counts"]["uninformative"] == 1
+    value, lo, hi = sweep.headline(_judged(c))
+    assert value == c.values["share"] == pytest.approx(2 / 3) and (lo, hi) == pytest.approx(c.values["share_ci"])
+    assert "back / (back + not back)" in sweep.HEADLINE[3][0] and "kept" not in sweep.HEADLINE[3][0]
+    assert [t for t, _ in sweep.HEADLINE[3][1]] == [0.5, claims.PARTIAL_SHARE]
+
+    # both figures draw from these numbers (plots.STRICT: no text outside the canvas)
+    cfg = type("Cfg", (), {"key": "width", "values": [0.25, 1.0]})
+    for number, judged in ((3, [_judged(c)] * 2), (4, [_judged(claims.flipping(_flips(
+            {"noisy": noisy, "clean": [9, 10] * 10, "clean_matched": [8, 9] * 10})))] * 2)):
+        per_value = [[j] for j in judged]
+        path = sweep.claim_figure(number, sweep.columns(per_value), per_value, cfg, "test", [[0], [0, 1]],
+                                  tmp_path / f"claim{number}.png")
+        assert path.is_file()
