@@ -1,12 +1,12 @@
 """The scale study for one lent GPU (issue 27): the reproduction at the paper's scale and across widths,
 in priority order, within a wall-clock budget, then one table of every claim per setting.
 
-    python bench/gpu_study.py [--budget_s=540] [--jobs=4] [--stages=[1,2,3]] [--key=value ...]
+    python bench/gpu_study.py [--budget_s=540] [--jobs=8] [--stages=[1,2,3]] [--key=value ...]
     python bench/gpu_study.py --report_only=True   # only rewrite SCALE.md from what is stored
     python bench/gpu_study.py --smoke=True         # the same plan, tiny, on a CPU in well under a minute
 
-The plan, in this order (each unit is one `reproduce.py` call for a chunk of seeds, `jobs` processes
-sharing the card):
+The plan, in this order (each unit is one `reproduce.py` call for a chunk of seeds: `chunk_fashion` in
+stage 1, `chunk` in stages 2 and 3; `jobs` processes sharing the card):
   stage 1  Fashion-MNIST at the paper's scale (configs/fashion_mnist_resnet9_paper.py: ResNet-9 width 1,
            60,000 images, 50 epochs), seeds `seeds_fashion`: all five experiments and every claim;
   stage 2  the embedded default (mnist_5k, ResNet-9) at each of `widths`, seeds `seeds_width`;
@@ -38,20 +38,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import reproduce  # noqa: E402
 import sweep  # noqa: E402
-from common import cli, config, data  # noqa: E402
+from common import claims, cli, config, data  # noqa: E402
 from common.cli import UserError  # noqa: E402
 from common.report import model_name  # noqa: E402
 from common.runs import atomic_write, read_json, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------- knobs
 budget_s = 540.0           # no new unit starts after this many seconds of the study's wall time (the first always starts)
-jobs = 4                   # experiments at once, separate processes sharing the GPU (reproduce.py --jobs)
+jobs = 8                   # experiments at once, separate processes sharing the GPU (reproduce.py --jobs; a Fashion
+                           # seed has 8 experiments and variants, 7 of them waiting on its training)
 stages = [1, 2, 3]         # which stages of the plan run (1 Fashion-MNIST paper scale, 2 width sweep, 3 more default seeds)
 seeds_fashion = [0, 1, 2]  # stage 1
 widths = [0.5, 1.0]        # stage 2: widths of the embedded default
 seeds_width = [0, 1, 2]    # stage 2, every width
 seeds_default = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # stage 3
-chunk = 3                  # seeds per unit (reproduce.py call); a smaller chunk cuts finer, a larger one shares the card more
+chunk = 3                  # seeds per unit (reproduce.py call) of stages 2 and 3; smaller cuts finer, larger shares the card more
+chunk_fashion = 1          # seeds per unit of stage 1 (a Fashion seed alone may take minutes: one at a time)
 out = "docs/results/gpu_study"  # reports, stored seeds, study.json and SCALE.md (relative to the repository root)
 report_only = False        # rewrite SCALE.md from the stored reports; run nothing
 smoke = False              # the same plan at tiny sizes on the CPU (SMOKE below), into `smoke_dir`
@@ -80,7 +82,8 @@ def check(cfg):
     problem = next((text for bad, text in [
         (cfg.budget_s < 0, f"budget_s={cfg.budget_s!r}: give seconds >= 0, e.g. --budget_s=540"),
         (cfg.jobs < 1, f"jobs={cfg.jobs!r}: give at least 1, e.g. --jobs=4"),
-        (cfg.chunk < 1, f"chunk={cfg.chunk!r}: give at least 1 seed per unit, e.g. --chunk=3"),
+        *[(getattr(cfg, k) < 1, f"{k}={getattr(cfg, k)!r}: give at least 1 seed per unit, e.g. --{k}=3")
+          for k in ("chunk", "chunk_fashion")],
         (not cfg.stages or not set(cfg.stages) <= {1, 2, 3},
          f"stages={cfg.stages!r}: give a non-empty list of 1, 2, 3, e.g. --stages=[2,3]"),
         (not cfg.widths or not all(isinstance(w, (int, float)) and w > 0 for w in cfg.widths),
@@ -108,8 +111,9 @@ def settings(cfg):
 
 def units(cfg):
     """[(stage, name, presets, arguments, seeds of this unit)]: each setting's seeds in chunks, in order."""
-    return [(stage, name, presets, args, seeds[i:i + cfg.chunk])
-            for stage, name, presets, args, seeds, _ in settings(cfg) for i in range(0, len(seeds), cfg.chunk)]
+    size = lambda stage: cfg.chunk_fashion if stage == 1 else cfg.chunk  # noqa: E731
+    return [(stage, name, presets, args, seeds[i:i + size(stage)])
+            for stage, name, presets, args, seeds, _ in settings(cfg) for i in range(0, len(seeds), size(stage))]
 
 
 def smoke_data(root):
@@ -130,6 +134,24 @@ def _abs(path):
 
 
 # ----------------------------------------------------------------------------- SCALE.md
+
+def incomplete_rows(name, d, complete):
+    """Rows for the stored seeds the report left out (some experiment missing, e.g. cut off): each stored
+    experiment of such a seed judged alone by common/claims.py, so a cut-off seed still shows what it has."""
+    rows = []
+    for seed in reproduce.stored_seeds(d) if d.is_dir() else []:
+        if seed in complete:
+            continue
+        prov = reproduce.provenance(d / f"seed{seed}")
+        have = sorted({e["experiment"] for e in prov.values()}, key=reproduce.EXPERIMENTS.index)
+        for file, e in sorted(prov.items(), key=lambda fe: reproduce.EXPERIMENTS.index(fe[1]["experiment"])):
+            # the default results, or a variant that replaced them (one without its own results file)
+            if e["variant"] and hasattr(importlib.import_module(e["experiment"]), "results_file"):
+                continue
+            for c in claims.judge(e["experiment"], [read_json(d / f"seed{seed}" / file)]):
+                rows.append([name, seed, ", ".join(have), c.number, c.variant or "-", c.statistic, c.ci, c.verdict])
+    return rows
+
 
 def write_scale(cfg, outdir, state, command):
     """<out>/SCALE.md and one figure per claim, from each setting's claims.json and report.json."""
@@ -167,6 +189,7 @@ def write_scale(cfg, outdir, state, command):
                      ", ".join(str(x) for x in stored if x not in s) or "-",
                      f"[REPORT.md]({name}/REPORT.md)" if judged else "not run"]
                     for name, s, judged, (what, run, dev, stored) in zip(names, seed_lists, per, about)]
+    partial = [r for name, s in zip(names, seed_lists) for r in incomplete_rows(name, outdir / name, s)]
     unit_rows = [[u["stage"], u["setting"], u["seeds"], u["status"], "-" if u.get("wall_s") is None else
                   f"{u['wall_s']:.0f}"] for u in state.get("units", [])]
     lines = ["# Scale study (GPU): the paper's claims per setting", "",
@@ -181,6 +204,12 @@ def write_scale(cfg, outdir, state, command):
              "`95% CI` are the claim's own.", "",
              sweep._table(["setting", "seeds", "claim", "variant", "headline", "statistic", "95% CI", "verdict", "why"],
                           stats), "",
+             "## Incomplete seeds", "",
+             "Stored seeds the reports leave out (an experiment missing: the unit was cut off or failed). Each "
+             "stored experiment of such a seed judged alone by common/claims.py (one seed, no variants); not in the "
+             "tables and figures above. A later run of the study completes them.", "",
+             sweep._table(["setting", "seed", "experiments stored", "claim", "variant", "statistic", "95% CI",
+                           "verdict"], partial) if partial else "None.", "",
              "## Figures", "", *[f"![claim {n}]({p.name})\n" for n, p in figs.items()],
              "## Settings", "",
              sweep._table(["setting", "what", "run", "device", "seeds in the report", "seeds stored, incomplete",

@@ -1,5 +1,6 @@
 """bench/gpu_study.py: the GPU scale study's plan, its budget cut-off and SCALE.md, in smoke mode on a CPU."""
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,12 +58,25 @@ def test_smoke_budget_cut_leaves_whole_seeds_and_scale_table(tmp_path, one_threa
     plan = _rows(text, "Plan", "stage")
     assert [r[3] for r in plan] == ["done"] + ["not started: budget"] * 3
 
-    # a unit killed from outside is "cut off" when SCALE.md is rewritten from what is stored
+    assert "## Incomplete seeds\n\n" in text and text.split("## Incomplete seeds")[1].split("\n## ")[0].strip() \
+        .endswith("None.")
+
+    # a unit killed from outside is "cut off" when SCALE.md is rewritten from what is stored, and its
+    # incomplete seed (here: seed 0's files as seed 7, without example-tied dropout) shows what it has,
+    # each experiment judged alone: the same claims as the complete seed's report
     state = read_json(out / "study.json")
     state["units"][1]["status"] = "running"
     write_json(out / "study.json", state)
+    shutil.copytree(seed_dir, out / "fashion_paper" / "seed7")
+    write_json(out / "fashion_paper" / "seed7" / "provenance.json",
+               {f: e for f, e in prov.items() if e["experiment"] != "example_tied_dropout"})
     gpu_study.main(["--smoke=True", f"--smoke_dir={tmp_path}", "--report_only=True"])
-    assert [r[3] for r in _rows((out / "SCALE.md").read_text(), "Plan", "stage")][:2] == ["done", "cut off"]
+    text = (out / "SCALE.md").read_text()
+    assert [r[3] for r in _rows(text, "Plan", "stage")] == ["done", "cut off"] + ["not started: budget"] * 2
+    partial = _rows(text, "Incomplete seeds", "setting")
+    assert [(r[0], r[1], r[3], r[5], r[7]) for r in partial] == [
+        ("fashion_paper", "7", str(c["number"]), c["statistic"], c["verdict"]) for c in judged if c["number"] != 5]
+    assert _rows(text, "Verdicts", "setting")[0][1] == "1"  # the report's seeds: the complete one only
 
 
 @pytest.mark.parametrize("argv, message", [
