@@ -148,8 +148,9 @@ def _module_file(name):
 
 def code_version(exp):
     """{file: hash} of the code that makes an experiment's numbers: its script and the library modules it
-    imports, transitively (NOT_DATA aside); the hash is of the syntax tree without docstrings, so a
-    comment or docstring edit keeps the version."""
+    imports, transitively (NOT_DATA aside); the hash is of the syntax tree without docstrings and without
+    the figure functions (top-level `plot_*`: a figure changes no number), so a comment, docstring or
+    figure edit keeps the version."""
     version, todo = {}, [exp]
     while todo:
         name = todo.pop()
@@ -157,6 +158,7 @@ def code_version(exp):
         if name in NOT_DATA or path is None or str(path.relative_to(REPO)) in version:
             continue
         tree = ast.parse(path.read_text())
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name.startswith("plot_"))]
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
             if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \

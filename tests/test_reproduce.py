@@ -135,3 +135,25 @@ def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, 
     prov_path.write_text(json.dumps(prov))
     with pytest.raises(UserError, match=r"another code version \(code of common/flipping.py changed\)"):
         reproduce.main(seq_argv + ["--seeds=[1]"])
+
+
+def test_code_version_follows_the_numbers_not_the_figures(tmp_path, monkeypatch):
+    """A stored seed stays valid through a comment, docstring or figure edit, not through a numeric one."""
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "maths.py").write_text("def f(x):\n    return 2 * x\n")
+    exp = tmp_path / "exp.py"
+    base = ('"""Doc."""\nfrom common import maths\n\n\ndef main():\n    return maths.f(1)\n\n\n'
+            'def plot_it(r):\n    return r  # a figure\n')
+    exp.write_text(base)
+    v0 = reproduce.code_version("exp")
+    assert set(v0) == {"exp.py", "common/maths.py"}
+    exp.write_text(base.replace('"""Doc."""', '"""Other doc."""').replace("# a figure", "# edited"))
+    assert reproduce.code_version("exp") == v0
+    exp.write_text(base.replace("return r  #", "return [r, r]  #"))  # the figure's code
+    assert reproduce.code_version("exp") == v0
+    exp.write_text(base.replace("maths.f(1)", "maths.f(2)"))  # a number
+    assert reproduce.code_version("exp") != v0
+    exp.write_text(base)
+    (tmp_path / "common" / "maths.py").write_text("def f(x):\n    return 3 * x\n")  # an imported module's number
+    assert reproduce.code_version("exp")["common/maths.py"] != v0["common/maths.py"]
