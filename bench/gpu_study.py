@@ -3,7 +3,7 @@ in priority order, within a wall-clock budget, then one table of every claim per
 
     python bench/gpu_study.py [--budget_s=540] [--jobs=8] [--stages=[1,2,3]] [--key=value ...]
     python bench/gpu_study.py --report_only=True   # only rewrite SCALE.md from what is stored
-    python bench/gpu_study.py --smoke=True         # the same plan, tiny, on a CPU in well under a minute
+    python bench/gpu_study.py --smoke=True         # the same plan, tiny, on a CPU (about 40 s of CPU time)
 
 The plan, in this order (each unit is one `reproduce.py` call for a chunk of seeds: `chunk_fashion` in
 stage 1, `chunk` in stages 2 and 3; `jobs` processes sharing the card):
@@ -267,7 +267,7 @@ def main(argv=()):
             data.load_arrays("fashion_mnist", download=False)
         except UserError as e:
             raise UserError(f"stage 1 needs Fashion-MNIST ({e}); on a device machine carry data/fashion-mnist "
-                            f"(docs/benchmarks.md, GPU study), or leave stage 1 out: --stages=[2,3]")
+                            f"(docs/benchmarks.md, GPU scale study), or leave stage 1 out: --stages=[2,3]")
 
     todo = units(cfg)
     state = {"command": command, "budget_s": cfg.budget_s, "jobs": cfg.jobs, "wall_s": 0.0,
