@@ -234,7 +234,7 @@ def curves(metrics, plain_test, cfg):
     return fig
 
 
-def gallery(data, scalings, drop_preds, cfg, n=8):
+def plot_gallery(data, scalings, drop_preds, cfg, n=8):
     """Per drop scaling: clean examples forgotten by the drop and noisy examples still memorized after it."""
     n = max(1, n)
 
@@ -269,7 +269,7 @@ def gallery(data, scalings, drop_preds, cfg, n=8):
     return fig
 
 
-def sweep_plot(drops, tied, plain_test, cfg):
+def plot_sweep(drops, tied, plain_test, cfg):
     """Drop-mode accuracies against p_mem, one panel per scaling of the drop."""
     fig, axes = plots.figure(f"Example-tied dropout: p_mem sweep (p_gen {cfg.p_gen:g}, drop mode)", cfg,
                              ncols=len(dropout.DROP_SCALINGS))
@@ -389,10 +389,10 @@ def main(argv=()):
     ecfg = SimpleNamespace(**{**vars(cfg), "epochs": variant_epochs(cfg)})
     plots.save(bar_chart(rows, cfg), run.path("example_tied_dropout_bars.png"))
     plots.save(curves(main_run.metrics(), rows[0]["test"], ecfg), run.path("example_tied_dropout_curves.png"))
-    plots.save(gallery(data, scalings, {s: preds[cfg.p_mem, s] for s in scalings}, cfg, cfg.gallery_size),
+    plots.save(plot_gallery(data, scalings, {s: preds[cfg.p_mem, s] for s in scalings}, cfg, cfg.gallery_size),
                run.path("example_tied_dropout_gallery.png"))
     if len(results) > 1:
-        plots.save(sweep_plot(drops, {pm: r["tied"] for pm, r in results.items()}, rows[0]["test"], ecfg),
+        plots.save(plot_sweep(drops, {pm: r["tied"] for pm, r in results.items()}, rows[0]["test"], ecfg),
                    run.path("example_tied_dropout_sweep.png"))
     return out
 

@@ -72,13 +72,34 @@ DEFAULTS = {"layer_retraining": ["--curve_every=0"],
             "example_tied_dropout": ["--model=resnet18", "--width=0.125"]}
 FIRST_SEEDS = {}
 
+RUN_MODEL = "the run's model, at the zoo's dropout places"  # the ETD variant's label until variants() names it
 # The variants the claims need, for the first `variant_seeds` seeds: (experiment, label in the report,
 # arguments). A variant with its own results file (module.results_file) sits beside the default one;
 # one without adds its part to the same JSON (the retraining ablation), so it replaces that seed's run.
 VARIANTS = [("neuron_flipping", "unit: channel_out", ["--unit=channel_out"]),
             ("neuron_flipping", "unit: channel, BatchNorm re-estimated (train pass)", ["--bn_train=True"]),
             ("layer_retraining", "frozen BatchNorm ablation", ["--bn_ablation=True"]),
-            ("example_tied_dropout", "resnet9 x0.25, after every conv block", ["--model=resnet9", "--width=0.25"])]
+            ("example_tied_dropout", RUN_MODEL, [])]  # the run's own model: variants() fills in which
+
+
+def variants(presets, rest, modules):
+    """VARIANTS for this invocation. The ETD variant trains the model every other experiment trains (the
+    preset's model and width, else the shared default ResNet-9 x0.25), not a fixed ResNet-9 x0.25 on the
+    preset's data; none where the primary ETD row already is that model (a preset that sets `model`)."""
+    shared = [a for a in rest if _key(a) in config.RUN_DEFAULTS]
+    run = config.parse(modules["gradient_accounting"].KNOBS, presets + shared)
+    etd = config.parse(modules["example_tied_dropout"].KNOBS, DEFAULTS["example_tied_dropout"] + presets + shared)
+    out = []
+    for exp, label, args in VARIANTS:
+        if label == RUN_MODEL:
+            if (etd.model, etd.width) == (run.model, run.width):
+                continue
+            args = [f"--model={run.model}", f"--width={run.width!r}"]
+            label = (f"{report.model_name({'model': run.model, 'width': run.width})}, "
+                     + ("after every conv block" if run.model == "resnet9" else "at the zoo's dropout places"))
+        out.append((exp, label, args))
+    return out
+
 
 # Keys that cannot change an experiment's numbers: the shared block's non-identity keys, except the
 # layer groups (they do not identify the trained run, but every experiment's numbers are per group).
@@ -148,8 +169,9 @@ def _module_file(name):
 
 def code_version(exp):
     """{file: hash} of the code that makes an experiment's numbers: its script and the library modules it
-    imports, transitively (NOT_DATA aside); the hash is of the syntax tree without docstrings, so a
-    comment or docstring edit keeps the version."""
+    imports, transitively (NOT_DATA aside); the hash is of the syntax tree without docstrings and without
+    the figure functions (top-level `plot_*`: a figure changes no number), so a comment, docstring or
+    figure edit keeps the version."""
     version, todo = {}, [exp]
     while todo:
         name = todo.pop()
@@ -157,6 +179,7 @@ def code_version(exp):
         if name in NOT_DATA or path is None or str(path.relative_to(REPO)) in version:
             continue
         tree = ast.parse(path.read_text())
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name.startswith("plot_"))]
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
             if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
@@ -176,15 +199,15 @@ def code_difference(saved, now):
     return f"code of {', '.join(changed[:3])} changed" if changed else None
 
 
-def runs_for(cfg, modules):
+def runs_for(cfg, modules, variants_=VARIANTS):
     """[(experiment, variant label or None, seed, extra arguments)] in the order they run."""
     todo = []
     for i, seed in enumerate(cfg.seeds):
-        replaced = {exp for exp, _, _ in VARIANTS
+        replaced = {exp for exp, _, _ in variants_
                     if i < cfg.variant_seeds and not hasattr(modules[exp], "results_file")}
         todo += [(exp, None, seed, []) for exp in modules if exp not in replaced]
         if i < cfg.variant_seeds:
-            todo += [(exp, label, seed, args) for exp, label, args in VARIANTS]
+            todo += [(exp, label, seed, args) for exp, label, args in variants_]
     return todo
 
 
@@ -367,7 +390,8 @@ def main(argv=()):
         config.parse(m.KNOBS, DEFAULTS.get(exp, []) + FIRST_SEEDS.get(exp, []) + presets
                      + [a for a in rest if _key(a) in m.KNOBS])
     first = set(cfg.seeds[:cfg.variant_seeds])
-    extra_of = {(e, lab): a for e, lab, a in VARIANTS}
+    variants_ = variants(presets, rest, modules)
+    extra_of = {(e, lab): a for e, lab, a in variants_}
 
     def argv_for(exp, seed, extra=(), overrides=()):
         ours = DEFAULTS.get(exp, []) + (FIRST_SEEDS.get(exp, []) if seed in first else [])
@@ -391,7 +415,7 @@ def main(argv=()):
     timings_path = out / "timings.json"
     timings = read_json(timings_path) if timings_path.is_file() else {}
     t_all = time.time()
-    todo, jobs, pending = runs_for(cfg, modules), [], []
+    todo, jobs, pending = runs_for(cfg, modules, variants_), [], []
     for task in todo:
         exp, variant, seed, extra = task
         module, argv_s = modules[exp], argv_for(exp, seed, extra, overrides)
@@ -462,10 +486,10 @@ def main(argv=()):
     variant_seeds_ran = [s for s in seeds_in if s in first or (store and any(
         e["variant"] for e in provenance(store / f"seed{s}").values()))]
     notes = []
-    if cfg.variant_seeds and VARIANTS:
+    if cfg.variant_seeds and variants_:
         notes.append(f"Variants beyond the defaults ran for seed(s) {variant_seeds_ran} only (`variant_seeds`; each "
                      f"costs about one more run of its experiment): " + "; ".join(f"{e}: {lab} (`{' '.join(a)}`)"
-                                                                                for e, lab, a in VARIANTS) + ".")
+                                                                                for e, lab, a in variants_) + ".")
     notes += [f"{exp}: `{' '.join(args)}`" + (f", `{' '.join(FIRST_SEEDS[exp])}` for seed(s) "
                                                f"{variant_seeds_ran}" if exp in FIRST_SEEDS else "")
               + " (reproduction defaults; a preset or --key=value overrides them)" for exp, args in DEFAULTS.items()]

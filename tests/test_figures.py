@@ -215,10 +215,10 @@ def test_example_tied_dropout_figures(tmp_path):
     data = SimpleNamespace(x_train=torch.rand(n, 1, 28, 28), y_train=torch.arange(n) % 10, y_true=torch.arange(n) % 7)
     scalings = {s: {"clean_forgotten": [0, 3, 5], "noisy_still_memorized": [] if s == "rescaled" else [7]}
                 for s in dropout.DROP_SCALINGS}
-    plots.save(etd.gallery(data, scalings, {s: torch.zeros(n, dtype=torch.long) for s in scalings}, cfg, 3),
+    plots.save(etd.plot_gallery(data, scalings, {s: torch.zeros(n, dtype=torch.long) for s in scalings}, cfg, 3),
                tmp_path / "gallery.png")
     drops = {pm: {s: acc(0.99, 0.02 + pm / 5, 0.96) for s in dropout.DROP_SCALINGS} for pm in (0.1, 0.2, 0.4)}
-    plots.save(etd.sweep_plot(drops, {pm: {"noisy": 1.0} for pm in drops}, 0.96, cfg), tmp_path / "sweep.png")
+    plots.save(etd.plot_sweep(drops, {pm: {"noisy": 1.0} for pm in drops}, 0.96, cfg), tmp_path / "sweep.png")
     _saved(tmp_path, "bars.png", "curves.png", "gallery.png", "sweep.png")
 
 

@@ -20,7 +20,7 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     text = path.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(images) == 5 and all((path.parent / im).is_file() for im in images)
-    run_dir = next(p for p in (tmp_path / "runs").iterdir() if "cnn" in p.name)  # (the ETD variant: resnet9's)
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if "cnn" in p.name)
     for exp in reproduce.EXPERIMENTS:
         assert (run_dir / f"{exp}.json").is_file(), exp
     # the variants the claims need ran beside the defaults (first seed)
@@ -35,18 +35,16 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     # a model column, since the ETD variant's rows are measured on another model than the run's
     assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "model", "verdict", "statistic",
                                                                      "95% CI", "why"]
-    # BN modes, ablation, flip variants, drop scalings x (the run's model, the resnet9 variant)
-    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5", "5", "5"]
+    # BN modes, ablation, flip variants, drop scalings (ETD on the run's model, --model=cnn for every script:
+    # no ETD variant, which would repeat it)
+    assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5"]
     for r in rows:
         assert len(r) == 7 and r[1] and r[2] and r[4] and r[5] and r[6]
         assert r[3].split("**")[1] in ("yes", "partial", "no", "inconclusive")
-    assert [r[2] for r in rows] == ["cnn x0.5"] * 10 + ["resnet9 x0.25"] * 2
+    assert [r[2] for r in rows] == ["cnn x0.5"] * 10
     assert {r[1] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
-    etd_variant = reproduce.VARIANTS[-1][1]
-    assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled",
-                                                  f"{etd_variant}; drop: rescaled (authors)",
-                                                  f"{etd_variant}; drop: not rescaled"]
+    assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled"]
     rules = text.split("## Rules")[1].split("\n## ")[0]
     for n in range(1, 6):
         assert rules.count(f"**Claim {n}.**") == 1 and len(rules.split(f"**Claim {n}.**")[1].split("*Rule:*")[1]) > 40
@@ -61,13 +59,12 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     for f in ["REPORT.md", "claims.json", "report.json"] + images:
         assert (tmp_path / "res" / "smoke" / f).read_bytes() == (path.parent / f).read_bytes(), f
     timings = read_json(path.parent / "timings.json")
-    n_runs = 4 + len(reproduce.VARIANTS)  # the retraining ablation replaces seed 0's default retraining
+    n_runs = 4 + len(reproduce.VARIANTS) - 1  # the ablation replaces seed 0's retraining; no ETD variant
     assert len(timings) == n_runs and all(k.endswith("/seed0") for k in timings)
 
-    # every experiment and variant kept with its seed under its own name (two ETD runs, one file name)
+    # every experiment and variant kept with its seed under its own name
     stored = json.loads((tmp_path / "res" / "smoke" / "seed0" / "provenance.json").read_text())
     assert len(stored) == n_runs and all((tmp_path / "res" / "smoke" / "seed0" / f).is_file() for f in stored)
-    assert {"example_tied_dropout.json", "example_tied_dropout.resnet9-x0.25-after-every-conv-block.json"} <= set(stored)
 
     # a second invocation reuses every result and only rebuilds the report
     files = [p for p in run_dir.glob("*.json")]
@@ -135,3 +132,41 @@ def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, 
     prov_path.write_text(json.dumps(prov))
     with pytest.raises(UserError, match=r"another code version \(code of common/flipping.py changed\)"):
         reproduce.main(seq_argv + ["--seeds=[1]"])
+
+
+def test_code_version_follows_the_numbers_not_the_figures(tmp_path, monkeypatch):
+    """A stored seed stays valid through a comment, docstring or figure edit, not through a numeric one."""
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "maths.py").write_text("def f(x):\n    return 2 * x\n")
+    exp = tmp_path / "exp.py"
+    base = ('"""Doc."""\nfrom common import maths\n\n\ndef main():\n    return maths.f(1)\n\n\n'
+            'def plot_it(r):\n    return r  # a figure\n')
+    exp.write_text(base)
+    v0 = reproduce.code_version("exp")
+    assert set(v0) == {"exp.py", "common/maths.py"}
+    exp.write_text(base.replace('"""Doc."""', '"""Other doc."""').replace("# a figure", "# edited"))
+    assert reproduce.code_version("exp") == v0
+    exp.write_text(base.replace("return r  #", "return [r, r]  #"))  # the figure's code
+    assert reproduce.code_version("exp") == v0
+    exp.write_text(base.replace("maths.f(1)", "maths.f(2)"))  # a number
+    assert reproduce.code_version("exp") != v0
+    exp.write_text(base)
+    (tmp_path / "common" / "maths.py").write_text("def f(x):\n    return 3 * x\n")  # an imported module's number
+    assert reproduce.code_version("exp")["common/maths.py"] != v0["common/maths.py"]
+
+
+def test_the_etd_variant_is_the_runs_model_and_keeps_its_own_name(tmp_path):
+    """The ETD variant trains the run's model (a preset's, else ResNet-9 x0.25), none where the primary ETD
+    row already is it; in a seed's folder it keeps a name of its own beside the primary ETD JSON."""
+    import importlib
+    modules = {e: importlib.import_module(e) for e in reproduce.EXPERIMENTS}
+    label = "resnet9 x0.25, after every conv block"
+    assert reproduce.variants([], [], modules)[-1] == ("example_tied_dropout", label,
+                                                       ["--model=resnet9", "--width=0.25"])
+    assert reproduce.variants([], ["--width=0.5"], modules)[-1][2] == ["--model=resnet9", "--width=0.5"]
+    assert all(e != "example_tied_dropout" for e, _, _ in reproduce.variants([], ["--model=cnn", "--width=0.5"], modules))
+    path = tmp_path / "example_tied_dropout.json"
+    assert reproduce.store_name("example_tied_dropout", None, path) == "example_tied_dropout.json"
+    assert reproduce.store_name("example_tied_dropout", label, path) == \
+        "example_tied_dropout.resnet9-x0.25-after-every-conv-block.json"
