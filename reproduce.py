@@ -72,17 +72,17 @@ DEFAULTS = {"layer_retraining": ["--curve_every=0"],
             "example_tied_dropout": ["--model=resnet18", "--width=0.125"]}
 FIRST_SEEDS = {}
 
-RUN_MODEL = "the run's model, at the zoo's dropout places"  # the ETD variant's label until variants() names it
+RUN_MODEL = "the run's model, at the zoo's dropout places"  # the ETD variant's label until variants_for() names it
 # The variants the claims need, for the first `variant_seeds` seeds: (experiment, label in the report,
 # arguments). A variant with its own results file (module.results_file) sits beside the default one;
 # one without adds its part to the same JSON (the retraining ablation), so it replaces that seed's run.
 VARIANTS = [("neuron_flipping", "unit: channel_out", ["--unit=channel_out"]),
             ("neuron_flipping", "unit: channel, BatchNorm re-estimated (train pass)", ["--bn_train=True"]),
             ("layer_retraining", "frozen BatchNorm ablation", ["--bn_ablation=True"]),
-            ("example_tied_dropout", RUN_MODEL, [])]  # the run's own model: variants() fills in which
+            ("example_tied_dropout", RUN_MODEL, [])]  # the run's own model: variants_for() fills in which
 
 
-def variants(presets, rest, modules):
+def variants_for(presets, rest, modules):
     """VARIANTS for this invocation. The ETD variant trains the model every other experiment trains (the
     preset's model and width, else the shared default ResNet-9 x0.25), not a fixed ResNet-9 x0.25 on the
     preset's data; none where the primary ETD row already is that model (a preset that sets `model`)."""
@@ -390,7 +390,7 @@ def main(argv=()):
         config.parse(m.KNOBS, DEFAULTS.get(exp, []) + FIRST_SEEDS.get(exp, []) + presets
                      + [a for a in rest if _key(a) in m.KNOBS])
     first = set(cfg.seeds[:cfg.variant_seeds])
-    variants_ = variants(presets, rest, modules)
+    variants_ = variants_for(presets, rest, modules)
     extra_of = {(e, lab): a for e, lab, a in variants_}
 
     def argv_for(exp, seed, extra=(), overrides=()):

@@ -162,10 +162,10 @@ def test_the_etd_variant_is_the_runs_model_and_keeps_its_own_name(tmp_path):
     import importlib
     modules = {e: importlib.import_module(e) for e in reproduce.EXPERIMENTS}
     label = "resnet9 x0.25, after every conv block"
-    assert reproduce.variants([], [], modules)[-1] == ("example_tied_dropout", label,
+    assert reproduce.variants_for([], [], modules)[-1] == ("example_tied_dropout", label,
                                                        ["--model=resnet9", "--width=0.25"])
-    assert reproduce.variants([], ["--width=0.5"], modules)[-1][2] == ["--model=resnet9", "--width=0.5"]
-    assert all(e != "example_tied_dropout" for e, _, _ in reproduce.variants([], ["--model=cnn", "--width=0.5"], modules))
+    assert reproduce.variants_for([], ["--width=0.5"], modules)[-1][2] == ["--model=resnet9", "--width=0.5"]
+    assert all(e != "example_tied_dropout" for e, _, _ in reproduce.variants_for([], ["--model=cnn", "--width=0.5"], modules))
     path = tmp_path / "example_tied_dropout.json"
     assert reproduce.store_name("example_tied_dropout", None, path) == "example_tied_dropout.json"
     assert reproduce.store_name("example_tied_dropout", label, path) == \
