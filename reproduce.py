@@ -47,7 +47,7 @@ reports_dir = "reports"    # relative to the repository root
 results_dir = "docs/results"  # per-seed result files, <results_dir>/<name>/seed<s>/ (commit them: the report adds up
                               # every seed there, run on any machine); "": only the run directories of `seeds`
 name = ""                  # report name; default: the preset's file name, or "default"
-readme = ""                # a report's claims.json (e.g. docs/results/claims.json): regenerate README.md's claims table from it, run nothing else
+readme = ""                # a report's claims.json (e.g. docs/results/default/claims.json): regenerate README.md's claims table from it, run nothing else
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.register_check("seeds", lambda v, cfg: None if v and all(isinstance(s, int) and s >= 0 for s in v)
@@ -87,11 +87,13 @@ def variants_for(presets, rest, modules):
     preset's model and width, else the shared default ResNet-9 x0.25), not a fixed ResNet-9 x0.25 on the
     preset's data; none where the primary ETD row already is that model (a preset that sets `model`)."""
     shared = [a for a in rest if _key(a) in config.RUN_DEFAULTS]
-    run = config.parse(modules["gradient_accounting"].KNOBS, presets + shared)
-    etd = config.parse(modules["example_tied_dropout"].KNOBS, DEFAULTS["example_tied_dropout"] + presets + shared)
     out = []
     for exp, label, args in VARIANTS:
+        if exp not in modules:
+            continue
         if label == RUN_MODEL:
+            run = config.parse(modules["gradient_accounting"].KNOBS, presets + shared)
+            etd = config.parse(modules[exp].KNOBS, DEFAULTS.get(exp, []) + presets + shared)
             if (etd.model, etd.width) == (run.model, run.width):
                 continue
             args = [f"--model={run.model}", f"--width={run.width!r}"]
@@ -462,6 +464,14 @@ def main(argv=()):
             modules[p[3]].main(p[4])
             finished(p, round(time.time() - t, 1))
     print(f"all experiments done in {time.time() - t_all:.0f}s; writing the report")
+    inv_path = out / "invocations.json"  # every invocation that ran experiments: the wall time a reader can expect
+    invocations = read_json(inv_path) if inv_path.is_file() else []
+    if pending:
+        invocations.append({"command": " ".join(["python reproduce.py"] + list(argv)),
+                            "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_all)),
+                            "wall_s": round(time.time() - t_all), "ran": len(pending), "reused": len(jobs) - len(pending),
+                            "jobs": cfg.jobs, "machine": f"{machine()['device']}, {cores()} cores"})
+        write_json(inv_path, invocations)
 
     # The report: every seed of the store (complete ones), else the run directories of `seeds`.
     results, variants, seeds_in = {}, {}, []
@@ -501,7 +511,7 @@ def main(argv=()):
     base_cfg = config.parse(modules["gradient_accounting"].KNOBS, presets + overrides)
     path = report.write_report(out, label, base_cfg, seeds_in, results, timings, machine(),
                                " ".join(["python reproduce.py"] + list(argv)), variants=variants, notes=notes,
-                               jobs=jobs)
+                               jobs=jobs, invocations=invocations)
     print(f"report: {path}")
     if store:  # the report beside the seeds it was made from, to commit with them
         for f in [path, out / "claims.json", out / "report.json", *sorted(out.glob("*.png"))]:

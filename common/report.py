@@ -461,13 +461,24 @@ def wall_times(timings, jobs=None):
                    + [("all", f"{total:.0f}")]) + "\n\n" + note)
 
 
-def write_report(out, label, cfg, seeds, results, timings, machine, command, variants=None, notes=(), jobs=None):
+def invocations_text(invocations):
+    """The invocations that ran experiments (reproduce.py's invocations.json), as a table."""
+    if not invocations:
+        return "No invocation that ran experiments was recorded."
+    return ("Invocations that ran experiments (wall time from start to the last experiment's end):\n\n"
+            + _table(["started", "command", "experiments run", "reused", "--jobs", "machine", "wall time"],
+                     [(i["started"], f"`{i['command']}`", i["ran"], i["reused"], i["jobs"], i["machine"],
+                       f"{i['wall_s'] / 60:.1f} min") for i in invocations]))
+
+
+def write_report(out, label, cfg, seeds, results, timings, machine, command, variants=None, notes=(), jobs=None,
+                 invocations=None):
     """Write out/REPORT.md (+ figures, claims.json) from the experiments' JSON results; returns its path.
 
     `results`: {experiment: [JSON per seed]}; `variants`: {experiment: {label: [JSON per seed it ran
     for]}}; `notes`: sentences for the "Runs" section (e.g. which variants ran for which seeds, and why);
     `jobs`: [{"job": name in timings, "seed": s, "reused": bool}] in the order they ran (None: the timings'
-    keys, reuse unknown)."""
+    keys, reuse unknown); `invocations`: reproduce.py's record of the invocations that ran experiments."""
     variants = variants or {}
     judged, body = [], []  # judged: the claims as dicts, each with the model it was measured on
     fig_cfg = SimpleNamespace(**{**vars(cfg), "seeds": list(seeds)})  # subtitles name every seed averaged
@@ -498,10 +509,12 @@ def write_report(out, label, cfg, seeds, results, timings, machine, command, var
              "## Configuration", "", configuration(cfg, results, variants), "",
              "## Machine and wall time", "",
              _table(["", ""], [(k, v) for k, v in machine.items()]), "", wall_times(timings, jobs), "",
+             invocations_text(invocations), "",
              *body]
     table = json.dumps(rows, indent=1, allow_nan=False)
     atomic_write(out / "claims.json", table + "\n")
-    about = {"label": label, "command": command, "seeds": list(seeds), "config": vars(cfg), "machine": machine}
+    about = {"label": label, "command": command, "seeds": list(seeds), "config": vars(cfg), "machine": machine,
+             "invocations": list(invocations or [])}
     atomic_write(out / "report.json", json.dumps(_plain(about), indent=1, allow_nan=False) + "\n")
     path = out / "REPORT.md"
     atomic_write(path, "\n".join(lines))
@@ -522,7 +535,9 @@ def _about(about):
     c, seeds = about["config"], about["seeds"]
     return (f"{model_name(c)} on {c['dataset']}, {c['noise']:.0%} label noise, {c['epochs']} epochs, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, on {about['machine']['device']}"
-            f" (`{about['command']}`)")
+            f" (`{about['command']}`)"
+            + "".join(f"; `{i['command']}` ran {i['ran']} experiments in {i['wall_s'] / 60:.0f} min with --jobs={i['jobs']} "
+                      f"on {i['machine']}" for i in about.get("invocations", [])[-1:]))
 
 
 def readme_block(path, repo):
@@ -531,7 +546,7 @@ def readme_block(path, repo):
     rel = Path(path).as_posix()
     src = Path(repo) / rel
     if not src.is_file():
-        raise UserError(f"{rel}: no such claims file; give the claims.json of a report, e.g. docs/results/claims.json")
+        raise UserError(f"{rel}: no such claims file; give the claims.json of a report, e.g. docs/results/default/claims.json")
     rows = json.loads(src.read_text())
     about_path = src.with_name("report.json")
     about = json.loads(about_path.read_text()) if about_path.is_file() else {}

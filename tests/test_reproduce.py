@@ -32,16 +32,15 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     rows = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in claims_md.splitlines()
             if r.startswith("| ") and not r.startswith("| #")]
     header = next(r for r in claims_md.splitlines() if r.startswith("| #"))
-    # a model column, since the ETD variant's rows are measured on another model than the run's
-    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "model", "verdict", "statistic",
+    # no model column: every row was measured on the run's model (a model column appears when they differ)
+    assert [c.strip() for c in header.strip("| ").split(" | ")] == ["#", "variant", "verdict", "statistic",
                                                                      "95% CI", "why"]
     # BN modes, ablation, flip variants, drop scalings (ETD on the run's model, --model=cnn for every script:
     # no ETD variant, which would repeat it)
     assert [r[0] for r in rows] == ["1", "2", "2", "3", "3", "4", "4", "4", "5", "5"]
     for r in rows:
-        assert len(r) == 7 and r[1] and r[2] and r[4] and r[5] and r[6]
-        assert r[3].split("**")[1] in ("yes", "partial", "no", "inconclusive")
-    assert [r[2] for r in rows] == ["cnn x0.5"] * 10
+        assert len(r) == 6 and r[1] and r[3] and r[4] and r[5]
+        assert r[2].split("**")[1] in ("yes", "partial", "no", "inconclusive")
     assert {r[1] for r in rows if r[0] == "4"} == {"unit: channel", "unit: channel_out",
                                                   "unit: channel, BatchNorm re-estimated (train pass)"}
     assert [r[1] for r in rows if r[0] == "5"] == ["drop: rescaled (authors)", "drop: not rescaled"]
@@ -73,6 +72,14 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     reproduce.main(argv)
     out = capsys.readouterr().out
     assert out.count("reusing") == n_runs
+    # the invocation that ran them is recorded (the one that only reused is not), in the report and README block
+    inv = read_json(path.parent / "invocations.json")
+    assert len(inv) == 1 and inv[0]["ran"] == n_runs and inv[0]["reused"] == 0 and inv[0]["wall_s"] > 0
+    assert read_json(path.parent / "report.json")["invocations"] == inv
+    assert f"{inv[0]['wall_s'] / 60:.1f} min" in path.read_text()
+    from common import report
+    assert f"ran {n_runs} experiments in {inv[0]['wall_s'] / 60:.0f} min with --jobs=1" in \
+        report.readme_block(path.parent / "claims.json", tmp_path)
     assert path.read_text().count("reused (took") == n_runs  # the wall-time table marks the reused jobs
     assert mtimes == {p: p.stat().st_mtime_ns for p in files}
 
@@ -170,3 +177,14 @@ def test_the_etd_variant_is_the_runs_model_and_keeps_its_own_name(tmp_path):
     assert reproduce.store_name("example_tied_dropout", None, path) == "example_tied_dropout.json"
     assert reproduce.store_name("example_tied_dropout", label, path) == \
         "example_tied_dropout.resnet9-x0.25-after-every-conv-block.json"
+
+
+def test_a_model_column_where_the_rows_models_differ():
+    from common import report
+    row = {"number": 5, "variant": "drop: rescaled (authors)", "verdict": "no", "statistic": "s", "ci": "c",
+           "reason": "r", "model": "resnet18 x0.125"}
+    one = report.summary_table([row, {**row, "variant": "drop: not rescaled"}])
+    two = report.summary_table([row, {**row, "model": "resnet9 x0.25"}])
+    assert "| model |" not in one.splitlines()[0]
+    assert two.splitlines()[0].startswith("| # | variant | model | verdict |")
+    assert "| resnet18 x0.125 |" in two.splitlines()[2] and "| resnet9 x0.25 |" in two.splitlines()[3]
