@@ -20,12 +20,13 @@ import hashlib
 import json
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from common import cli, config
+from common import claims, cli, config
 from common.cli import UserError
 from common.data import ATYPICAL_BELOW, load_scores, pool_positions, score_pool, scores_path
 from common.evaluation import predict
@@ -33,7 +34,7 @@ from common.memorization import (PROXIES, collect_holdout, holdout_scores, learn
                                  proxy_agreement, run_holdout, write_examples, write_scores)
 from common.models import model_for
 from common.precision import precision
-from common.runs import runs_root, write_json
+from common.runs import read_json, runs_root, write_json
 from common.training import pick_device, trained_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
@@ -72,6 +73,9 @@ holdout_epochs = 0      # their epochs (0: the run's `epochs`); the other traini
 budget_s = 0.0          # stop starting new hold-out models after this many seconds (0: no limit); re-run to go on
 published = ""          # published C-scores to use instead (.npz with `scores` and `labels`, original order)
 proxies = True          # proxies from the configured run (its per-epoch checkpoints; trained first if missing)
+judge = []              # instead of all the above: claim 6 over these neuron_flipping.json of memorized=both runs
+                        # (one per seed; resampled seeds, then examples), printed and written to judge_out
+judge_out = ""          # ... the judged claims (4 and 6) as JSON, e.g. docs/results/atypical/claims.json ("": print only)
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.range_check("k_models", 0, None)
@@ -107,8 +111,34 @@ def scores_command(cfg):
                                                          if getattr(cfg, k) != KNOBS[k]])
 
 
+def judge_flipping(paths, out_path):
+    """Claims 4 and 6 over the flipping results of memorized=both runs, one per seed (their JSON files)."""
+    runs = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"--judge: {p} not found; give neuron_flipping.json files of memorized=both runs")
+        try:
+            run = read_json(p)
+        except ValueError as e:
+            raise UserError(f"--judge: {p} is not valid JSON ({e}); give neuron_flipping.json files") from None
+        if not any(r.get("kind") == "atypical" for r in run.get("records", [])):
+            raise UserError(f"--judge: {p} has no atypical targets; run neuron_flipping.py --memorized=both")
+        runs.append(run)
+    seeds = [r.get("config", {}).get("seed") for r in runs]
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--judge: seeds {seeds} repeat; give one run per seed")
+    judged = claims.judge("neuron_flipping", runs)
+    claims.print_claims(judged)
+    if out_path:
+        write_json(Path(out_path), [{**c.as_dict(), "seeds": seeds, "files": [str(p) for p in paths]} for c in judged])
+        print(f"wrote {out_path}")
+    return judged
+
+
 def main(argv=()):
     cfg = config.parse(KNOBS, argv)
+    if cfg.judge:
+        return judge_flipping(cfg.judge, cfg.judge_out)
     if cfg.k_models == 0 and not cfg.published:
         raise UserError("k_models=0 estimates nothing; pass --k_models=<models, e.g. 24> or --published=<file.npz>")
     if cfg.published and cfg.k_models and cfg.dataset not in ("cifar10", "cifar100"):

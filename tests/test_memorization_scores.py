@@ -346,6 +346,40 @@ def test_judge_adds_the_atypical_claim_only_with_atypical_targets():
     assert [c.number for c in claims.judge("neuron_flipping", both)] == [4, claims.ATYPICAL]
 
 
+def test_judge_over_seeds_writes_the_claims_and_refuses_bad_files(tmp_path, monkeypatch, capsys):
+    import json
+    from common import claims
+    from test_bad_input import refuse
+    files = []
+    for seed in (0, 1):
+        run = _flip_run(seed, 2)
+        for r in run["records"]:
+            r["true_label"], r["prediction"] = 0, 1
+            r["accuracy_drop"] = {"test": 0.0, "clean": 0.0, "noisy": 0.0}
+        run["config"] = {"seed": seed}
+        files.append(tmp_path / f"seed{seed}.json")
+        files[-1].write_text(json.dumps(run))
+    out = tmp_path / "claims.json"
+    judged = memorization_scores.main([f"--judge={[str(f) for f in files]}", f"--judge_out={out}"])
+    saved = json.loads(out.read_text())
+    assert [d["number"] for d in saved] == [4, claims.ATYPICAL] and saved[1]["verdict"] == judged[1].verdict == "yes"
+    assert saved[1]["seeds"] == [0, 1] and saved[1]["values"]["seeds"] == 2
+    assert judged[1].statistic == claims.atypical([json.loads(f.read_text()) for f in files]).statistic
+    before = out.read_bytes()
+    line = refuse(monkeypatch, capsys, memorization_scores, [f"--judge={[str(tmp_path / 'none.json')]}",
+                                                             f"--judge_out={out}"])
+    assert "not found" in line
+    plain = json.loads(files[0].read_text())
+    plain["records"] = [r for r in plain["records"] if r["kind"] != "atypical"]
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    line = refuse(monkeypatch, capsys, memorization_scores, [f"--judge={[str(tmp_path / 'plain.json')]}",
+                                                             f"--judge_out={out}"])
+    assert "memorized=both" in line
+    line = refuse(monkeypatch, capsys, memorization_scores, [f"--judge={[str(files[0]), str(files[0])]}"])
+    assert "repeat" in line
+    assert out.read_bytes() == before  # nothing written by a refused call
+
+
 def test_the_findings_numbers_come_from_the_committed_results():
     """docs/experiments/atypical.md's numbers are those of docs/results/atypical/ (the default run, seed 0)."""
     import json
