@@ -430,6 +430,8 @@ def main(argv=()):
             print(f"[seed {seed}] {what}: reusing {stored}")
             jobs.append({"job": what, "seed": seed, "reused": True})
             continue
+        if done and entry and stored.is_file() and stored.read_bytes() == path.read_bytes():
+            done = False  # the run directory holds the stored result, refused above: made with other code; run it again
         if done:
             print(f"[seed {seed}] {what}: reusing {path}")
             if store:

@@ -139,6 +139,20 @@ def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, 
     prov_path.write_text(json.dumps(prov))
     with pytest.raises(UserError, match=r"another code version \(code of common/flipping.py changed\)"):
         reproduce.main(seq_argv + ["--seeds=[1]"])
+    # a seed being run whose stored result came from other code is run again, even though its run directory
+    # holds that same result (made by that code); the other experiments are reused
+    prov["neuron_flipping.json"]["code"]["common/flipping.py"] = reproduce.code_version("neuron_flipping")[
+        "common/flipping.py"]
+    prov_path.write_text(json.dumps(prov))
+    prov1_path = seq / "res" / "t" / "seed1" / "provenance.json"
+    prov1 = json.loads(prov1_path.read_text())
+    prov1["neuron_flipping.json"]["code"]["common/flipping.py"] = "0" * 12
+    prov1_path.write_text(json.dumps(prov1))
+    capsys.readouterr()
+    reproduce.main(seq_argv + ["--seeds=[1]"])
+    out = capsys.readouterr().out
+    assert "[seed 1] neuron_flipping ..." in out and "[seed 1] gradient_accounting: reusing" in out
+    assert json.loads(prov1_path.read_text())["neuron_flipping.json"]["code"] == reproduce.code_version("neuron_flipping")
 
 
 def test_code_version_follows_the_numbers_not_the_figures(tmp_path, monkeypatch):
