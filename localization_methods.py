@@ -450,7 +450,7 @@ def plot_tradeoff(comparison, methods, cfg, path):
             ax.errorbar(x, v["value"], yerr=[[v["value"] - ci[0]], [ci[1] - v["value"]]], fmt="o", color=COLORS[m],
                         capsize=2, label=LABELS[m])
         ax.set_xscale("log")
-        ax.set_xlabel("forward-equivalents per target (example-forwards + 2 x backwards; log)")
+        ax.set_xlabel("forward-equivalents per target\n(example-forwards + 2 x backwards; log)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     plots.legend_beside(axes[0, -1], axes[0, 0].get_legend_handles_labels(), fontsize=6)  # the methods' colours

@@ -536,8 +536,17 @@ def _about(about):
     return (f"{model_name(c)} on {c['dataset']}, {c['noise']:.0%} label noise, {c['epochs']} epochs, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, on {about['machine']['device']}"
             f" (`{about['command']}`)"
-            + "".join(f"; `{i['command']}` ran {i['ran']} experiments in {i['wall_s'] / 60:.0f} min with --jobs={i['jobs']} "
-                      f"on {i['machine']}" for i in about.get("invocations", [])[-1:]))
+            + _wall_words(about.get("invocations", [])))
+
+
+def _wall_words(invocations):
+    """'; its experiments ran in 95 min of wall time (18 runs, 2 invocations, --jobs=2, cpu, 2 cores)'."""
+    if not invocations:
+        return ""
+    n = len(invocations)
+    how = ", ".join(sorted({f"--jobs={i['jobs']}, {i['machine']}" for i in invocations}))
+    return (f"; its experiments ran in {sum(i['wall_s'] for i in invocations) / 60:.0f} min of wall time "
+            f"({sum(i['ran'] for i in invocations)} runs, {n} invocation{'s' if n > 1 else ''}, {how})")
 
 
 def readme_block(path, repo):

@@ -78,7 +78,7 @@ def test_pipeline_writes_report_from_results(tiny_npz, tmp_path, capsys):
     assert read_json(path.parent / "report.json")["invocations"] == inv
     assert f"{inv[0]['wall_s'] / 60:.1f} min" in path.read_text()
     from common import report
-    assert f"ran {n_runs} experiments in {inv[0]['wall_s'] / 60:.0f} min with --jobs=1" in \
+    assert f"its experiments ran in {inv[0]['wall_s'] / 60:.0f} min of wall time ({n_runs} runs, 1 invocation, --jobs=1" in \
         report.readme_block(path.parent / "claims.json", tmp_path)
     assert path.read_text().count("reused (took") == n_runs  # the wall-time table marks the reused jobs
     assert mtimes == {p: p.stat().st_mtime_ns for p in files}
