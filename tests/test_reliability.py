@@ -72,7 +72,10 @@ def test_sigkill_during_training_then_resume_is_exact(tiny_trained, tiny_argv, t
     from conftest import REPO
     _, model, _, _ = tiny_trained
     cmd = [sys.executable, str(REPO / "gradient_accounting.py")] + tiny_argv(tmp_path / "runs")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    # the shared run was trained here with torch's thread count: the same in the child (a float sum's
+    # order depends on it), whatever OMP_NUM_THREADS the suite runs with
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "runs").glob("*/checkpoints/epoch_003.pt")):
         time.sleep(0.05)
@@ -80,7 +83,7 @@ def test_sigkill_during_training_then_resume_is_exact(tiny_trained, tiny_argv, t
     proc.wait()
     run_dir = next((tmp_path / "runs").iterdir())
     assert not (run_dir / "checkpoints" / "epoch_020.pt").exists()  # really interrupted mid-training
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     final = torch.load(run_dir / "checkpoints" / "epoch_020.pt", weights_only=True)["model"]
     for k, v in model.state_dict().items():
