@@ -105,10 +105,11 @@ def variants_for(presets, rest, modules):
 
 # Keys that cannot change an experiment's numbers: the shared block's non-identity keys, except the
 # layer groups (they do not identify the trained run, but every experiment's numbers are per group).
-IGNORED = tuple(k for k in config.NOT_IDENTITY if k != "groups")
+# The config file's name neither: a preset's keys are recorded one by one.
+IGNORED = tuple(k for k in config.NOT_IDENTITY if k != "groups") + ("config_file",)
 # Keys a stored seed may differ in: what the reproduction sets only for its first seeds (a control that
 # adds numbers, changes none), and the seeds themselves.
-PER_SEED = {"seed", "model_seed", "config_file", *(_k[2:].partition("=")[0] for a in FIRST_SEEDS.values() for _k in a)}
+PER_SEED = {"seed", "model_seed", *(_k[2:].partition("=")[0] for a in FIRST_SEEDS.values() for _k in a)}
 # Library modules that change no number of an experiment: the command line, figures, the report, the rules.
 NOT_DATA = {"common.cli", "common.config", "common.plots", "common.report", "common.claims"}
 

@@ -202,3 +202,13 @@ def test_a_model_column_where_the_rows_models_differ():
     assert "| model |" not in one.splitlines()[0]
     assert two.splitlines()[0].startswith("| # | variant | model | verdict |")
     assert "| resnet18 x0.125 |" in two.splitlines()[2] and "| resnet9 x0.25 |" in two.splitlines()[3]
+
+
+def test_a_config_files_name_is_not_a_difference():
+    """A seed run through a generated overrides file (e.g. --runs_dir=...) is reused without one."""
+    import neuron_flipping
+    from common import config
+    cfg = config.parse(neuron_flipping.KNOBS, [])
+    saved = {**vars(cfg), **config.train_config(cfg), "config_file": "overrides"}
+    assert reproduce.difference(saved, cfg) is None
+    assert reproduce.difference({**saved, "max_units": 7}, cfg) == "max_units: 7 there, 100 now"
