@@ -21,8 +21,9 @@ from common import cli, config  # noqa: E402
 seeds = [0, 1]             # the seeds both arms reproduce
 arms = [1, 2]              # the --jobs values compared (the first is the baseline of the ratio)
 repeats = 1                # alternating repetitions of every arm (medians reported)
-args = ["--epochs=2", "--n_examples=3", "--variant_seeds=0", "--retrain_epochs=1", "--etd_epochs=2",
-        "--rewind_epochs=[0,1]", "--collateral_n=100"]  # the reduced budget (every arm); [] for the defaults
+# the reduced budget (every arm; enough epochs that a noisy example is memorized); [] for the defaults
+args = ["--epochs=5", "--n_examples=1", "--variant_seeds=0", "--retrain_epochs=1", "--etd_epochs=2",
+        "--rewind_epochs=[0,1]", "--collateral_n=100"]
 KNOBS = config.knobs(globals())
 
 
