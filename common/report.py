@@ -424,15 +424,16 @@ def configuration(cfg, results, variants):
     """The configuration of every experiment that ran: the run's keys once, then per experiment (and
     variant) each key of its recorded config that the run's table does not hold or that differs from it."""
     SEEDS = ("seed", "model_seed")  # in the header and the wall-time table
+    WHERE = ("runs_dir", "config_file")  # where the files were, not what ran
     run_keys = config.RUN_DEFAULTS or vars(cfg)  # the shared block: the trained run and where it runs
-    base = {k: v for k, v in vars(cfg).items() if k in run_keys and k not in SEEDS}
+    base = {k: v for k, v in vars(cfg).items() if k in run_keys and k not in SEEDS + WHERE}
     ran = [(exp, res) for exp, res in results.items()]
     ran += [(f"{exp} [{lab}]", rs) for exp, v in variants.items() for lab, rs in v.items()]
     rows = []
     for name, res in ran:
         confs = [r.get("config", {}) for r in res]
         seeds = [c.get("seed", "?") for c in confs]
-        keys = [k for k in dict.fromkeys(k for c in confs for k in c) if k not in SEEDS]
+        keys = [k for k in dict.fromkeys(k for c in confs for k in c) if k not in SEEDS + WHERE]
         own = [f"{k} {_per_seed([c.get(k) for c in confs], seeds)}" for k in keys
                if k not in base or any(c.get(k) != base[k] for c in confs)]
         rows.append((name, ", ".join(map(str, seeds)), ", ".join(own) or "the run's keys only"))
