@@ -117,11 +117,8 @@ def judge_flipping(paths, out_path):
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"--judge: {p} not found; give neuron_flipping.json files of memorized=both runs")
-        try:
-            run = read_json(p)
-        except ValueError as e:
-            raise UserError(f"--judge: {p} is not valid JSON ({e}); give neuron_flipping.json files") from None
-        if not any(r.get("kind") == "atypical" for r in run.get("records", [])):
+        run = read_json(p)  # invalid JSON: its own one-line error
+        if not isinstance(run, dict) or not any(r.get("kind") == "atypical" for r in run.get("records", [])):
             raise UserError(f"--judge: {p} has no atypical targets; run neuron_flipping.py --memorized=both")
         runs.append(run)
     seeds = [r.get("config", {}).get("seed") for r in runs]

@@ -230,25 +230,31 @@ def test_examples_columns_documented():
     assert [c for c in table if c in EXAMPLE_COLUMNS] == list(EXAMPLE_COLUMNS)
 
 
+def _scored_tiny(tiny_npz, tmp_path, tiny_argv, epochs, memorized):
+    """A copy of the tiny dataset with hold-out scores (every 8th example atypical), and the argv of a
+    run of it with `memorized`."""
+    import shutil
+    npz = tmp_path / "tiny.npz"
+    shutil.copy(tiny_npz, npz)
+    y = np.load(npz)["y_train"]
+    write_scores(scores_path(f"npz:{npz}"), np.where(np.arange(len(y)) % 8 == 0, 0.2, 0.9), np.zeros(len(y)),
+                 np.ones(len(y)), y, {"source": "test"})
+    return npz, [a for a in tiny_argv(epochs=epochs) if not a.startswith("--dataset")] + \
+        [f"--dataset=npz:{npz}", f"--memorized={memorized}"]
+
+
 @pytest.mark.parametrize("memorized", ["atypical", "both"])
 def test_every_experiment_takes_memorized(memorized, tiny_argv, tiny_npz, tmp_path, capsys):
     """The five experiments on the tiny run with memorized = atypical / both (a scores file marking
     every 8th image atypical): they run, report the kinds, and examples.csv gathers their results."""
-    import shutil
-
     import example_tied_dropout
     import gradient_accounting
     import layer_retraining
     import layer_rewinding
     import neuron_flipping
     from common import claims
-    npz = tmp_path / "tiny.npz"
-    shutil.copy(tiny_npz, npz)
-    y = np.load(npz)["y_train"]
-    write_scores(scores_path(f"npz:{npz}"), np.where(np.arange(len(y)) % 8 == 0, 0.2, 0.9), np.zeros(len(y)),
-                 np.ones(len(y)), y, {"source": "test"})
-    argv = [a for a in tiny_argv(epochs=8) if not a.startswith("--dataset")] + \
-        [f"--dataset=npz:{npz}", f"--memorized={memorized}"] + (["--noise=0.0"] if memorized == "atypical" else [])
+    npz, argv = _scored_tiny(tiny_npz, tmp_path, tiny_argv, 8, memorized)
+    argv += ["--noise=0.0"] if memorized == "atypical" else []
     acc = gradient_accounting.main(argv)
     atypical_clean = 64 if memorized == "atypical" else None  # with label noise: the clean ones of the 64
     assert acc["n_noisy"] == atypical_clean if atypical_clean else 51 < acc["n_noisy"] < 51 + 64
@@ -417,19 +423,11 @@ def test_both_shows_the_kinds_apart(tiny_argv, tiny_npz, tmp_path, capsys):
     """memorized=both (1 epoch): rewinding, retraining and ETD report the memorized set's two kinds apart
     in their results, printed tables and figures; each kind's accuracy and the lumped noisy one agree
     (noisy = the example-weighted mean of mislabeled and atypical); the other values show no split."""
-    import shutil
-
     import example_tied_dropout
     import layer_retraining
     import layer_rewinding
     from common.evaluation import split_kinds
-    npz = tmp_path / "tiny.npz"
-    shutil.copy(tiny_npz, npz)
-    y = np.load(npz)["y_train"]
-    write_scores(scores_path(f"npz:{npz}"), np.where(np.arange(len(y)) % 8 == 0, 0.2, 0.9), np.zeros(len(y)),
-                 np.ones(len(y)), y, {"source": "test"})
-    argv = [a for a in tiny_argv(epochs=1) if not a.startswith("--dataset")] + \
-        [f"--dataset=npz:{npz}", "--memorized=both"]
+    npz, argv = _scored_tiny(tiny_npz, tmp_path, tiny_argv, 1, "both")
     data = load_data(SimpleNamespace(**{**TINY, "dataset": f"npz:{npz}", "memorized": "both"}))
     n_mis, n_atyp = int(data.mislabeled.sum()), int((data.kind == KINDS.index("atypical")).sum())
     assert split_kinds("both") == ("mislabeled", "atypical") and split_kinds("noisy") == split_kinds("atypical") == ()
