@@ -36,7 +36,7 @@ import torch
 
 from common import cli, config, report
 from common.cli import UserError
-from common.runs import REPO, Run, atomic_write, read_json, write_json
+from common.runs import REPO, Run, atomic_write, read_json, run_dir, write_json
 
 # ----------------------------------------------------------------------------- knobs
 seeds = [0, 1, 2]          # each sets both seed (data, noise) and model_seed (init, batch order)
@@ -106,7 +106,8 @@ def variants_for(presets, rest, modules):
 # Keys that cannot change an experiment's numbers: the shared block's non-identity keys, except the
 # layer groups (they do not identify the trained run, but every experiment's numbers are per group).
 # The config file's name neither: a preset's keys are recorded one by one.
-IGNORED = tuple(k for k in config.NOT_IDENTITY if k != "groups") + ("config_file",)
+# `amp` is compared through the precision it gave (part of the run's name): on a CPU both values train in fp32.
+IGNORED = tuple(k for k in config.NOT_IDENTITY if k != "groups") + ("config_file", "amp")
 # Keys a stored seed may differ in: what the reproduction sets only for its first seeds (a control that
 # adds numbers, changes none), and the seeds themselves.
 PER_SEED = {"seed", "model_seed", *(_k[2:].partition("=")[0] for a in FIRST_SEEDS.values() for _k in a)}
@@ -153,6 +154,15 @@ def difference(saved, cfg, skip=()):
         if k not in IGNORED and k not in skip and mine.get(k) != v:
             return f"{k}: {v!r} there, {mine.get(k)!r} now"
     return None if saved else "no configuration recorded"
+
+
+def run_difference(saved_run, cfg):
+    """The run a stored result was computed on against this configuration's (its name carries the identity's
+    hash, precision included: a bf16 GPU seed never joins fp32 ones), as one line, or None."""
+    now = run_dir(cfg).name
+    if saved_run and saved_run != now:
+        return f"run: {saved_run!r} there, {now!r} now (precision here: {config.train_config(cfg).get('precision')})"
+    return None
 
 
 def is_done(module, argv):
@@ -264,9 +274,10 @@ def check_stored(store, seed, entry, file, module, argv, skip=()):
     path = store / f"seed{seed}" / file
     if not path.is_file():
         return f"{path} is missing"
-    saved = read_json(path).get("config", {})
+    result = read_json(path)
+    saved, cfg = result.get("config", {}), config.parse(module.KNOBS, argv)
     why = (f"seed: {saved.get('seed')!r} there" if saved.get("seed") != seed else None) \
-        or difference(saved, config.parse(module.KNOBS, argv), skip) \
+        or difference(saved, cfg, skip) or run_difference(result.get("run"), cfg) \
         or code_difference(entry.get("code", {}), code_version(module.__name__))
     return f"{path} was made with another {'code version' if why.startswith('code') else 'configuration'} ({why})" \
         if why else None

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 import reproduce
+from common import config
 from common.cli import UserError
 from common.runs import read_json
 
@@ -212,3 +213,18 @@ def test_a_config_files_name_is_not_a_difference():
     saved = {**vars(cfg), **config.train_config(cfg), "config_file": "overrides"}
     assert reproduce.difference(saved, cfg) is None
     assert reproduce.difference({**saved, "max_units": 7}, cfg) == "max_units: 7 there, 100 now"
+
+
+def test_a_stored_seed_is_matched_on_the_precision_it_trained_in_not_on_amp():
+    """amp only asks for bf16: an fp32 GPU seed (amp off) joins CPU seeds, a bf16 one is refused."""
+    import gradient_accounting
+    from common.runs import run_dir
+    cpu = config.parse(gradient_accounting.KNOBS, ["--device=cpu"])
+    saved = {**vars(cpu), **config.train_config(cpu)}
+    gpu_fp32 = config.parse(gradient_accounting.KNOBS, ["--device=cuda", "--amp=False"])
+    gpu_bf16 = config.parse(gradient_accounting.KNOBS, ["--device=cuda"])
+    assert reproduce.difference(saved, gpu_fp32) is None
+    assert reproduce.run_difference(run_dir(cpu).name, gpu_fp32) is None
+    assert reproduce.difference({k: v for k, v in saved.items() if k != "precision"}, gpu_bf16) is None  # older files
+    why = reproduce.run_difference(run_dir(cpu).name, gpu_bf16)
+    assert why and "precision here: bf16" in why and run_dir(cpu).name in why
