@@ -203,8 +203,19 @@ def code_version(exp):
             elif isinstance(node, ast.ImportFrom):
                 base = (f"common.{node.module}" if node.module else "common") if node.level else node.module or ""
                 todo += [base] + [f"{base}.{a.name}" for a in node.names]
-        version[str(path.relative_to(REPO))] = hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:12]
+        version[str(path.relative_to(REPO))] = hashlib.sha256(_canonical(tree).encode()).hexdigest()[:12]
     return dict(sorted(version.items()))
+
+
+def _canonical(node):
+    """A syntax tree as text that is the same on every Python version: ast.dump is not (3.12 added fields,
+    such as an empty `type_params` on every function), so empty and absent fields are left out."""
+    if isinstance(node, ast.AST):
+        fields = [f"{k}={_canonical(v)}" for k, v in ast.iter_fields(node) if v is not None and v != []]
+        return f"{type(node).__name__}({','.join(fields)})"
+    if isinstance(node, list):
+        return "[" + ",".join(_canonical(v) for v in node) + "]"
+    return repr(node)
 
 
 def code_difference(saved, now):

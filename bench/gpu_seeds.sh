@@ -10,7 +10,8 @@
 #      per-target records resume, and its timings are the GPU cost per target.
 #   device run: command "bash bench/gpu_seeds.sh", timeout_s 540; then give_back
 # No new work starts after HARD_S (default 450) seconds: everything still running is stopped (finished experiments
-# are stored), and docs/results/{default,atypical_*}/ and the localization JSONs are packed into $OUT/results.tgz.
+# are stored), and docs/results/{default,atypical_*}/ and the localization JSONs are packed into $OUT/results.tgz
+# (each reproduction also into its own .tgz the moment it ends).
 # On a CPU: SMOKE=1 bash bench/gpu_seeds.sh (tiny sizes, into a temporary directory; nothing committed is touched).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}; HARD_S=${HARD_S:-450}; SEEDS=${SEEDS:-[3,4,5,6,7,8,9]}; JOBS=${JOBS:-8}
@@ -36,34 +37,32 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/session.log"; 
 stamp "start: seeds $SEEDS, jobs $JOBS, hard stop $HARD_S s; $(nproc --all) cores"
 
 # 1. the default reproduction's seeds (its per-seed store is docs/results/default)
-$PY reproduce.py --seeds="$SEEDS" --variant_seeds=0 --jobs="$JOBS" --threads=1 --results_dir="$RES" --reports_dir="$REP" \
-  "${COMMON[@]}" "${EXP[@]}" $FLIP > "$OUT/default.log" 2>&1 &
+# Each part packs its results into $OUT as soon as it ends (a call cut at its limit keeps what had ended).
+($PY reproduce.py --seeds="$SEEDS" --variant_seeds=0 --jobs="$JOBS" --threads=1 --results_dir="$RES" --reports_dir="$REP" \
+  "${COMMON[@]}" "${EXP[@]}" $FLIP > "$OUT/default.log" 2>&1; tar czf "$OUT/default.tgz" "$RES/default") &
 pids=($!)
 # 2. atypical examples: the five experiments per value of `memorized`, seed 0 (15 targets of each kind in flipping:
 #    seed 0 has 57 atypical clean examples)
 for mem in atypical both; do
   noise=(); [ "$mem" = atypical ] && noise=(--noise=0)
-  $PY reproduce.py --name="atypical_$mem" --memorized="$mem" "${noise[@]}" --seeds=[0] --variant_seeds=0 --jobs=4 \
+  ($PY reproduce.py --name="atypical_$mem" --memorized="$mem" "${noise[@]}" --seeds=[0] --variant_seeds=0 --jobs=4 \
     --threads=1 --results_dir="$RES" --reports_dir="$REP" "${COMMON[@]}" "${EXP[@]}" $TYPICAL --matched=False \
-    > "$OUT/atypical_$mem.log" 2>&1 &
+    > "$OUT/atypical_$mem.log" 2>&1; tar czf "$OUT/atypical_$mem.tgz" "$RES/atypical_$mem") &
   pids+=($!)
 done
 # 3. localization methods, seed 0, as far as the time allows (resumable records)
 $PY localization_methods.py "${COMMON[@]}" "${LOC[@]}" > "$OUT/localization.log" 2>&1 &
 pids+=($!)
 
-while [ $(( $(date +%s) - start )) -lt "$HARD_S" ] && kill -0 "${pids[@]}" 2>/dev/null; do
+while [ $(( $(date +%s) - start )) -lt "$HARD_S" ]; do
   alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
   [ "$alive" = 0 ] && break; sleep 5
 done
-for p in "${pids[@]}"; do
-  if kill -0 "$p" 2>/dev/null; then pkill -TERM -P "$p"; kill -TERM "$p"; fi
-done
-sleep 3; for p in "${pids[@]}"; do pkill -KILL -P "$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
-wait 2>/dev/null
+pkill -TERM -f "(reproduce|localization_methods|gradient_accounting|layer_rewinding|layer_retraining|neuron_flipping|example_tied_dropout)\.py" 2>/dev/null
+pkill nvidia-smi 2>/dev/null
+wait "${pids[@]}" 2>/dev/null  # not a bare wait: that would wait for nvidia-smi's endless loop too
 stamp "stopped; stored seeds: $(ls -d "$RES"/default/seed* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"
 for f in default atypical_atypical atypical_both localization; do tail -4 "$OUT/$f.log" | sed "s/^/$f| /" >> "$OUT/session.log"; done
 loc=$(find "$RUNS" -name 'localization_methods*.json' 2>/dev/null)
-tar czf "$OUT/results.tgz" "$RES"/default "$RES"/atypical_atypical "$RES"/atypical_both $loc \
-  "$REP" 2>>"$OUT/session.log"
+tar czf "$OUT/results.tgz" "$RES"/default "$RES"/atypical_atypical "$RES"/atypical_both $loc 2>>"$OUT/session.log"
 ls -l "$OUT" | tee -a "$OUT/session.log"

@@ -228,3 +228,15 @@ def test_a_stored_seed_is_matched_on_the_precision_it_trained_in_not_on_amp():
     assert reproduce.difference({k: v for k, v in saved.items() if k != "precision"}, gpu_bf16) is None  # older files
     why = reproduce.run_difference(run_dir(cpu).name, gpu_bf16)
     assert why and "precision here: bf16" in why and run_dir(cpu).name in why
+
+
+def test_code_version_is_the_same_on_every_python_version():
+    """Seeds made on another machine's Python add up: the hash ignores fields a newer Python adds empty
+    (3.12's type_params on every function; ast.dump printed them, so a 3.12 seed was refused on 3.11)."""
+    import ast
+    tree = ast.parse("def f(x):\n    return x + 1\n")
+    text = reproduce._canonical(tree)
+    tree.body[0].type_params = []
+    assert reproduce._canonical(tree) == text
+    tree.body[0].body[0].value.right.value = 2  # a numeric edit still changes it
+    assert reproduce._canonical(tree) != text
