@@ -18,6 +18,7 @@ the dataset's labels, compared with the estimate, and become the dataset's score
 """
 import hashlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ proxies = True          # proxies from the configured run (its per-epoch checkpo
 judge = []              # instead of all the above: claim 6 over these neuron_flipping.json of memorized=both runs
                         # (one per seed; resampled seeds, then examples), printed and written to judge_out
 judge_out = ""          # ... the judged claims (4 and 6) as JSON, e.g. docs/results/atypical/claims.json ("": print only)
+kinds = ""              # instead of all the above: print the per-kind table (mislabeled / atypical / typical) of a
+                        # reproduction's seed directory, e.g. docs/results/atypical_both/seed0
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.range_check("k_models", 0, None)
@@ -132,10 +135,63 @@ def judge_flipping(paths, out_path):
     return judged
 
 
+KINDS = (("mislabeled", "mislabeled"), ("atypical clean", "atypical"), ("typical clean", "typical"))  # (column, kind)
+
+
+def kinds_table(seed_dir):
+    """The five experiments' per-kind numbers in one seed directory of a memorized=atypical/both
+    reproduction, as a markdown table (a kind the run lacks: n/a)."""
+    d = Path(seed_dir)
+    names = ("gradient_accounting", "layer_rewinding", "layer_retraining", "neuron_flipping", "example_tied_dropout")
+    missing = [n for n in names if not (d / f"{n}.json").is_file()]
+    if missing:
+        raise UserError(f"--kinds: {d} has no {missing[0]}.json; give a seed directory of a memorized=atypical or "
+                        f"both reproduction, e.g. docs/results/atypical_both/seed0")
+    ga, rw, rt, fl, etd = (read_json(d / f"{n}.json") for n in names)
+    only_atypical = fl["config"].get("memorized") == "atypical"  # there the memorized set ("noisy") is the atypical one
+
+    def get(acc, kind, template="{}"):
+        """A kind's value: typical clean is "clean" (the clean examples apart from the atypical ones)."""
+        keys = {"typical": ["typical", "clean"], "atypical": ["atypical"] + (["noisy"] if only_atypical else []),
+                "mislabeled": ["mislabeled"]}[kind]
+        v = next((acc[template.format(k)] for k in keys if template.format(k) in acc), None)
+        return None if v is None or v != v else v  # NaN: no such example in this run
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.fmean(values) if values else None
+
+    def cell(v, fmt="{:.0%}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    grads = ga["summary"].values()
+    rewound = rw["bn_modes"]["final"]["accuracy"].values()
+    units = {kind: [r["n_units"] for r in fl["records"] if r.get("example_kind") == kind] for _, kind in KINDS}
+    rows = [("gradient accounting", "gradient norm per example / clean's, mean over layer groups",
+             [cell(mean([get(g, k, "{}_clean_ratio_per_example") for g in grads]), "{:.2f}") if k != "typical"
+              else "1 (reference)" for _, k in KINDS]),
+            ("layer rewinding", "accuracy, one group rewound to epoch 0 (final BatchNorm), mean over groups",
+             [cell(mean([get(g["0"], k) for g in rewound])) for _, k in KINDS])]
+    for when, label in (("reset", "right after one group's reset"), ("final", "after clean-only retraining")):
+        rows.append(("layer retraining", f"accuracy {label}, mean over groups",
+                     [cell(mean([get(g[when], k) for g in rt["groups"].values()])) for _, k in KINDS]))
+    rows.append(("neuron flipping", "median units to flip (targets)",
+                 [f"{statistics.median(units[k]):g} ({len(units[k])})" if units[k] else "n/a" for _, k in KINDS]))
+    rows.append(("example-tied dropout", "accuracy after the drop (authors' rescaling)",
+                 [cell(get(etd["etd"]["modes"]["drop"], k)) for _, k in KINDS]))
+    head = "| experiment | statistic | " + " | ".join(c for c, _ in KINDS) + " |"
+    return "\n".join([head, "|" + " --- |" * (2 + len(KINDS))] +
+                      [f"| {e} | {s} | " + " | ".join(v) + " |" for e, s, v in rows])
+
+
 def main(argv=()):
     cfg = config.parse(KNOBS, argv)
     if cfg.judge:
         return judge_flipping(cfg.judge, cfg.judge_out)
+    if cfg.kinds:
+        table = kinds_table(cfg.kinds)
+        print(table)
+        return table
     if cfg.k_models == 0 and not cfg.published:
         raise UserError("k_models=0 estimates nothing; pass --k_models=<models, e.g. 24> or --published=<file.npz>")
     if cfg.published and cfg.k_models and cfg.dataset not in ("cifar10", "cifar100"):

@@ -460,3 +460,22 @@ def test_both_shows_the_kinds_apart(tiny_argv, tiny_npz, tmp_path, capsys):
         assert (run_dir / f"{name}.png").stat().st_size > 10_000
     # without the split (the default, or memorized=atypical: one kind) a row holds the columns of before
     assert set(example_tied_dropout.row("x", etd["table"][0])) == {"model", "mode", *example_tied_dropout.COLUMNS}
+
+
+def test_the_kinds_tables_on_the_page_are_those_of_the_committed_reproductions(capsys):
+    """docs/experiments/atypical.md shows `--kinds` of docs/results/atypical_{both,atypical}/seed0 verbatim;
+    a directory without the five results is refused in one line (exit status 2)."""
+    import subprocess
+    import sys
+    import memorization_scores
+    from conftest import REPO
+    page = (REPO / "docs" / "experiments" / "atypical.md").read_text()
+    for m in ("both", "atypical"):
+        table = memorization_scores.kinds_table(REPO / "docs" / "results" / f"atypical_{m}" / "seed0")
+        assert table in page, m
+    both = memorization_scores.kinds_table(REPO / "docs" / "results" / "atypical_both" / "seed0")
+    flipping = next(line for line in both.splitlines() if line.startswith("| neuron flipping"))
+    assert "n/a" not in flipping and flipping.count("(15)") == 3  # the three kinds are filled in
+    r = subprocess.run([sys.executable, "memorization_scores.py", "--kinds=docs/results/default"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "has no gradient_accounting.json" in r.stderr
