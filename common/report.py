@@ -242,6 +242,8 @@ def _flip_rows(label, seeds):
 def flipping(res, cfg, out, variants):
     runs = [(None, res)] + list(variants.items())
     judged = [claims.flipping(seeds, variant=label) for label, seeds in runs]
+    if any(rec["kind"] == "atypical" for r in res for rec in r["records"]):  # memorized=both: claim 6 too
+        judged.append(claims.atypical(res))
     groups = res[0]["groups"]
     fig, axes = figure("Neuron flipping: units zeroed to flip a prediction (seeds pooled)", cfg, ncols=2,
                        panel=(7.5, 4.2))  # room for the legends beside the panels (one entry per variant and kind)

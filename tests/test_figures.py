@@ -264,3 +264,16 @@ def test_memorization_scores_draws_no_figure():
     """memorization_scores.py writes tables only: nothing to check here until it draws (then add it above)."""
     text = (REPO / "memorization_scores.py").read_text()
     assert "plots" not in text and "savefig" not in text
+
+
+def test_the_flipping_section_judges_claim_6_only_where_there_are_atypical_targets(tmp_path, drawn):
+    from common import claims
+    plain = [_flip_run(s, [1, 2, 2, 1], [3, 4, 3, 5]) for s in (0, 1)]
+    assert claims.ATYPICAL not in [c.number for c in report.flipping(plain, _cfg(seeds=[0, 1]), tmp_path, {})[2]]
+    both = [_flip_run(s, [1, 2, 2, 1], [3, 4, 3, 5]) for s in (0, 1)]
+    for r in both:  # memorized=both: atypical clean targets beside the mislabeled and typical ones
+        r["records"] += [{**rec, "kind": "atypical", "index": 100 + rec["index"]} for rec in r["records"]
+                         if rec["kind"] == "noisy"]
+    judged = report.flipping(both, _cfg(seeds=[0, 1]), tmp_path, {})[2]
+    six = [c for c in judged if c.number == claims.ATYPICAL]
+    assert len(six) == 1 and six[0].values["n"]["atypical"] == 8
