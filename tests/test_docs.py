@@ -268,3 +268,21 @@ def test_a_command_of_each_experiment_page_runs_on_the_tiny_run(page, tiny_train
     small = [f"--{k}={v}" for k, v in SMALL[script].items()]  # last: the page's knobs, at a small size
     importlib.import_module(script).main(tiny_argv(runs_dir=runs) + list(cmd[1:]) + small)
     assert any((runs / run.dir.name).glob(f"{script}*.json")), f"{page}: python {' '.join(cmd)} wrote no results"
+
+
+def test_the_gpu_seeds_section_quotes_its_committed_logs():
+    """docs/benchmarks.md's lent-GPU section quotes lines of docs/results/gpu_2026-12-04/ and derives the
+    seconds per localization target from the last progress line quoted."""
+    import re
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "docs" / "benchmarks.md").read_text()
+    section = text[text.index("## Seeds on a lent GPU"):].replace("\n", " ")
+    logs = repo / "docs" / "results" / "gpu_2026-12-04"
+    default = (logs / "default.log").read_text()
+    progress = [line for line in (logs / "localization.log").read_text().splitlines() if line.startswith("plain model:")]
+    quoted = re.search(r"`(error: seed 0: [^`]*)`", section).group(1)
+    assert default.startswith(quoted) and quoted.endswith("changed)")
+    assert f"`{progress[-1]}`" in section
+    n, minutes, seconds = map(int, re.search(r"(\d+)/\d+ .* (\d+):(\d+) elapsed", progress[-1]).groups())
+    assert f"which is {(60 * minutes + seconds) / n:.0f} s per target" in section
