@@ -12,6 +12,7 @@ recall of those channels among its top-k units. And the cost of each method per 
 
     python localization_methods.py [configs/preset.py] [--key=value ...]
 """
+import contextlib
 import copy
 import statistics
 import time
@@ -30,7 +31,8 @@ from common.localization import (COLORS, LABELS, MASKS, METHODS, ORACLE, PASSES,
                                  collateral_curve, compare, flip_auc, oracle_ranking, pin_tied, summarize,
                                  tied_channels, topk_batch, topk_predictions, tune_penalties)
 from common.precision import strict_fp32
-from common.runs import read_json, write_json
+from common.provenance import code_difference, code_version
+from common.runs import read_json, sole_writer, write_json
 from common.training import trained_run
 
 # ----------------------------------------------------------------------------- the run (shared keys)
@@ -91,6 +93,9 @@ dropout_after = etd_script.dropout_after
 resamples = 2000        # bootstrap resamples of every CI
 combine = []            # instead of running: each seed's localization_methods.json -> the comparison over seeds
 combine_out = "docs/experiments/localization_methods"  # ... written to this path + .json and _cost.png
+store = ""              # a directory that keeps this seed's records (partial, then final) instead of the run directory,
+                        # e.g. docs/results/localization_methods/seed0: committed, the targets run in other sessions or
+                        # on other machines add up (records of another run, settings or code version are refused)
 # -----------------------------------------------------------------------------
 KNOBS = config.knobs(globals())
 config.range_check("n_examples", 1, None)
@@ -116,7 +121,7 @@ config.register_check("methods", lambda v, cfg: None if v and len(set(v)) == len
                       f"methods={v!r}: give distinct names from {', '.join(METHODS)}; e.g. --methods=[\"oneshot\",\"random\"]")
 config.register_check("collateral_k", lambda v, cfg: None if all(type(k) is int and k >= 1 for k in v) else
                       f"collateral_k={v!r} must list integers >= 1; e.g. --collateral_k=[1,5,20]")
-# Records computed under the same settings are reused by an interrupted or extended run. Not drop_rescale:
+# Records computed on the same run, with the same code and settings, are reused by an interrupted or extended run. Not drop_rescale:
 # it changes only the ETD drop-mode evaluation, which the methods never use (tied mode is the ground truth).
 SETTINGS = ("unit", "n_dev", "ref_batch", "max_k", "ig_steps", "mask_max_steps", "mask_window", "mask_tol", "hc_lr",
             "slim_lr", "l0_penalty", "l1_penalty", "keep_hc_penalty", "keep_slim_penalty",
@@ -170,6 +175,31 @@ def main(argv=()):
     if cfg.ref_batch < 1:
         raise UserError(f"ref_batch={cfg.ref_batch}: activation selectivity compares the target with its "
                         f"reference examples; pass --ref_batch=1 or more")
+    with sole_writer(cfg.store, "store") if cfg.store else contextlib.nullcontext():
+        return localize(cfg)
+
+
+def made_with(saved, settings, made_by, methods, dev):
+    """Why records saved in a file cannot join this run's (another run, code version, settings, development
+    targets or fewer methods), as one line, or None."""
+    if saved.get("run") != made_by["run"]:
+        return f"run ({saved.get('run')!r} there, {made_by['run']!r} now)"
+    why = code_difference(saved.get("code") or {}, made_by["code"])
+    if why:
+        return f"code version ({why})"
+    theirs = saved.get("settings") or {}
+    key = next((k for k in settings if theirs.get(k) != settings[k]), None)
+    if key:
+        return f"setting ({key}: {theirs.get(key)!r} there, {settings[key]!r} now)"
+    if saved.get("dev_targets") != dev:  # the masks' penalties were chosen on them
+        return f"n_examples (development targets {saved.get('dev_targets')} there, {dev} now)"
+    done = saved.get("records") or [r for part in ("plain", "etd") for r in (saved.get(part) or {}).get("records", [])]
+    lacking = sorted({m for r in done for m in methods if m not in r["methods"]})
+    return f"list of methods ({', '.join(lacking)} not there)" if lacking else None
+
+
+def localize(cfg):
+    """The comparison on one seed's run (records resumed from an interrupted or extended run, or a store)."""
     t_start = time.time()
     model, data, run = trained_run(cfg)
     model.eval()
@@ -179,26 +209,34 @@ def main(argv=()):
     ks = sorted({k for k in cfg.collateral_k if k <= cfg.max_k})
     options = {k: getattr(cfg, k) for k in OPTIONS}
     settings = {k: getattr(cfg, k) for k in SETTINGS}
-    partial_path, final_path = run.path("localization_methods.partial.json"), run.path("localization_methods.json")
-    records, tuning = {}, None
-    for path in (final_path, partial_path):  # resume: records of the same settings with every method asked for
-        if path.is_file():
-            saved = read_json(path)
-            if saved.get("settings") == settings:
-                done = saved.get("records") or [r for part in ("plain", "etd") for r in (saved.get(part) or {}).get("records", [])]
-                records.update({(r["model"], r["index"]): r for r in done if set(cfg.methods) <= set(r["methods"])})
-                tuning = saved.get("tuning") if set(cfg.methods) & set(MASKS) <= set(saved.get("tuning") or {}) else tuning
-
-    def save(key, record):
-        records[key] = record
-        write_json(partial_path, {"settings": settings, "tuning": tuning, "records": list(records.values())})
-
     # The plain model: noisy and clean targets (neuron_flipping.py's), flips and collateral damage; after
     # them in the same seeded order, the development targets on which each mask's penalty is chosen.
     with strict_fp32():  # like the rankings and the flip checks
         fits = predict(model, data, "train", amp=False) == data.y_train
     chosen = pick_targets(data, fits, cfg.n_examples + cfg.n_dev, cfg.seed)
     targets, dev = chosen[:2 * cfg.n_examples], [i for i, kind in chosen[2 * cfg.n_examples:] if kind == "noisy"]
+    # Resume: records of this run, code, settings and development targets, with every method asked for.
+    where = Path(cfg.store) if cfg.store else run.dir
+    partial_path, final_path = where / "localization_methods.partial.json", where / "localization_methods.json"
+    made_by = {"run": run.dir.name, "code": code_version("localization_methods")}
+    records, tuning = {}, None
+    for path in (final_path, partial_path):
+        if path.is_file():
+            saved = read_json(path)
+            why = made_with(saved, settings, made_by, cfg.methods, dev)
+            if why and cfg.store:  # committed records are never replaced
+                raise UserError(f"{path} holds records made with another {why}; pass another --store, or move "
+                                f"that file aside to start over")
+            if why is None:
+                done = saved.get("records") or [r for part in ("plain", "etd") for r in (saved.get(part) or {}).get("records", [])]
+                records.update({(r["model"], r["index"]): r for r in done})
+                tuning = saved.get("tuning") if set(cfg.methods) & set(MASKS) <= set(saved.get("tuning") or {}) else tuning
+
+    def save(key, record):
+        records[key] = record
+        write_json(partial_path, {"settings": settings, **made_by, "tuning": tuning, "dev_targets": dev,
+                                  "records": list(records.values())})
+
     collateral = Collateral(model, data, collateral_sets(data, cfg.collateral_n, cfg.seed))
     baseline = collateral.accuracies(collateral.before)
     print(f"{run.dir.name}: {len(units)} units ({cfg.unit}); {cfg.n_examples} noisy + {cfg.n_examples} clean targets, "
@@ -211,7 +249,8 @@ def main(argv=()):
                                 cfg.penalty_factors, cfg.max_k)
         print("penalties chosen on the development targets: " +
               ", ".join(f"{m} {t['chosen']:g}" for m, t in tuning.items()))
-        write_json(partial_path, {"settings": settings, "tuning": tuning, "records": list(records.values())})
+        write_json(partial_path, {"settings": settings, **made_by, "tuning": tuning, "dev_targets": dev,
+                                  "records": list(records.values())})
     penalties = {m: t["chosen"] for m, t in (tuning or {}).items()}
     localizer.penalties.update(penalties)
     for index, kind in cli.progress([t for t in targets if ("plain", t[0]) not in records], desc="plain model"):
@@ -291,7 +330,7 @@ def main(argv=()):
     # relative cost: per target over one-shot's (measured moments apart), median over targets (robust to load)
     ratio = {m: statistics.median(r["methods"][m]["seconds"] / max(r["methods"]["oneshot"]["seconds"], 1e-9)
                                   for r in every) for m in cfg.methods} if "oneshot" in cfg.methods else None
-    results = {"config": vars(cfg), "settings": settings, "methods": cfg.methods, "n_units_total": len(units),
+    results = {"config": vars(cfg), "settings": settings, **made_by, "methods": cfg.methods, "n_units_total": len(units),
                "collateral_k": ks, "baseline": baseline, "eval_sizes": {k: len(v) for k, v in collateral.sets.items()},
                "dev_targets": dev, "tuning": tuning, "summary": summary, "cost_seconds": cost, "cost_passes": passes,
                "cost_ratio_to_oneshot": ratio,

@@ -20,8 +20,6 @@ The report, reports/<name>/REPORT.md, holds the paper-claims table (judged by co
 rule beside its verdict), the configuration, the machine, the wall times, and seed-averaged tables and
 figures (mean +- std over seeds).
 """
-import ast
-import hashlib
 import importlib
 import os
 import platform
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 
 from common import cli, config, report
+from common.provenance import code_difference, code_version
 from common.cli import UserError
 from common.runs import REPO, Run, atomic_write, read_json, run_dir, write_json
 
@@ -111,8 +110,6 @@ IGNORED = tuple(k for k in config.NOT_IDENTITY if k != "groups") + ("config_file
 # Keys a stored seed may differ in: what the reproduction sets only for its first seeds (a control that
 # adds numbers, changes none), and the seeds themselves.
 PER_SEED = {"seed", "model_seed", *(_k[2:].partition("=")[0] for a in FIRST_SEEDS.values() for _k in a)}
-# Library modules that change no number of an experiment: the command line, figures, the report, the rules.
-NOT_DATA = {"common.cli", "common.config", "common.plots", "common.report", "common.claims"}
 
 
 def _key(arg):
@@ -173,54 +170,6 @@ def is_done(module, argv):
         return False, path
     saved = read_json(path).get("config", {})
     return bool(saved) and difference(saved, cfg) is None, path
-
-
-def _module_file(name):
-    path = REPO / (name.replace(".", "/") + ".py")
-    return path if path.is_file() else None
-
-
-def code_version(exp):
-    """{file: hash} of the code that makes an experiment's numbers: its script and the library modules it
-    imports, transitively (NOT_DATA aside); the hash is of the syntax tree without docstrings and without
-    the figure functions (top-level `plot_*`: a figure changes no number), so a comment, docstring or
-    figure edit keeps the version."""
-    version, todo = {}, [exp]
-    while todo:
-        name = todo.pop()
-        path = _module_file(name)
-        if name in NOT_DATA or path is None or str(path.relative_to(REPO)) in version:
-            continue
-        tree = ast.parse(path.read_text())
-        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name.startswith("plot_"))]
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-            if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = (f"common.{node.module}" if node.module else "common") if node.level else node.module or ""
-                todo += [base] + [f"{base}.{a.name}" for a in node.names]
-        version[str(path.relative_to(REPO))] = hashlib.sha256(_canonical(tree).encode()).hexdigest()[:12]
-    return dict(sorted(version.items()))
-
-
-def _canonical(node):
-    """A syntax tree as text that is the same on every Python version: ast.dump is not (3.12 added fields,
-    such as an empty `type_params` on every function), so empty and absent fields are left out."""
-    if isinstance(node, ast.AST):
-        fields = [f"{k}={_canonical(v)}" for k, v in ast.iter_fields(node) if v is not None and v != []]
-        return f"{type(node).__name__}({','.join(fields)})"
-    if isinstance(node, list):
-        return "[" + ",".join(_canonical(v) for v in node) + "]"
-    return repr(node)
-
-
-def code_difference(saved, now):
-    changed = [f for f in sorted(set(saved) | set(now)) if saved.get(f) != now.get(f)]
-    return f"code of {', '.join(changed[:3])} changed" if changed else None
 
 
 def runs_for(cfg, modules, variants_=VARIANTS):

@@ -79,6 +79,29 @@ def atomic_write(path, data):
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def sole_writer(directory, knob):
+    """Exclusive right to write `directory` (a lock file in it) for the block; held by another process:
+    one line naming it and the knob to change, instead of two writers clobbering each other's files."""
+    path = writable_dir(directory, knob) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{directory} is being written by process {f.read().strip() or '?'}; wait for it or "
+                            f"pass another --{knob}")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1) + "\n")
 

@@ -5,6 +5,8 @@ import copy
 import json
 import math
 import shutil
+import subprocess
+import sys
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -14,6 +16,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import localization_methods
+from conftest import REPO
 from common import dropout
 from common.cli import UserError
 from common.evaluation import predict
@@ -23,6 +26,7 @@ from common.localization import (MASKS, METHODS, ORACLE, ActivationProbe, Channe
                                  ig_scores, label_probability, mask_scores, oracle_ranking, pin_tied, report_section,
                                  tied_channels, topk_predictions, zeroout_scores)
 from common.rng import generator
+from common.runs import sole_writer
 from common.models import Net, model_for
 from common.training import make_optimizer, train_epoch
 
@@ -409,3 +413,54 @@ def test_bad_input_is_one_line(run_copy):
         with pytest.raises(UserError, match=match):
             localization_methods.main(argv(bad))
 
+
+
+def test_a_store_adds_up_targets_across_sessions_and_refuses_other_records(run_copy, tmp_path, monkeypatch):
+    """--store keeps a seed's records where they can be committed: a run stopped after one target resumes
+    there (the same records as one uninterrupted run); records of other settings or code are refused in
+    one line, and the stored file is left as it was."""
+    argv, _ = run_copy
+    fast = ["--methods=['oneshot','random']", "--etd=False"]
+    whole = localization_methods.main(argv(*fast, f"--store={tmp_path / 'whole'}"))
+    store = tmp_path / "store"
+    calls, judge = [], localization_methods.judge
+
+    def stop_after_one_target(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:  # the first target's two methods, then a crash
+            raise KeyboardInterrupt
+        return judge(*a, **k)
+
+    monkeypatch.setattr(localization_methods, "judge", stop_after_one_target)
+    with pytest.raises(KeyboardInterrupt):
+        localization_methods.main(argv(*fast, f"--store={store}"))
+    partial = json.loads((store / "localization_methods.partial.json").read_text())
+    assert len(partial["records"]) == 1 and partial["run"] == whole["run"] and partial["code"] == whole["code"]
+    monkeypatch.setattr(localization_methods, "judge", judge)
+    resumed = localization_methods.main(argv(*fast, f"--store={store}"))
+    assert [r["index"] for r in resumed["plain"]["records"]] == [r["index"] for r in whole["plain"]["records"]]
+    assert resumed["plain"]["records"][0] == partial["records"][0]  # reused, not recomputed
+    for a, b in zip(resumed["plain"]["records"], whole["plain"]["records"]):
+        assert [m["top"] for m in a["methods"].values()] == [m["top"] for m in b["methods"].values()]
+    assert not (store / "localization_methods.partial.json").exists()
+
+    final = store / "localization_methods.json"
+    kept = final.read_bytes()
+    for extra, match in (("--max_k=3", r"another setting \(max_k: 4 there, 3 now\)"),
+                         ("--n_examples=1", r"another n_examples \(development targets"),
+                         ("--methods=['oneshot','greedy']", r"another list of methods \(greedy not there\)")):
+        with pytest.raises(UserError, match=match):
+            localization_methods.main(argv("--etd=False", f"--store={store}", *([] if "methods" in extra else fast[:1]), extra))
+        assert final.read_bytes() == kept
+    tampered = json.loads(kept)
+    tampered["code"]["common/localization.py"] = "0" * 12
+    final.write_text(json.dumps(tampered))
+    with pytest.raises(UserError, match=r"another code version \(code of common/localization.py changed\)"):
+        localization_methods.main(argv(*fast, f"--store={store}"))
+    proc = subprocess.run([sys.executable, str(REPO / "localization_methods.py"), *argv(*fast, f"--store={store}")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "another code version" in proc.stderr
+    assert json.loads(final.read_text()) == tampered
+    with sole_writer(store, "store"):  # another process writing the same store
+        with pytest.raises(UserError, match="is being written by process"):
+            localization_methods.main(argv(*fast, f"--store={store}"))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import reproduce
-from common import config
+from common import config, provenance
 from common.cli import UserError
 from common.runs import read_json
 
@@ -158,7 +158,7 @@ def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, 
 
 def test_code_version_follows_the_numbers_not_the_figures(tmp_path, monkeypatch):
     """A stored seed stays valid through a comment, docstring or figure edit, not through a numeric one."""
-    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    monkeypatch.setattr(provenance, "REPO", tmp_path)
     (tmp_path / "common").mkdir()
     (tmp_path / "common" / "maths.py").write_text("def f(x):\n    return 2 * x\n")
     exp = tmp_path / "exp.py"
@@ -235,8 +235,8 @@ def test_code_version_is_the_same_on_every_python_version():
     (3.12's type_params on every function; ast.dump printed them, so a 3.12 seed was refused on 3.11)."""
     import ast
     tree = ast.parse("def f(x):\n    return x + 1\n")
-    text = reproduce._canonical(tree)
+    text = provenance._canonical(tree)
     tree.body[0].type_params = []
-    assert reproduce._canonical(tree) == text
+    assert provenance._canonical(tree) == text
     tree.body[0].body[0].value.right.value = 2  # a numeric edit still changes it
-    assert reproduce._canonical(tree) != text
+    assert provenance._canonical(tree) != text
