@@ -12,6 +12,7 @@ import pytest
 
 from common import config, report
 from common.cli import UserError
+from common.runs import read_json
 
 from conftest import REPO
 
@@ -286,3 +287,16 @@ def test_the_gpu_seeds_section_quotes_its_committed_logs():
     assert f"`{progress[-1]}`" in section
     n, minutes, seconds = map(int, re.search(r"(\d+)/\d+ .* (\d+):(\d+) elapsed", progress[-1]).groups())
     assert f"which is {(60 * minutes + seconds) / n:.0f} s per target" in section
+
+
+def test_the_fast_preset_time_and_verdicts_are_those_of_its_committed_report():
+    """README and benchmarks quote make reproduce-fast's wall time from its report's invocations, and its
+    verdicts are the default reproduction's on every row both reports have."""
+    results = REPO / "docs" / "results"
+    words = report._wall_words(read_json(results / "mnist_5k_fast_cpu" / "report.json")["invocations"])
+    assert "min of wall time" in words
+    for page in (REPO / "README.md", REPO / "docs" / "benchmarks.md"):
+        assert words in " ".join(page.read_text().split()), page
+    verdicts = lambda name: {(c["number"], c["variant"]): c["verdict"] for c in read_json(results / name / "claims.json")}
+    fast, default = verdicts("mnist_5k_fast_cpu"), verdicts("default")
+    assert len(fast) >= 5 and all(default[k] == v for k, v in fast.items())
