@@ -262,6 +262,15 @@ def store_result(store, seed, task, path, seconds, cfg):
 
 # ----------------------------------------------------------------------------- experiments in parallel
 
+def next_task(pending, running, trains):
+    """The task to start next, or None: every seed's training (its gradient accounting, `trains[seed]`)
+    before any other experiment, so the last seed's training does not run alone at the end; another
+    experiment once its seed's training has finished."""
+    blocked = {t[1] for t in list(pending) + list(running) if t is trains.get(t[1])}
+    return next((t for t in pending if t is trains.get(t[1])), None) or \
+        next((t for t in pending if t[1] not in blocked), None)
+
+
 def run_processes(tasks, cfg, log_dir, on_done):
     """Run tasks [(key, seed, what, experiment, argv)] as separate processes, at most cfg.jobs at once,
     each with its log in log_dir; an experiment of a seed starts after that seed's gradient accounting
@@ -275,8 +284,7 @@ def run_processes(tasks, cfg, log_dir, on_done):
     t_start = last = time.time()
     while running or (pending and not failed):
         while not failed and pending and len(running) < cfg.jobs:
-            blocked = {t[1] for t in list(pending) + [r[0] for r in running.values()] if t is trains.get(t[1])}
-            task = next((t for t in pending if t is trains.get(t[1]) or t[1] not in blocked), None)
+            task = next_task(pending, [r[0] for r in running.values()], trains)
             if task is None:
                 break
             pending.remove(task)

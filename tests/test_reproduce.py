@@ -240,3 +240,19 @@ def test_code_version_is_the_same_on_every_python_version():
     assert provenance._canonical(tree) == text
     tree.body[0].body[0].value.right.value = 2  # a numeric edit still changes it
     assert provenance._canonical(tree) != text
+
+
+def test_every_seed_trains_before_any_other_experiment_starts():
+    """With two jobs and three seeds, seed 2's training starts as soon as a slot frees, not after seed 0's
+    and 1's other experiments (it ran alone at the end, one core idle); an experiment waits for its seed's."""
+    tasks = [(f"{e}{s}", s, e, e, []) for s in range(3) for e in ("gradient_accounting", "layer_rewinding", "neuron_flipping")]
+    trains = {t[1]: t for t in tasks if t[3] == "gradient_accounting"}
+    pending, running, started = list(tasks), [], []
+    for finished in ["gradient_accounting0", "gradient_accounting1", "layer_rewinding0", "gradient_accounting2"]:
+        while len(running) < 2 and (task := reproduce.next_task(pending, running, trains)):
+            pending.remove(task)
+            running.append(task)
+            started.append(task[0])
+        running = [t for t in running if t[0] != finished]
+    assert started[:4] == ["gradient_accounting0", "gradient_accounting1", "gradient_accounting2", "layer_rewinding0"]
+    assert reproduce.next_task([tasks[4]], [trains[1]], trains) is None  # seed 1 still training
