@@ -21,6 +21,7 @@ rule beside its verdict), the configuration, the machine, the wall times, and se
 figures (mean +- std over seeds).
 """
 import importlib
+import json
 import os
 import platform
 import re
@@ -100,6 +101,25 @@ def variants_for(presets, rest, modules):
                      + ("after every conv block" if run.model == "resnet9" else "at the zoo's dropout places"))
         out.append((exp, label, args))
     return out
+
+
+def overridden(module, args, presets, rest):
+    """', here `--n_examples=20` (preset or command line)' for the reproduction defaults `args` of an
+    experiment that this invocation's presets or overrides change; '' where none does."""
+    keys = [_key(a) for a in args]
+    base = config.parse(module.KNOBS, args)
+    now = config.parse(module.KNOBS, args + presets + [a for a in rest if _key(a) in module.KNOBS])
+    changed = [f"--{k}={getattr(now, k)}" for k in keys if getattr(now, k) != getattr(base, k)]
+    return f", here `{' '.join(changed)}` (preset or command line)" if changed else ""
+
+
+def known_invocations(inv_path, store):
+    """The invocations that ran this reproduction's experiments: this machine's record and the committed
+    report's (seeds run on other machines or in other clones), each once, in the order they started."""
+    seen = read_json(inv_path) if inv_path.is_file() else []
+    if store and (store / "report.json").is_file():
+        seen += read_json(store / "report.json").get("invocations", [])
+    return sorted({json.dumps(i, sort_keys=True): i for i in seen}.values(), key=lambda i: i["started"])
 
 
 # Keys that cannot change an experiment's numbers: the shared block's non-identity keys, except the
@@ -447,7 +467,7 @@ def main(argv=()):
             finished(p, round(time.time() - t, 1))
     print(f"all experiments done in {time.time() - t_all:.0f}s; writing the report")
     inv_path = out / "invocations.json"  # every invocation that ran experiments: the wall time a reader can expect
-    invocations = read_json(inv_path) if inv_path.is_file() else []
+    invocations = known_invocations(inv_path, store)
     if pending:
         invocations.append({"command": " ".join(["python reproduce.py"] + list(argv)),
                             "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_all)),
@@ -484,14 +504,15 @@ def main(argv=()):
                                                                                 for e, lab, a in variants_) + ".")
     notes += [f"{exp}: `{' '.join(args)}`" + (f", `{' '.join(FIRST_SEEDS[exp])}` for seed(s) "
                                                f"{variant_seeds_ran}" if exp in FIRST_SEEDS else "")
-              + " (reproduction defaults; a preset or --key=value overrides them)" for exp, args in DEFAULTS.items()]
+              + " (reproduction defaults)" + overridden(modules[exp], args, presets, rest)
+              for exp, args in DEFAULTS.items() if exp in modules]
     if store:
         where = store.relative_to(REPO) if store.is_relative_to(REPO) else store
         notes.append(f"Seeds {seeds_in}: every complete seed in {where}/ (per-seed result "
                      f"files, each checked against this configuration and code version)"
                      + (f"; {len(earlier)} of them made by earlier invocations" if earlier else "") + ".")
     base_cfg = config.parse(modules["gradient_accounting"].KNOBS, presets + overrides)
-    path = report.write_report(out, label, base_cfg, seeds_in, results, timings, machine(),
+    path = report.write_report(out, label, base_cfg, seeds_in, results, {**history, **timings}, machine(),
                                " ".join(["python reproduce.py"] + list(argv)), variants=variants, notes=notes,
                                jobs=jobs, invocations=invocations)
     print(f"report: {path}")

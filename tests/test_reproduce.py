@@ -1,4 +1,5 @@
 """make reproduce, end to end on a tiny configuration: all five experiments, one seed, the report."""
+import importlib
 import json
 import re
 import shutil
@@ -114,9 +115,15 @@ def test_parallel_seeds_match_sequential_ones_and_stored_seeds_add_up(tiny_npz, 
     seq_argv = base + [f"--runs_dir={seq / 'runs'}", f"--results_dir={seq / 'res'}"]
     reproduce.main(seq_argv + ["--seeds=[0]"])
     shutil.rmtree(seq / "runs")  # seed 0 now lives only in the stored per-seed files
+    # ... and seed 1 runs in another clone: no local record of seed 0's invocation, only the committed report
+    before = read_json(seq / "res" / "t" / "report.json")["invocations"]
+    shutil.rmtree(tmp_path / "reports" / "t")
     path = reproduce.main(seq_argv + ["--seeds=[1]"])
     out = capsys.readouterr().out
     assert "1 of them made by earlier invocations" in path.read_text() and "Seeds [0, 1]" in path.read_text()
+    after = read_json(seq / "res" / "t" / "report.json")["invocations"]  # the wall time adds up across clones
+    assert before and after[:len(before)] == before and len(after) == len(before) + 1 and after[-1]["ran"] == 2
+    assert "reused (not timed)" not in path.read_text()  # seed 0's times come from its stored provenance
     for seed in (0, 1):
         files = sorted(p.name for p in (par / "res" / "t" / f"seed{seed}").iterdir())
         assert files == sorted(p.name for p in (seq / "res" / "t" / f"seed{seed}").iterdir())
@@ -256,3 +263,35 @@ def test_every_seed_trains_before_any_other_experiment_starts():
         running = [t for t in running if t[0] != finished]
     assert started[:4] == ["gradient_accounting0", "gradient_accounting1", "gradient_accounting2", "layer_rewinding0"]
     assert reproduce.next_task([tasks[4]], [trains[1]], trains) is None  # seed 1 still training
+
+
+def test_the_report_says_which_reproduction_default_a_preset_overrode():
+    flipping = importlib.import_module("neuron_flipping")
+    assert reproduce.overridden(flipping, ["--n_examples=50"], [], ["--n_examples=20"]) == \
+        ", here `--n_examples=20` (preset or command line)"
+    assert reproduce.overridden(flipping, ["--n_examples=50"], [], ["--max_units=7"]) == ""
+    assert reproduce.overridden(flipping, ["--n_examples=50"], [], ["--n_examples=50"]) == ""
+    preset = str(reproduce.REPO / "configs" / "mnist_5k_fast_cpu.py")  # the labelled cheaper preset sets 20
+    assert reproduce.overridden(flipping, ["--n_examples=50"], [preset], []) == \
+        ", here `--n_examples=20` (preset or command line)"
+
+
+def test_every_committed_seed_was_made_by_todays_code_or_its_store_says_it_is_stale():
+    # A change to the code that makes an experiment's numbers leaves committed seeds a later
+    # `make reproduce` refuses; that must not go unnoticed (the README's table would come from code that
+    # no longer exists): re-run them, or mark the store stale in its README.
+    stale = []
+    for prov in sorted((reproduce.REPO / "docs" / "results").glob("*/seed*/provenance.json")):
+        store = prov.parent.parent
+        if "**Stale**" in ((store / "README.md").read_text() if (store / "README.md").is_file() else ""):
+            continue
+        for name, entry in read_json(prov).items():
+            why = provenance.code_difference(entry["code"], provenance.code_version(entry["experiment"]))
+            if why:
+                stale.append(f"{prov.parent.relative_to(reproduce.REPO)}/{name}: {why}")
+    # the localization comparison's records, which later sessions resume, likewise
+    for rec in sorted((reproduce.REPO / "docs" / "results" / "localization_methods").glob("seed*/*.json")):
+        why = provenance.code_difference(read_json(rec)["code"], provenance.code_version("localization_methods"))
+        if why:
+            stale.append(f"{rec.relative_to(reproduce.REPO)}: {why}")
+    assert not stale, stale
