@@ -464,3 +464,44 @@ def test_a_store_adds_up_targets_across_sessions_and_refuses_other_records(run_c
     with sole_writer(store, "store"):  # another process writing the same store
         with pytest.raises(UserError, match="is being written by process"):
             localization_methods.main(argv(*fast, f"--store={store}"))
+
+
+def test_findings_count_how_masks_stopped_and_the_oracle_on_hand_built_records():
+    """common.localization_findings: a mask stopped by the rule, one at the cap with a flat loss, one at
+    the cap still falling; the oracle's flips with every own channel zeroed vs within its top K, per kind."""
+    from common.localization_findings import findings, findings_section
+
+    def rec(model, kind, converged, trace, all_flipped=False, oracle_last=False, own=30):
+        methods = {"slimming": {"mask": {"converged": converged, "steps": 25 * len(trace), "trace": trace}}}
+        if model == "etd":
+            methods[ORACLE] = {"flipped": [False, oracle_last]}
+        return {"model": model, "kind": kind, "methods": methods, "own_channels": own, "oracle_all_flipped": all_flipped}
+
+    settings = {"mask_tol": 0.01, "max_k": 2, "mask_max_steps": 75}
+    seed0 = {"settings": settings, "plain": {"records": [rec("plain", "noisy", True, [2.0, 1.999])]},
+             "etd": {"records": [rec("etd", "noisy", False, [2.0, 1.0, 0.995], all_flipped=True, own=30),
+                                 rec("etd", "clean", False, [2.0, 1.5, 1.0], own=40)]}}
+    seed1 = {"settings": settings, "plain": {"records": []},
+             "etd": {"records": [rec("etd", "noisy", False, [1.0, 0.5, 0.2], all_flipped=True, oracle_last=True, own=20)]}}
+    f = findings([seed0, seed1])
+    assert f["masks"] == {"slimming": {"n": 4, "converged": 1, "flat_at_cap": 1}}
+    assert f["oracle"]["noisy"] == {"n": 2, "all_flipped": 2, "flipped_at_k": 1, "own_channels_mean": 25.0}
+    assert f["oracle"]["clean"] == {"n": 1, "all_flipped": 0, "flipped_at_k": 0, "own_channels_mean": 40.0}
+    assert findings([seed0 | {"etd": None}])["oracle"] == {}
+
+
+def test_the_findings_command_prints_the_block_and_refuses_no_input(tmp_path):
+    from common.localization_findings import findings_section
+    from common.runs import write_json
+    seed = {"settings": {"mask_tol": 0.01, "max_k": 2, "mask_max_steps": 75}, "etd": None,
+            "plain": {"records": [{"model": "plain", "kind": "noisy", "methods": {
+                "keep_hc": {"mask": {"converged": False, "steps": 75, "trace": [3.0, 2.0, 1.0]}}}}]}}
+    write_json(tmp_path / "s.json", seed)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "common.localization_findings", *a], cwd=REPO,
+                                    capture_output=True, text=True)
+    done = run(str(tmp_path / "s.json"))
+    assert done.returncode == 0 and done.stdout.strip() == findings_section([tmp_path / "s.json"])
+    assert "0/1 by the rule, 0 at the cap with a flat loss" in done.stdout and "1 at the cap with the loss still falling" in done.stdout
+    for bad, words in (((), "no records given"), ((str(tmp_path / "nope.json"),), "no file")):
+        refused = run(*bad)
+        assert refused.returncode == 2 and refused.stderr.startswith(f"error: {words}") and not refused.stdout
