@@ -475,6 +475,11 @@ def plot_cost(results, cfg, path):
 
 
 def plot_tradeoff(comparison, methods, cfg, path):
+    if cfg.combine:  # over seeds: the subtitle names the inputs' configuration and seeds, not this command's
+        from types import SimpleNamespace
+        configs = [read_json(p)["config"] for p in cfg.combine]
+        if all(c["seed"] == c["model_seed"] for c in configs):
+            cfg = SimpleNamespace(**{**configs[0], "seeds": [c["seed"] for c in configs]})
     keys = [("auc", "area under the flip curve\n(plain model, noisy targets)"),
             ("ap_minus_a", "ETD average precision minus baseline (a)")]
     fig, axes = plots.figure("Localization methods: cost vs quality (per target; 95% CIs)", cfg, ncols=2,

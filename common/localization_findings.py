@@ -27,7 +27,8 @@ def flat_at_cap(mask, tol):
 
 def findings(results):
     """{masks: {method: {n, converged, flat_at_cap}}, oracle: {kind: {n, all_flipped, flipped_at_k,
-    own_channels_mean}}, max_k, mask_max_steps, mask_tol} over the records of every seed's result."""
+    own_channels_mean}}, held_out_before: {model: {kind: accuracy, mean over seeds}}, max_k, mask_max_steps,
+    mask_tol} over the records of every seed's result."""
     settings = results[0]["settings"]
     tol = settings["mask_tol"]
     masks, oracle = {}, {}
@@ -48,7 +49,11 @@ def findings(results):
     for c in oracle.values():
         own = c.pop("own")
         c["own_channels_mean"] = sum(own) / len(own)
-    return {"masks": {m: masks[m] for m in MASKS if m in masks}, "oracle": oracle, "max_k": settings["max_k"],
+    before = [r["etd"]["held_out_before"] for r in results if r.get("etd")]
+    held_out = {model: {kind: sum(b[model][kind] for b in before) / len(before) for kind in before[0][model]}
+                for model in before[0]} if before else {}
+    return {"masks": {m: masks[m] for m in MASKS if m in masks}, "oracle": oracle, "held_out_before": held_out,
+            "max_k": settings["max_k"],
             "mask_max_steps": settings["mask_max_steps"], "mask_tol": tol}
 
 
@@ -66,6 +71,11 @@ def findings_section(paths):
             f"{kind} targets: every own channel zeroed flips {c['all_flipped']}/{c['n']}, its top {f['max_k']} "
             f"units flip {c['flipped_at_k']}/{c['n']} (own channels per target: {c['own_channels_mean']:.1f} "
             f"on average)" for kind, c in sorted(f["oracle"].items(), key=lambda kv: kv[0] != "noisy")) + ".")
+    if f["held_out_before"]:
+        names = {"etd": "the ETD model", "etd_base": "baseline (a), the plain weights with the masks pinned"}
+        lines.append("Held-out training examples' accuracy before any unit is zeroed (tied: each its own mask; mean "
+                     "over seeds): " + "; ".join(f"{names.get(m, m)}: " + ", ".join(
+                         f"{kind} {acc:.1%}" for kind, acc in accs.items()) for m, accs in f["held_out_before"].items()) + ".")
     return "\n".join(lines)
 
 

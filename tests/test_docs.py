@@ -172,6 +172,9 @@ def test_every_command_in_the_docs_names_existing_files_and_knobs(page, cmd):
         compile(cmd[1], page, "exec")
         return
     if cmd[0] == "-m":
+        if cmd[1] == "common.localization_findings":  # reads the seeds' records: every one named must exist
+            assert all((REPO / a).is_file() and a.endswith(".json") for a in cmd[2:]), f"{page}: {' '.join(cmd)}"
+            return
         assert cmd[1] in ("pytest", "torch.distributed.run"), f"{page}: python -m {cmd[1]}"
         return
     script, args = cmd[0], [a.strip("[]") if a.startswith("[--") else a for a in cmd[1:]]  # [--optional]
@@ -300,3 +303,92 @@ def test_the_fast_preset_time_and_verdicts_are_those_of_its_committed_report():
     verdicts = lambda name: {(c["number"], c["variant"]): c["verdict"] for c in read_json(results / name / "claims.json")}
     fast, default = verdicts("mnist_5k_fast_cpu"), verdicts("default")
     assert len(fast) >= 5 and all(default[k] == v for k, v in fast.items())
+
+
+def test_the_localization_page_quotes_its_committed_comparison_and_findings():
+    """docs/experiments/localization_methods.md holds, verbatim, the block `measured_section` renders from
+    the committed comparison and the block common.localization_findings renders from the seeds' records;
+    the comparison is of >= 3 seeds of >= 50 targets of each kind, its inputs are the committed records, and
+    its counts and point estimates are those the records give (recomputed; the CIs' resampling aside)."""
+    import localization_methods
+    from common.localization import compare
+    from common.localization_findings import findings_section
+    page = " ".join((REPO / "docs" / "experiments" / "localization_methods.md").read_text().split())
+    out = read_json(REPO / "docs" / "experiments" / "localization_methods.json")
+    assert " ".join(localization_methods.measured_section(out).split()) in page
+    inputs = [REPO / p for p in out["inputs"]]
+    assert len(inputs) >= 3 and all(p.is_file() and p.is_relative_to(REPO / "docs" / "results") for p in inputs)
+    assert " ".join(findings_section(inputs).split()) in page
+    assert all(n >= 50 for t in out["targets"] for n in t.values()) and len(set(out["seeds"])) >= 3
+    res = [read_json(p) for p in inputs]
+    assert [r["config"]["seed"] for r in res] == out["seeds"]
+    again = compare(res, resamples=20)
+    assert again.keys() == out["comparison"].keys()
+    for m, stats in again.items():
+        for key, v in stats.items():
+            w = out["comparison"][m][key]
+            assert (v is None) == (w is None), (m, key)
+            if v is not None:
+                assert v["n"] == w["n"] and (v["value"] == w["value"] or v["value"] != v["value"] and w["value"] != w["value"]), (m, key)
+
+
+def test_the_localization_conclusions_follow_from_the_committed_comparison():
+    """Every statement of the localization page's "What these numbers say", checked against the committed
+    comparison (docs/experiments/localization_methods.json) and the seeds' records it was made from."""
+    from common.localization_findings import findings
+    out = read_json(REPO / "docs" / "experiments" / "localization_methods.json")
+    c = {m: {k: v for k, v in s.items() if v} for m, s in out["comparison"].items()}
+    val = lambda m, k: c[m][k]["value"]  # noqa: E731
+    lo = lambda m, k: c[m][k]["ci"][0]  # noqa: E731
+    hi = lambda m, k: c[m][k]["ci"][1]  # noqa: E731
+    methods = [m for m in c if m != "oracle"]
+    f = findings([read_json(REPO / p) for p in out["inputs"]])
+    # flipping: four methods with a median of <= 2 units, within a few hundredths; the margins over greedy
+    fast = ["greedy", "zeroout", "hardconcrete", "slimming"]
+    assert {m for m in methods if val(m, "median_k") <= 2} == set(fast)
+    assert max(val(m, "auc") for m in fast) - min(val(m, "auc") for m in fast) < 0.05
+    assert lo("slimming", "auc_vs_greedy") > 0 and lo("zeroout", "auc_vs_greedy") <= 0 <= hi("zeroout", "auc_vs_greedy")
+    assert hi("hardconcrete", "auc_vs_greedy") <= 0
+    for m in ("oneshot", "ig"):
+        assert hi(m, "auc_vs_greedy") < 0 and val(m, "median_k") == val("greedy", "median_k") + 1
+    assert all(val(m, "median_k") >= 5 for m in ("ig_act", "keep_hc", "keep_slim"))
+    assert lo("activation", "auc") <= hi("random", "auc")
+    # what a flip costs
+    for key in ("collateral_at_flip", "held_out_at_flip"):
+        assert min(methods, key=lambda m: val(m, key)) == "slimming"
+    assert hi("slimming", "held_out_at_flip") < lo("greedy", "held_out_at_flip")
+    # against the known answer
+    assert round(max(val(m, "ap_minus_a") for m in methods), 2) <= 0.05
+    assert round(max(val(m, "ap_minus_b") for m in methods), 2) <= 0.07
+    assert max(val(m, "ap_minus_a") for m in methods) < val("random", "ap")
+    assert all(hi(m, "ap_minus_a") < 0 for m in ("keep_hc", "keep_slim"))
+    assert all(hi(m, "precision5_minus_a") < 0 for m in ("oneshot", "ig", "ig_act", "zeroout"))
+    assert all(0.15 <= val("slimming", k) <= 0.25 and lo("slimming", k) > 0.1
+               for k in ("precision5_minus_a", "precision5_minus_b"))
+    assert max(val(m, "precision5_minus_a") for m in methods if m != "slimming") < 0.1
+    assert all(acc < 0.2 for acc in f["held_out_before"]["etd_base"].values())
+    assert all(acc > 0.9 for acc in f["held_out_before"]["etd"].values())
+    # the oracle
+    k, noisy, clean = out["settings"]["max_k"], f["oracle"]["noisy"], f["oracle"]["clean"]
+    assert k / 3 < 0.25 * noisy["own_channels_mean"]
+    assert val("oracle", "etd_auc") < min(val(m, "etd_auc") for m in methods if m not in ("random", "activation"))
+    assert val("oracle", "etd_auc") - val("random", "etd_auc") < 0.05
+    assert noisy["all_flipped"] >= 0.9 * noisy["n"] and clean["all_flipped"] <= 0.1 * clean["n"]
+    assert val("oracle", "held_out_at_flip") == 0 and min(val(m, "held_out_at_flip") for m in methods) > 0.02
+    # convergence
+    masks = f["masks"]
+    assert masks["hardconcrete"]["converged"] == masks["hardconcrete"]["n"]
+    assert all(masks[m]["converged"] > 0.85 * masks[m]["n"] for m in ("keep_hc", "keep_slim"))
+    assert masks["slimming"]["converged"] < 0.05 * masks["slimming"]["n"] < masks["slimming"]["flat_at_cap"] / 18
+    assert out["settings"]["mask_max_steps"] == 1000
+    # settings: the removal masks' largest penalty on every seed, AUC rising; the keep masks' vary
+    for t in out["tuning"]:
+        for m in ("hardconcrete", "slimming"):
+            aucs = [a for _, a in sorted((float(p), a) for p, a in t[m]["auc"].items())]
+            assert t[m]["chosen"] == max(float(p) for p in t[m]["auc"]) and aucs == sorted(aucs)
+    assert out["settings"]["n_dev"] == 2
+    assert all(len({t[m]["chosen"] for t in out["tuning"]}) > 1 for m in ("keep_hc", "keep_slim"))
+    # compute
+    fe = lambda m: val(m, "forward_equivalents")  # noqa: E731
+    assert 1 / 30 < fe("oneshot") / fe("greedy") < 1 / 15 and -0.05 < val("oneshot", "auc_vs_greedy") < 0
+    assert fe("zeroout") < fe("greedy") and 10 < fe("slimming") / fe("greedy") < 100

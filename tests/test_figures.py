@@ -260,6 +260,29 @@ def test_localization_methods_figures(tmp_path):
     _saved(tmp_path, "plain.png", "etd.png", "cost.png", "convergence.png", "report/localization_methods.png")
 
 
+def test_the_combined_cost_figure_names_the_seeds_it_combines(tmp_path, monkeypatch):
+    """--combine draws the comparison over seeds: its subtitle names the inputs' seeds and configuration,
+    not the combining command's defaults (seed 0, the script's dataset)."""
+    import localization_methods as lm
+    from common.runs import write_json
+    paths = []
+    for seed in (3, 5):
+        res = _localization_result(seed=seed)
+        res["config"] = {**vars(_script_cfg(lm)), "seed": seed, "model_seed": seed, "noise": 0.2, "epochs": 7}
+        write_json(tmp_path / f"s{seed}.json", res)
+        paths.append(str(tmp_path / f"s{seed}.json"))
+    seen = []
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: seen.append(fig._suptitle.get_text()) or save(fig, path))
+    res = _localization_result()
+    lm.plot_tradeoff(res["comparison"], res["methods"], _script_cfg(lm, combine=paths), tmp_path / "cost.png")
+    text = seen[-1].replace("\n", " ")
+    assert "seeds 3, 5 (data = model seed)" in text and "20% label noise" in text and "7 epochs" in text, text
+    lm.plot_tradeoff(res["comparison"], res["methods"], _script_cfg(lm), tmp_path / "one.png")  # one seed's run
+    assert "seed 0, model seed 0" in seen[-1]
+    _saved(tmp_path, "cost.png", "one.png")
+
+
 def test_memorization_scores_draws_no_figure():
     """memorization_scores.py writes tables only: nothing to check here until it draws (then add it above)."""
     text = (REPO / "memorization_scores.py").read_text()

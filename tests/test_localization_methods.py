@@ -466,7 +466,7 @@ def test_a_store_adds_up_targets_across_sessions_and_refuses_other_records(run_c
             localization_methods.main(argv(*fast, f"--store={store}"))
 
 
-def test_findings_count_how_masks_stopped_and_the_oracle_on_hand_built_records():
+def test_findings_count_how_masks_stopped_and_the_oracle_on_hand_built_records(tmp_path):
     """common.localization_findings: a mask stopped by the rule, one at the cap with a flat loss, one at
     the cap still falling; the oracle's flips with every own channel zeroed vs within its top K, per kind."""
     from common.localization_findings import findings, findings_section
@@ -479,15 +479,22 @@ def test_findings_count_how_masks_stopped_and_the_oracle_on_hand_built_records()
 
     settings = {"mask_tol": 0.01, "max_k": 2, "mask_max_steps": 75}
     seed0 = {"settings": settings, "plain": {"records": [rec("plain", "noisy", True, [2.0, 1.999])]},
-             "etd": {"records": [rec("etd", "noisy", False, [2.0, 1.0, 0.995], all_flipped=True, own=30),
+             "etd": {"held_out_before": {"etd": {"clean": 1.0}, "etd_base": {"clean": 0.1}}, "records": [rec("etd", "noisy", False, [2.0, 1.0, 0.995], all_flipped=True, own=30),
                                  rec("etd", "clean", False, [2.0, 1.5, 1.0], own=40)]}}
     seed1 = {"settings": settings, "plain": {"records": []},
-             "etd": {"records": [rec("etd", "noisy", False, [1.0, 0.5, 0.2], all_flipped=True, oracle_last=True, own=20)]}}
+             "etd": {"held_out_before": {"etd": {"clean": 0.9}, "etd_base": {"clean": 0.2}}, "records": [rec("etd", "noisy", False, [1.0, 0.5, 0.2], all_flipped=True, oracle_last=True, own=20)]}}
     f = findings([seed0, seed1])
     assert f["masks"] == {"slimming": {"n": 4, "converged": 1, "flat_at_cap": 1}}
     assert f["oracle"]["noisy"] == {"n": 2, "all_flipped": 2, "flipped_at_k": 1, "own_channels_mean": 25.0}
     assert f["oracle"]["clean"] == {"n": 1, "all_flipped": 0, "flipped_at_k": 0, "own_channels_mean": 40.0}
-    assert findings([seed0 | {"etd": None}])["oracle"] == {}
+    assert f["held_out_before"] == {"etd": {"clean": pytest.approx(0.95)}, "etd_base": {"clean": pytest.approx(0.15)}}
+    from common.runs import write_json
+    write_json(tmp_path / "s0.json", seed0), write_json(tmp_path / "s1.json", seed1)
+    text = findings_section([tmp_path / "s0.json", tmp_path / "s1.json"])
+    assert "slimming removal mask: 1/4 by the rule, 1 at the cap with a flat loss" in text and "2 at the cap with the loss still falling" in text
+    assert "noisy targets: every own channel zeroed flips 2/2, its top 2 units flip 1/2" in text
+    assert "baseline (a), the plain weights with the masks pinned: clean 15.0%" in text
+    assert findings([seed0 | {"etd": None}])["oracle"] == {} == findings([seed0 | {"etd": None}])["held_out_before"]
 
 
 def test_the_findings_command_prints_the_block_and_refuses_no_input(tmp_path):
