@@ -300,3 +300,29 @@ def test_the_flipping_section_judges_claim_6_only_where_there_are_atypical_targe
     judged = report.flipping(both, _cfg(seeds=[0, 1]), tmp_path, {})[2]
     six = [c for c in judged if c.number == claims.ATYPICAL]
     assert len(six) == 1 and six[0].values["n"]["atypical"] == 8
+
+
+def test_the_committed_seed_figures_of_the_localization_page_are_those_its_record_draws(tmp_path, monkeypatch):
+    """docs/experiments/localization_methods_seed2_{etd,convergence}.png: redrawn from the committed seed-2
+    record, the figures pass the figure checks, have the committed copies' size within a few pixels, and
+    the convergence panels state the record's own counts of masks stopped by the rule."""
+    import matplotlib.image as mpimg
+    import localization_methods as lm
+    from common.localization import MASKS
+    from common.runs import read_json
+    res = read_json(REPO / "docs" / "results" / "localization_methods" / "seed2" / "localization_methods.json")
+    cfg = SimpleNamespace(**res["config"])
+    seen = {}
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: seen.setdefault(Path(path).name, [
+        ax.get_title() for ax in fig.axes]) and save(fig, path))
+    lm.plot_etd(res, cfg, tmp_path / "etd.png")
+    lm.plot_convergence(res, cfg, tmp_path / "convergence.png")
+    for name in ("etd", "convergence"):
+        drawn = mpimg.imread(tmp_path / f"{name}.png").shape
+        committed = mpimg.imread(REPO / "docs" / "experiments" / f"localization_methods_seed2_{name}.png").shape
+        assert abs(drawn[0] - committed[0]) <= 10 and abs(drawn[1] - committed[1]) <= 10, name
+    records = res["plain"]["records"] + res["etd"]["records"]
+    for m in MASKS:
+        n = sum(t["methods"][m]["mask"]["converged"] for t in records)
+        assert any(f"{n}/{len(records)} converged" in title for title in seen["convergence.png"]), (m, n)
