@@ -449,12 +449,31 @@ def main(argv=()):
     if cost:
         print(cost, flush=True)
 
+    inv_path = out / "invocations.json"  # every invocation that ran experiments: the wall time a reader can expect
+    command, ran = " ".join(["python reproduce.py"] + list(argv)), []
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(t_all))
+
+    def record_invocation(stopped):
+        """This invocation in invocations.json, rewritten as each experiment ends and marked `stopped` until
+        the last one has: a killed invocation keeps its wall time up to its last finished experiment."""
+        others = [i for i in known_invocations(inv_path, store) if i.get("t0") != round(t_all, 3)]
+        invocations = sorted(others + [{
+            "command": command, "started": started, "t0": round(t_all, 3), "wall_s": round(time.time() - t_all),
+            "ran": len(ran), "reused": len(jobs) - len(pending), "jobs": cfg.jobs,
+            "machine": f"{machine()['device']}, {cores()} cores", **({"stopped": True} if stopped else {})}],
+            key=lambda i: i["started"])
+        write_json(inv_path, invocations)
+        return invocations
+
     def finished(p, seconds):
         key, seed, what, exp, argv_s, task, path = p
         timings[key] = seconds
         write_json(timings_path, timings)
         if store:
             store_result(store, seed, task, path, seconds, cfg)
+        ran.append(key)
+        if len(ran) < len(pending):
+            record_invocation(stopped=True)
 
     if cfg.jobs > 1 and len(pending) > 1:
         by_key = {p[0]: p for p in pending}
@@ -466,14 +485,7 @@ def main(argv=()):
             modules[p[3]].main(p[4])
             finished(p, round(time.time() - t, 1))
     print(f"all experiments done in {time.time() - t_all:.0f}s; writing the report")
-    inv_path = out / "invocations.json"  # every invocation that ran experiments: the wall time a reader can expect
-    invocations = known_invocations(inv_path, store)
-    if pending:
-        invocations.append({"command": " ".join(["python reproduce.py"] + list(argv)),
-                            "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_all)),
-                            "wall_s": round(time.time() - t_all), "ran": len(pending), "reused": len(jobs) - len(pending),
-                            "jobs": cfg.jobs, "machine": f"{machine()['device']}, {cores()} cores"})
-        write_json(inv_path, invocations)
+    invocations = record_invocation(stopped=False) if pending else known_invocations(inv_path, store)
 
     # The report: every seed of the store (complete ones), else the run directories of `seeds`.
     results, variants, seeds_in = {}, {}, []

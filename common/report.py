@@ -471,7 +471,8 @@ def invocations_text(invocations):
     return ("Invocations that ran experiments (wall time from start to the last experiment's end):\n\n"
             + _table(["started", "command", "experiments run", "reused", "--jobs", "machine", "wall time"],
                      [(i["started"], f"`{i['command']}`", i["ran"], i["reused"], i["jobs"], i["machine"],
-                       f"{i['wall_s'] / 60:.1f} min") for i in invocations]))
+                       f"{i['wall_s'] / 60:.1f} min" + (" (stopped: up to its last finished experiment)"
+                                                        if i.get("stopped") else "")) for i in invocations]))
 
 
 def write_report(out, label, cfg, seeds, results, timings, machine, command, variants=None, notes=(), jobs=None,

@@ -299,3 +299,30 @@ def test_every_committed_seed_was_made_by_todays_code_or_its_store_says_it_is_st
         if why:
             stale.append(f"{rec.relative_to(reproduce.REPO)}: {why}")
     assert not stale, stale
+
+
+def test_a_stopped_invocation_keeps_its_wall_time_up_to_its_last_experiment(tiny_npz, tmp_path, monkeypatch,
+                                                                             one_thread):
+    """Killed after its first experiment, an invocation is still in invocations.json (marked stopped, the
+    experiments it finished, its wall time so far); the next one adds itself, and the report and the README
+    block count both."""
+    monkeypatch.setattr(reproduce, "EXPERIMENTS", TWO)
+    argv = [f"--dataset=npz:{tiny_npz}", "--name=t", f"--reports_dir={tmp_path / 'reports'}", *SMALL, "--seeds=[0]",
+            f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'res'}"]
+    flipping = importlib.import_module("neuron_flipping")
+
+    def killed(argv_):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(flipping, "main", killed)
+        with pytest.raises(KeyboardInterrupt):
+            reproduce.main(argv)
+    inv = read_json(tmp_path / "reports" / "t" / "invocations.json")
+    assert len(inv) == 1 and inv[0]["stopped"] is True and inv[0]["ran"] == 1 and inv[0]["wall_s"] > 0
+    path = reproduce.main(argv)
+    inv = read_json(tmp_path / "reports" / "t" / "invocations.json")
+    assert [i.get("stopped") for i in inv] == [True, None] and [i["ran"] for i in inv] == [1, 1]
+    assert read_json(path.parent / "report.json")["invocations"] == inv
+    assert "(stopped: up to its last finished experiment)" in path.read_text()
+    from common import report
+    assert "(2 runs, 2 invocations, --jobs=1" in report.readme_block(path.parent / "claims.json", tmp_path)
