@@ -322,6 +322,10 @@ def test_the_localization_page_quotes_its_committed_comparison_and_findings():
     assert all(n >= 50 for t in out["targets"] for n in t.values()) and len(set(out["seeds"])) >= 3
     res = [read_json(p) for p in inputs]
     assert [r["config"]["seed"] for r in res] == out["seeds"]
+    n = {t["plain/noisy"] for t in out["targets"]} | {t["plain/clean"] for t in out["targets"]}
+    words = {11: "eleven"}[len([m for m in out["comparison"] if m != "oracle"])]  # the README's pointer
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert len(n) == 1 and f"({words} methods on the same targets, {len(out['seeds'])} seeds x {n.pop()} noisy and" in readme
     again = compare(res, resamples=20)
     assert again.keys() == out["comparison"].keys()
     for m, stats in again.items():
