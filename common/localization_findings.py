@@ -53,13 +53,17 @@ def findings(results):
     held_out = {model: {kind: sum(b[model][kind] for b in before) / len(before) for kind in before[0][model]}
                 for model in before[0]} if before else {}
     return {"masks": {m: masks[m] for m in MASKS if m in masks}, "oracle": oracle, "held_out_before": held_out,
-            "max_k": settings["max_k"],
-            "mask_max_steps": settings["mask_max_steps"], "mask_tol": tol}
+            "max_k": settings["max_k"], "mask_max_steps": settings["mask_max_steps"], "mask_tol": tol}
 
 
 def findings_section(paths):
     """The docs' block of findings, from the seeds' localization_methods.json files."""
-    f = findings([read_json(p) for p in paths])
+    results = [read_json(p) for p in paths]
+    for p, r in zip(paths, results):
+        if not (isinstance(r, dict) and {"settings", "plain"} <= r.keys()):
+            raise UserError(f"{p} is not a seed's localization_methods.json (no settings or plain-model records): "
+                            f"give the files localization_methods.py writes")
+    f = findings(results)
     lines = [f"How the learned masks stopped (stopping rule: the window's mean loss fell by at most "
              f"{f['mask_tol']:.0%} and the top {f['max_k']} units are the same set; cap {f['mask_max_steps']} steps): "
              + "; ".join(f"{LABELS[m]}: {c['converged']}/{c['n']} by the rule, {c['flat_at_cap']} at the cap with a "

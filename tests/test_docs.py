@@ -2,6 +2,7 @@
 default a docs page states is the script's, and every command the docs show names files and knobs that
 exist (parsed and validated the way the script itself would, without running the experiment)."""
 import ast
+import functools
 import importlib
 import re
 import shlex
@@ -305,6 +306,13 @@ def test_the_fast_preset_time_and_verdicts_are_those_of_its_committed_report():
     assert len(fast) >= 5 and all(default[k] == v for k, v in fast.items())
 
 
+@functools.lru_cache(maxsize=1)
+def _localization_committed():
+    """The committed comparison and the seeds' records it was made from (read once: ~50 MB)."""
+    out = read_json(REPO / "docs" / "experiments" / "localization_methods.json")
+    return out, [read_json(REPO / p) for p in out["inputs"]]
+
+
 def test_the_localization_page_quotes_its_committed_comparison_and_findings():
     """docs/experiments/localization_methods.md holds, verbatim, the block `measured_section` renders from
     the committed comparison and the block common.localization_findings renders from the seeds' records;
@@ -314,13 +322,12 @@ def test_the_localization_page_quotes_its_committed_comparison_and_findings():
     from common.localization import compare
     from common.localization_findings import findings_section
     page = " ".join((REPO / "docs" / "experiments" / "localization_methods.md").read_text().split())
-    out = read_json(REPO / "docs" / "experiments" / "localization_methods.json")
+    out, res = _localization_committed()
     assert " ".join(localization_methods.measured_section(out).split()) in page
     inputs = [REPO / p for p in out["inputs"]]
     assert len(inputs) >= 3 and all(p.is_file() and p.is_relative_to(REPO / "docs" / "results") for p in inputs)
-    assert " ".join(findings_section(inputs).split()) in page
+    assert " ".join(findings_section(inputs).split()) in page  # the command's own reading of the files
     assert all(n >= 50 for t in out["targets"] for n in t.values()) and len(set(out["seeds"])) >= 3
-    res = [read_json(p) for p in inputs]
     assert [r["config"]["seed"] for r in res] == out["seeds"]
     n = {t["plain/noisy"] for t in out["targets"]} | {t["plain/clean"] for t in out["targets"]}
     words = {11: "eleven"}[len([m for m in out["comparison"] if m != "oracle"])]  # the README's pointer
@@ -340,13 +347,13 @@ def test_the_localization_conclusions_follow_from_the_committed_comparison():
     """Every statement of the localization page's "What these numbers say", checked against the committed
     comparison (docs/experiments/localization_methods.json) and the seeds' records it was made from."""
     from common.localization_findings import findings
-    out = read_json(REPO / "docs" / "experiments" / "localization_methods.json")
+    out, res = _localization_committed()
     c = {m: {k: v for k, v in s.items() if v} for m, s in out["comparison"].items()}
     val = lambda m, k: c[m][k]["value"]  # noqa: E731
     lo = lambda m, k: c[m][k]["ci"][0]  # noqa: E731
     hi = lambda m, k: c[m][k]["ci"][1]  # noqa: E731
     methods = [m for m in c if m != "oracle"]
-    f = findings([read_json(REPO / p) for p in out["inputs"]])
+    f = findings(res)
     # flipping: four methods with a median of <= 2 units, within a few hundredths; the margins over greedy
     fast = ["greedy", "zeroout", "hardconcrete", "slimming"]
     assert {m for m in methods if val(m, "median_k") <= 2} == set(fast)

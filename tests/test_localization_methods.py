@@ -509,6 +509,8 @@ def test_the_findings_command_prints_the_block_and_refuses_no_input(tmp_path):
     done = run(str(tmp_path / "s.json"))
     assert done.returncode == 0 and done.stdout.strip() == findings_section([tmp_path / "s.json"])
     assert "0/1 by the rule, 0 at the cap with a flat loss" in done.stdout and "1 at the cap with the loss still falling" in done.stdout
-    for bad, words in (((), "no records given"), ((str(tmp_path / "nope.json"),), "no file")):
+    write_json(tmp_path / "other.json", [{"number": 1}])  # another results file (a claims.json)
+    for bad, words in (((), "no records given"), ((str(tmp_path / "nope.json"),), "no file"),
+                       ((str(tmp_path / "other.json"),), f"{tmp_path / 'other.json'} is not a seed's")):
         refused = run(*bad)
         assert refused.returncode == 2 and refused.stderr.startswith(f"error: {words}") and not refused.stdout
